@@ -1,0 +1,940 @@
+"""
+train_gpt.py -- the GPT model every stage shares, and pretraining ("the base model").
+
+The lecture calls a language model a "giant mathematical expression": token ids go in, and out comes one
+probability for every entry of the vocabulary -- a guess at the next token. Pretraining shows the model
+windows of real text and, at every position at once, nudges its parameters so that the token which really
+came next gets a little more probability. Do that for billions of tokens and the expression becomes a
+lossy "zip file" of its training text: a *base model* that continues documents.
+
+This file, top to bottom:
+  1. the model (~300 lines): config, attention with a KV cache, MLP, block, GPT, sampling;
+  2. the optimizer: Muon for the hidden matrices, AdamW for the rest, and the learning-rate schedule;
+  3. machinery the later stages reuse: CLI from a dataclass, device/DDP setup, evaluation in bits per
+     byte, atomic checkpoints;
+  4. the pretraining main, plus `eval` (bits per byte of any text file) and `demo` (the "nudge").
+
+    python train_gpt.py                                  # embedded corpus, tiny preset, CPU, a few minutes
+    python train_gpt.py --preset d12                     # GPT-2-small class, one GPU
+    torchrun --standalone --nproc_per_node=8 train_gpt.py --preset d20
+    python train_gpt.py eval --checkpoint out/base --text some.txt
+    python train_gpt.py demo                             # next-token probabilities before/after one step
+"""
+import argparse
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field, fields
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+import data
+from tokenizer import Tokenizer
+
+# ====================================================================================================
+# 1. The model
+# ====================================================================================================
+
+
+@dataclass
+class GPTConfig:
+    """The shape of the network. These numbers (plus the trained weights) are the whole model."""
+    vocab_size: int = 4096  # how many different tokens exist (set from the tokenizer)
+    seq_len: int = 256  # the context window: the most tokens the model can look at at once
+    n_layer: int = 4  # how many transformer blocks are stacked
+    n_embd: int = 128  # width: the length of the vector that represents each token
+    n_head: int = 4  # attention heads (queries) per block; head size = n_embd / n_head
+    n_kv_head: int = 4  # key/value heads; fewer than n_head = grouped-query attention (smaller KV cache)
+    softcap: float = 15.0  # logits are squashed smoothly into (-softcap, softcap)
+    rope_base: float = 10000.0  # the slowest rotation of the rotary position embedding
+
+
+def rms_norm(x):
+    """Rescale each vector to unit root-mean-square. Keeps activations at a steady size through the depth
+    of the network, so no layer's output can blow up or vanish. (No learnable gain: it is not needed
+    when the next layer is a matrix that can learn any scale itself.)"""
+    return F.rms_norm(x, (x.size(-1),))
+
+
+def rotary_tables(seq_len, head_dim, base):
+    """Rotary position embedding (RoPE): position p rotates each pair of channels of a query/key by the
+    angle p * frequency. The dot product of a rotated query and a rotated key then depends only on how far
+    apart they are -- attention sees *relative* positions, and no position vectors have to be learned."""
+    freqs = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)  # fast ... slow
+    angles = torch.outer(torch.arange(seq_len, dtype=torch.float32), freqs)  # (seq_len, head_dim/2)
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x, cos, sin):
+    """Rotate x (B, T, heads, head_dim): channel i and channel i + head_dim/2 form one 2-D pair."""
+    x1, x2 = x.chunk(2, dim=-1)
+    cos, sin = cos[None, :, None, :], sin[None, :, None, :]  # broadcast over batch and heads
+    return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1).type_as(x)
+
+
+class KVCache:
+    """Memory for incremental decoding. When generating, token t+1 needs the keys and values of all the
+    tokens before it; recomputing them every step would cost O(T^2). The cache keeps each layer's keys and
+    values, so each new token costs one small forward pass."""
+
+    def __init__(self, config, batch_size, device, dtype=torch.float32):
+        head_dim = config.n_embd // config.n_head
+        shape = (config.n_layer, batch_size, config.n_kv_head, config.seq_len, head_dim)
+        self.keys = torch.zeros(shape, device=device, dtype=dtype)
+        self.values = torch.zeros(shape, device=device, dtype=dtype)
+        self.pos = 0  # how many tokens are stored; also the position of the next token
+
+    def store(self, layer, k, v):
+        """Append this step's keys/values (B, kv_heads, T, head_dim) for one layer; return everything
+        stored so far for that layer. GPT.forward advances `pos` once all layers have stored."""
+        end = self.pos + k.size(2)
+        self.keys[layer, :, :, self.pos:end] = k
+        self.values[layer, :, :, self.pos:end] = v
+        return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
+
+
+class CausalSelfAttention(nn.Module):
+    """Tokens talk to each other. Each token emits a query ("what am I looking for?"), a key ("what do I
+    contain?") and a value ("what do I pass on?"); each query takes a weighted average of the values of the
+    tokens whose keys match it. "Causal": a token may only look at itself and the past, never the future,
+    because the future is what it must predict."""
+
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_head, self.n_kv_head = config.n_head, config.n_kv_head
+        self.head_dim = config.n_embd // config.n_head
+        self.q = nn.Linear(config.n_embd, self.n_head * self.head_dim, bias=False)
+        self.k = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
+        self.v = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
+        self.proj = nn.Linear(self.n_head * self.head_dim, config.n_embd, bias=False)
+
+    def forward(self, x, cos, sin, kv_cache):
+        B, T, _ = x.shape
+        q = self.q(x).view(B, T, self.n_head, self.head_dim)
+        k = self.k(x).view(B, T, self.n_kv_head, self.head_dim)
+        v = self.v(x).view(B, T, self.n_kv_head, self.head_dim)
+        # QK-norm: normalising queries and keys bounds their dot products, so attention logits cannot grow
+        # without limit and saturate the softmax (a common cause of training instability).
+        q, k = apply_rotary(rms_norm(q), cos, sin), apply_rotary(rms_norm(k), cos, sin)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, head_dim)
+        if kv_cache is not None:
+            k, v = kv_cache.store(self.layer_idx, k, v)
+        gqa = self.n_kv_head != self.n_head  # several query heads share one key/value head
+        if k.size(2) == T:  # no earlier tokens: the plain causal (lower-triangular) mask
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        else:  # T new tokens after `past` cached ones: new token i sees keys 0 .. past + i
+            past = k.size(2) - T
+            mask = torch.ones(T, k.size(2), dtype=torch.bool, device=x.device).tril(diagonal=past)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        return self.proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    """Each token thinks on its own: widen 4x, apply a non-linearity, project back. ReLU^2 (relu, squared)
+    is cheap and trains a little better than GELU in small models."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=False)
+        self.proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=False)
+
+    def forward(self, x):
+        return self.proj(F.relu(self.fc(x)).square())
+
+
+class Block(nn.Module):
+    """One transformer block: attention (communicate), then MLP (compute). Each adds its result to the
+    "residual stream" x instead of replacing it, so the signal and its gradient pass straight through
+    deep stacks. Pre-norm: each branch reads a normalised copy of the stream."""
+
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        self.attn = CausalSelfAttention(config, layer_idx)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cos, sin, kv_cache):
+        x = x + self.attn(rms_norm(x), cos, sin, kv_cache)
+        return x + self.mlp(rms_norm(x))
+
+
+class GPT(nn.Module):
+    """The whole expression: token ids (B, T) -> logits (B, T, vocab_size), one score per possible next
+    token at every position. softmax(logits) is the model's probability distribution over the next token."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)  # token id -> vector (a lookup table)
+        self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)  # vector -> logits; untied
+        cos, sin = rotary_tables(config.seq_len, config.n_embd // config.n_head, config.rope_base)
+        self.register_buffer("cos", cos, persistent=False)  # derived from the config, so not saved
+        self.register_buffer("sin", sin, persistent=False)
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self):
+        """Random start: the model knows nothing, so its first predictions are noise. The layers that write
+        into the residual stream start at exactly zero, so at step 0 every block is the identity and the
+        network is shallow; training grows each block's contribution from nothing."""
+        n = self.config.n_embd
+        nn.init.normal_(self.wte.weight, std=1.0)
+        for block in self.blocks:
+            for lin in (block.attn.q, block.attn.k, block.attn.v, block.mlp.fc):
+                nn.init.uniform_(lin.weight, -(3 / n) ** 0.5, (3 / n) ** 0.5)  # std 1/sqrt(fan_in)
+            nn.init.zeros_(block.attn.proj.weight)
+            nn.init.zeros_(block.mlp.proj.weight)
+        nn.init.normal_(self.lm_head.weight, std=0.001)  # near-uniform first guesses: loss starts ~ln(vocab)
+
+    def forward(self, idx, targets=None, kv_cache=None):
+        """idx: (B, T) token ids. targets: (B, T) next-token ids, -1 where no loss should be taken.
+        kv_cache: when given, idx continues the tokens already in the cache (incremental decoding).
+        Returns (logits (B, T, vocab) in float32, mean cross-entropy loss or None)."""
+        B, T = idx.shape
+        start = kv_cache.pos if kv_cache is not None else 0
+        if start + T > self.config.seq_len:
+            raise ValueError(f"{start + T} tokens exceed the context window of {self.config.seq_len}")
+        cos, sin = self.cos[start:start + T], self.sin[start:start + T]
+        x = rms_norm(self.wte(idx))
+        for block in self.blocks:
+            x = block(x, cos, sin, kv_cache)
+        if kv_cache is not None:
+            kv_cache.pos += T
+        logits = self.lm_head(rms_norm(x)).float()
+        # Soft-cap: tanh squashes the logits into (-softcap, softcap) smoothly; the model cannot become
+        # infinitely sure of anything, which keeps the loss and its gradients tame.
+        logits = self.config.softcap * torch.tanh(logits / self.config.softcap)
+        if targets is None:
+            return logits, None
+        # Cross-entropy = -log(probability given to the true next token), averaged over positions.
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+        return logits, loss
+
+    def num_params(self):
+        return sum(p.numel() for p in self.parameters())
+
+    def flops_per_token(self):
+        """Training FLOPs per token: every weight in a matrix multiply costs 2 FLOPs per token forward and
+        4 backward (6 in all); the embedding is a lookup, not a multiply. Attention adds 6 x 2 x seq_len
+        FLOPs per layer per query channel for its scores and weighted sums."""
+        matmul_params = self.num_params() - self.wte.weight.numel()
+        c = self.config
+        return 6 * matmul_params + 12 * c.n_layer * c.n_head * (c.n_embd // c.n_head) * c.seq_len
+
+    @torch.no_grad()
+    def generate(self, prompt, max_new_tokens, temperature=1.0, top_k=None, top_p=None, seed=None,
+                 stop_tokens=()):
+        """The autoregressive loop: prefix -> distribution -> sample one token (a biased coin) -> append ->
+        repeat. Yields each new token id as it is produced; stops after max_new_tokens or after yielding a
+        stop token. temperature 0 = greedy (always the most likely token). A seed makes it reproducible."""
+        device = self.wte.weight.device
+        generator = torch.Generator(device=device)
+        generator.manual_seed(seed if seed is not None else torch.seed())
+        tokens = list(prompt)[-self.config.seq_len:]  # the window: the model only sees the last seq_len
+        cache = KVCache(self.config, 1, device, self.wte.weight.dtype)
+        pending = tokens  # tokens the cache has not seen yet
+        for _ in range(max_new_tokens):
+            if cache.pos + len(pending) > self.config.seq_len:
+                # The window is full: keep its second half and rebuild the cache from it. (Positions
+                # restart at 0, exactly as in training, where every window starts at position 0.)
+                tokens = tokens[-self.config.seq_len // 2:]
+                cache, pending = KVCache(self.config, 1, device, self.wte.weight.dtype), tokens
+            logits, _ = self(torch.tensor([pending], device=device), kv_cache=cache)
+            next_id = sample_next(logits[:, -1], temperature, top_k, top_p, generator).item()
+            yield next_id
+            if next_id in stop_tokens:
+                return
+            tokens = tokens + [next_id]
+            pending = [next_id]
+
+
+def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
+    """Pick next tokens from logits (B, vocab) -> ids (B, 1). Temperature < 1 sharpens the distribution
+    and > 1 flattens it; top-k keeps only the k likeliest tokens; top-p keeps the smallest set of likeliest
+    tokens whose probabilities add up to p. Both cut off the long tail of unlikely (often nonsense) tokens."""
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        drop = cumulative - sorted_logits.softmax(dim=-1) >= top_p  # mass before this token already >= p
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator)
+
+
+# ====================================================================================================
+# 2. The optimizer: Muon for hidden matrices, AdamW for the rest, and the learning-rate schedule
+# ====================================================================================================
+
+
+def orthogonalize(g, steps=5):
+    """Newton-Schulz iteration: push every singular value of g towards 1 while keeping its singular vectors
+    (approximately U V^T of g = U S V^T). The update then moves the weights by the same amount in every
+    direction the gradient points to, instead of mostly along its few dominant directions. The quintic
+    coefficients are the ones published with Muon: they make the iteration converge fast from any start."""
+    a, b, c = 3.4445, -4.7750, 2.0315
+    x = g.bfloat16() if g.is_cuda else g.float()  # bf16 is accurate enough here and fast on GPUs
+    tall = x.size(0) > x.size(1)
+    if tall:
+        x = x.mT  # iterate on the wide orientation: x @ x^T is then the smaller matrix
+    x = x / (x.norm() + 1e-7)  # singular values now <= 1, inside the iteration's basin
+    for _ in range(steps):
+        s = x @ x.mT
+        x = a * x + (b * s + c * s @ s) @ x
+    return (x.mT if tall else x).to(g.dtype)
+
+
+class Muon(torch.optim.Optimizer):
+    """MomentUm Orthogonalized by Newton-schulz, for 2-D weight matrices: SGD with Nesterov momentum
+    whose update is orthogonalized before it is applied."""
+
+    def __init__(self, params, lr=0.02, momentum=0.95, ns_steps=5):
+        super().__init__(params, dict(lr=lr, momentum=momentum, ns_steps=ns_steps))
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                buf = self.state[p].setdefault("momentum", torch.zeros_like(p))
+                buf.mul_(group["momentum"]).add_(p.grad)
+                update = orthogonalize(p.grad + group["momentum"] * buf, group["ns_steps"])  # Nesterov
+                # An orthogonal matrix has entries of size ~1/sqrt(columns); rescale tall matrices so every
+                # shape moves its outputs by about the same amount per step.
+                p.add_(update, alpha=-group["lr"] * max(1.0, p.size(0) / p.size(1)) ** 0.5)
+
+
+def build_optimizers(model, cfg, device_type):
+    """Muon for the matrices inside the blocks; AdamW for the embedding table and the output head, whose
+    rows belong to individual tokens and see very uneven gradients (Muon's whole-matrix view suits them
+    badly). Each group remembers its base learning rate, which the schedule scales every step."""
+    matrices = [p for p in model.blocks.parameters()]
+    adam_groups = [dict(params=[model.wte.weight], lr=cfg.embed_lr),
+                   dict(params=[model.lm_head.weight], lr=cfg.head_lr)]
+    adamw = torch.optim.AdamW(adam_groups, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=1e-10, weight_decay=0.0,
+                              fused=device_type == "cuda")
+    muon = Muon(matrices, lr=cfg.matrix_lr, momentum=cfg.muon_momentum)
+    optimizers = [adamw, muon]
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["base_lr"] = group["lr"]
+    return optimizers
+
+
+def lr_multiplier(step, num_steps, warmup_steps, warmdown_frac, final_frac):
+    """The schedule: a short linear warmup (early gradients are large and noisy), a long constant stretch,
+    then a linear warmdown to final_frac of the peak (small final steps settle into a low point)."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    warmdown_start = num_steps * (1 - warmdown_frac)
+    if step < warmdown_start:
+        return 1.0
+    progress = (step - warmdown_start) / max(1.0, num_steps - warmdown_start)
+    return 1.0 - progress * (1.0 - final_frac)
+
+
+# ====================================================================================================
+# 3. Machinery shared by the later stages
+# ====================================================================================================
+
+
+class UserError(Exception):
+    """A mistake the user can fix (bad flag, missing file, mismatched checkpoint). run_cli prints its
+    message as one line and exits with code 2, instead of a traceback."""
+
+
+def run_cli(main_fn, argv=None):
+    """Run a stage's main; turn UserError into one clear line on stderr and exit code 2."""
+    try:
+        main_fn(sys.argv[1:] if argv is None else argv)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def opt(default, help):
+    """A config field with its --help text, so the CLI documents itself."""
+    return field(default=default, metadata={"help": help})
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse would print the usage block too; one line is clearer
+        raise UserError(f"{self.prog}: {message} (see --help)")
+
+
+def parse_config(cls, argv, presets=None, prog=None, description=None):
+    """Build the CLI from a config dataclass: one --flag per field (bools get --flag/--no-flag), plus
+    --preset NAME when presets are given. Precedence: dataclass defaults < preset < explicit flags."""
+    parser = _Parser(prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    if presets:
+        parser.add_argument("--preset", help=f"named configuration: {', '.join(presets)}")
+    for f in fields(cls):
+        flag, help = "--" + f.name.replace("_", "-"), f"{f.metadata.get('help', '')} (default: {f.default})"
+        if isinstance(f.default, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help)
+        elif isinstance(f.default, tuple):
+            parser.add_argument(flag, nargs="*", default=argparse.SUPPRESS, metavar="X", help=help)
+        else:
+            kind = str if f.default is None else type(f.default)
+            parser.add_argument(flag, type=kind, default=argparse.SUPPRESS, metavar=kind.__name__.upper(), help=help)
+    args = vars(parser.parse_args(argv))
+    preset = args.pop("preset", None)
+    if preset is not None and preset not in presets:
+        raise UserError(f"unknown preset {preset!r}; choose one of: {', '.join(presets)}")
+    overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in args.items()}
+    return cls(**{**(presets[preset] if preset else {}), **overrides})
+
+
+@dataclass
+class Runtime:
+    """Where and how this process computes: device, autocast dtype, and its place in a distributed job."""
+    device: torch.device
+    autocast_dtype: torch.dtype  # None = plain float32
+    rank: int = 0  # this process's index among `world` processes (torchrun sets RANK / WORLD_SIZE)
+    world: int = 1
+
+    @property
+    def master(self):
+        return self.rank == 0  # only one process prints and writes files
+
+    def autocast(self):
+        """Matrix multiplies in bfloat16 (2-16x faster on GPUs, half the memory traffic) while the weights
+        and the optimizer stay float32; off when autocast_dtype is None."""
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+
+def setup_runtime(device="auto", dtype="auto"):
+    """cuda > mps > cpu; bf16 autocast on CUDA, float32 elsewhere (both overridable). When launched by
+    torchrun, join the process group: nccl between GPUs, gloo between CPU processes."""
+    world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    if device == "cuda" and world > 1:
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True  # float32 matmuls that remain use tensor cores too
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    choices = {"auto": torch.bfloat16 if device.type == "cuda" else None, "float32": None, "bfloat16": torch.bfloat16}
+    if dtype not in choices:
+        raise UserError(f"--dtype must be one of {', '.join(choices)}, got {dtype!r}")
+    return Runtime(device, choices[dtype], rank, world)
+
+
+def all_reduce_mean(tensors, rt):
+    """Distributed data parallelism in one step: every process computed gradients on its own slice of the
+    batch; average them so all processes apply the same update and their weights stay identical."""
+    if rt.world == 1:
+        return
+    handles = [dist.all_reduce(t, async_op=True) for t in tensors]  # gloo has no AVG: sum, then divide
+    for h in handles:
+        h.wait()
+    for t in tensors:
+        t.div_(rt.world)
+
+
+def token_byte_counts(tokenizer):
+    """How many UTF-8 bytes of text each token id stands for (special tokens: 0, they are not text).
+    Bits per byte divides by these, so it does not depend on how the tokenizer chops the text up."""
+    specials = set(tokenizer.special_tokens.values())
+    counts = [0 if i in specials else len(tokenizer.decode_bytes([i])) for i in range(tokenizer.vocab_size)]
+    return torch.tensor(counts, dtype=torch.float64)
+
+
+@torch.no_grad()
+def evaluate(model, batches, token_bytes, rt):
+    """Mean loss (nats per token) and bits per byte over batches of (x, y). Bits per byte = total
+    -log2 p(true token) / total bytes of text predicted: how many bits the model needs to encode each byte
+    of the text -- comparable across tokenizers and with compressors (and with character-level models)."""
+    model.eval()
+    nats, count, nbytes = torch.zeros(3, dtype=torch.float64, device=rt.device).unbind(0)
+    token_bytes = token_bytes.to(rt.device)
+    for x, y in batches:
+        x, y = x.to(rt.device), y.to(rt.device)
+        with rt.autocast():
+            logits, _ = model(x)
+        y = y.reshape(-1)
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), y, ignore_index=-1, reduction="none").double()
+        nb = torch.where(y >= 0, token_bytes[y.clamp(min=0)], 0.0)  # target -1 = padding: no bytes
+        is_text = nb > 0  # special tokens such as <|endoftext|> carry no text: they are not scored
+        nats, count, nbytes = nats + loss[is_text].sum(), count + is_text.sum(), nbytes + nb.sum()
+    totals = torch.stack([nats, count, nbytes])
+    if rt.world > 1:
+        dist.all_reduce(totals)
+    model.train()
+    nats, count, nbytes = totals.tolist()
+    return dict(loss=nats / max(count, 1), bpb=nats / math.log(2) / max(nbytes, 1))
+
+
+def _atomic_torch_save(obj, path):
+    """Write to a temp file in the same folder, then rename: a crash mid-write (or a kill) leaves the
+    previous file intact, never half a checkpoint."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".pt")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def save_checkpoint(path, model, tokenizer, step, config, metrics=None, optimizers=(), loader_states=None,
+                    stage="base"):
+    """One .pt file with everything needed to use the model (weights, model config, the tokenizer itself)
+    and to resume training exactly (step, optimizer states, every rank's loader position, RNG states)."""
+    state = dict(
+        stage=stage, step=step, model=model.state_dict(), model_config=dataclasses.asdict(model.config),
+        tokenizer=tokenizer.to_json(), tokenizer_hash=tokenizer.hash(),
+        config=dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(config),
+        metrics=metrics or {}, optimizers=[o.state_dict() for o in optimizers], loaders=loader_states,
+        rng=dict(cpu=torch.get_rng_state(), cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []),
+    )
+    _atomic_torch_save(state, path)
+
+
+def checkpoint_file(path):
+    """Accept a checkpoint file or a stage folder (out/base -> out/base/model.pt)."""
+    return os.path.join(path, "model.pt") if os.path.isdir(path) else path
+
+
+def load_checkpoint(path, device="cpu", tokenizer=None):
+    """-> (model, tokenizer, meta). meta holds everything else that was saved (step, configs, metrics,
+    optimizer/loader/RNG states). Pass `tokenizer` to insist on a particular one: it must be the one the
+    model was trained with."""
+    path = checkpoint_file(path)
+    if not os.path.exists(path):
+        raise UserError(f"no checkpoint at {path} (train one first, e.g. `python train_gpt.py`)")
+    try:
+        meta = torch.load(path, map_location=device, weights_only=True)
+        model_state, model_config = meta.pop("model"), GPTConfig(**meta["model_config"])
+        saved = meta["tokenizer"]
+    except Exception as e:  # a truncated file, another program's .pt, an older layout
+        raise UserError(f"{path} is not a readable scratchgpt checkpoint ({type(e).__name__}: {e})") from None
+    if tokenizer is None:
+        names = sorted(saved["special_tokens"], key=saved["special_tokens"].get)
+        tokenizer = Tokenizer(saved["merges"], saved["pattern"], names)
+    elif tokenizer.hash() != meta["tokenizer_hash"]:
+        raise UserError(f"{path} was trained with tokenizer {meta['tokenizer_hash']} but the given tokenizer is "
+                        f"{tokenizer.hash()} (vocab {tokenizer.vocab_size} vs model's {model_config.vocab_size})")
+    if tokenizer.vocab_size != model_config.vocab_size:
+        raise UserError(f"{path}: tokenizer vocab {tokenizer.vocab_size} differs from the model's "
+                        f"{model_config.vocab_size}")
+    model = GPT(model_config).to(device)
+    model.load_state_dict(model_state)
+    return model, tokenizer, meta
+
+
+# ====================================================================================================
+# 4. Pretraining
+# ====================================================================================================
+
+
+@dataclass
+class TrainConfig:
+    """Every knob of a pretraining run. The defaults are the `tiny` preset: a few minutes on 2 CPU cores."""
+    # the network
+    depth: int = opt(4, "transformer blocks (n_layer)")
+    n_embd: int = opt(128, "width of the residual stream")
+    n_head: int = opt(4, "query heads per block")
+    n_kv_head: int = opt(4, "key/value heads (fewer than n_head = grouped-query attention)")
+    seq_len: int = opt(256, "context window in tokens")
+    # the data
+    input: tuple = opt((), "train on these text files instead of the embedded corpus")
+    val_input: tuple = opt((), "held-out text files for --input (default: the last 5%% of --input)")
+    tokenizer: str = opt("", "tokenizer.json to use (default: the one data.py prepares)")
+    out_dir: str = opt(os.path.join("out", "base"), "where the checkpoint, logs and metrics go")
+    # the batch: batch_size windows of seq_len tokens per process per micro-step; micro-steps are
+    # accumulated until total_batch_tokens tokens have been seen, then the optimizer steps once
+    batch_size: int = opt(32, "windows per process per micro-step")
+    total_batch_tokens: int = opt(8192, "tokens per optimizer step, over all processes and micro-steps")
+    num_steps: int = opt(600, "optimizer steps")
+    # the optimizer
+    matrix_lr: float = opt(0.02, "Muon learning rate for the matrices inside the blocks")
+    embed_lr: float = opt(0.2, "AdamW learning rate for the token embedding")
+    head_lr: float = opt(0.004, "AdamW learning rate for the output head")
+    muon_momentum: float = opt(0.95, "Muon momentum")
+    adam_beta1: float = opt(0.8, "AdamW beta1")
+    adam_beta2: float = opt(0.95, "AdamW beta2")
+    warmup_steps: int = opt(10, "linear learning-rate warmup")
+    warmdown_frac: float = opt(0.4, "fraction of steps at the end with a linearly decaying learning rate")
+    final_lr_frac: float = opt(0.0, "learning rate at the last step, as a fraction of the peak")
+    grad_clip: float = opt(0.0, "clip the gradient norm to this (0 = no clipping)")
+    # watching it learn
+    eval_every: int = opt(200, "steps between validation evaluations (0 = only at the end)")
+    eval_tokens: int = opt(65536, "validation tokens per intermediate evaluation (the final one reads all)")
+    sample_every: int = opt(200, "steps between generated samples (0 = never)")
+    sample_tokens: int = opt(64, "tokens per generated sample")
+    save_every: int = opt(0, "steps between checkpoints (0 = only at the end)")
+    # where and how
+    device: str = opt("auto", "cuda, mps, cpu, or auto")
+    dtype: str = opt("auto", "autocast dtype: auto (bfloat16 on CUDA), float32, bfloat16")
+    compile: str = opt("auto", "torch.compile: auto (on CUDA only), on, off")
+    seed: int = opt(1337, "random seed; the same seed gives the same run on CPU")
+    resume: bool = opt(False, "continue from the checkpoint in out_dir")
+
+
+# Width follows depth on GPUs (n_embd = 64 x depth, 128-wide heads). The batch is ~0.5M tokens per step;
+# num_steps gives about 20 training tokens per parameter (the "Chinchilla" ratio) for a 64K vocabulary.
+def _gpu_preset(depth, num_steps, batch_size):
+    return dict(depth=depth, n_embd=64 * depth, n_head=depth // 2, n_kv_head=depth // 2, seq_len=2048,
+                batch_size=batch_size, total_batch_tokens=524288, num_steps=num_steps, matrix_lr=0.02,
+                embed_lr=0.2 * (64 * depth / 768) ** -0.5, head_lr=0.004 * (64 * depth / 768) ** -0.5,
+                warmup_steps=0, warmdown_frac=0.2, eval_every=250, eval_tokens=10 * 524288, sample_every=1000,
+                save_every=1000)
+
+
+PRESETS = {
+    "tiny": {},
+    "d12": _gpu_preset(12, 5000, 32),
+    "d20": _gpu_preset(20, 21000, 32),
+    "d26": _gpu_preset(26, 33000, 16),
+}
+
+# The lecture's reference run, printed beside ours
+GPT2_FACTS = ("GPT-2 (2019): 1.6B parameters, 1024-token context, ~100B training tokens; reproduced by llm.c "
+              "in about a day for about $600 on 8xH100 (vs ~$40k in 2019)")
+
+
+def open_data(cfg):
+    """-> (tokenizer, train shard pattern, val shard pattern). data.py does the work: the embedded corpus
+    by default (tokenizer trained and shards written on first use), or any text files given by --input."""
+    if cfg.input:
+        paths = data.prepare_files(cfg.input, cfg.val_input, tokenizer=cfg.tokenizer or None)
+    else:
+        paths = data.prepare_default()
+    tok_path = cfg.tokenizer or paths["tokenizer"]
+    if not os.path.exists(tok_path):
+        raise UserError(f"no tokenizer at {tok_path}")
+    try:
+        tokenizer = Tokenizer.load(tok_path)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    return tokenizer, paths["train"], paths["val"]
+
+
+def val_batches(pattern, cfg, rt, max_tokens):
+    """Batches of the validation split, always from its start, so every evaluation sees the same text.
+    max_tokens < 0 means the whole split."""
+    loader = data.DataLoader(pattern, cfg.batch_size, cfg.seq_len, rt.rank, rt.world)
+    total = data.count_tokens(pattern) if max_tokens < 0 else max_tokens
+    for _ in range(max(1, total // (cfg.batch_size * cfg.seq_len * rt.world))):
+        yield loader.next_batch()
+
+
+def ascii_curve(values, width=60, height=12):
+    """A loss curve as text, so it shows in any terminal and any log file."""
+    if not values:
+        return ""
+    cols = [values[min(len(values) - 1, i * len(values) // width)] for i in range(min(width, len(values)))]
+    lo, hi = min(cols), max(cols)
+    rows = []
+    for r in range(height, -1, -1):
+        level = lo + (hi - lo) * r / height
+        marks = "".join("*" if abs(v - level) <= (hi - lo) / (2 * height) + 1e-12 else " " for v in cols)
+        rows.append(f"{level:7.3f} |{marks}")
+    return "\n".join(rows + [" " * 8 + "+" + "-" * len(cols) + f"> step (0..{len(values) - 1})"])
+
+
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12}  # dense bf16, per GPU
+
+
+def peak_flops(device):
+    """The GPU's advertised bf16 peak, for MFU (model FLOPs utilisation); None where unknown (CPUs)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+
+
+def fmt_time(seconds):
+    return f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
+
+
+def print_plan(cfg, model, accum, rt):
+    n = model.num_params()
+    tokens = cfg.total_batch_tokens * cfg.num_steps
+    print(f"model: {cfg.depth} layers x {cfg.n_embd} wide, {cfg.n_head} heads ({cfg.n_kv_head} kv), context "
+          f"{cfg.seq_len}, vocab {model.config.vocab_size:,} -> {n:,} parameters "
+          f"({n - model.wte.weight.numel():,} outside the embedding)")
+    print(f"plan: {cfg.num_steps:,} steps x {cfg.total_batch_tokens:,} tokens/step = {tokens:,} tokens "
+          f"({tokens / n:.1f} per parameter); {rt.world} process(es) x {cfg.batch_size} x {cfg.seq_len} tokens "
+          f"x {accum} accumulation step(s); device {rt.device}, "
+          f"{'bf16 autocast' if rt.autocast_dtype else 'float32'}")
+    print(f"for scale: {GPT2_FACTS}; its batch was ~1M tokens/step (ours {cfg.total_batch_tokens:,})")
+
+
+def restore(path, model, optimizers, loader, cfg, rt):
+    """Resume: load weights, optimizer and loader states and RNG from a checkpoint -> the step to continue
+    from. Refuses a checkpoint whose model shape differs from the config."""
+    loaded, _, meta = load_checkpoint(path, device=rt.device)
+    if loaded.config != model.config:
+        raise UserError(f"cannot resume from {checkpoint_file(path)}: it holds {loaded.config} but the config "
+                        f"asks for {model.config}")
+    if not meta["loaders"] or len(meta["loaders"]) != rt.world:
+        raise UserError(f"cannot resume from {checkpoint_file(path)}: it was saved by "
+                        f"{len(meta['loaders'] or [])} process(es), this run has {rt.world}")
+    model.load_state_dict(loaded.state_dict())
+    for opt_, state in zip(optimizers, meta["optimizers"]):
+        opt_.load_state_dict(state)
+    loader.load_state_dict(meta["loaders"][rt.rank])
+    torch.set_rng_state(meta["rng"]["cpu"].cpu())
+    if meta["rng"]["cuda"]:
+        torch.cuda.set_rng_state_all([s.cpu() for s in meta["rng"]["cuda"]])
+    return meta["step"]
+
+
+def gather_loader_states(loader, rt):
+    """Every process reads its own slice of the data; a resumable checkpoint needs all their positions."""
+    if rt.world == 1:
+        return [loader.state_dict()]
+    states = [None] * rt.world
+    dist.all_gather_object(states, loader.state_dict())
+    return states
+
+
+def train(cfg):
+    """Pretrain a GPT as cfg says -> the final metrics. Writes to cfg.out_dir: model.pt (checkpoint),
+    log.jsonl (one row per step and per evaluation), loss_curve.txt and metrics.json."""
+    started = time.time()
+    rt = setup_runtime(cfg.device, cfg.dtype)
+    torch.manual_seed(cfg.seed)
+    log = print if rt.master else (lambda *a, **k: None)
+    tokenizer, train_pattern, val_pattern = open_data(cfg)
+    micro_tokens = cfg.batch_size * cfg.seq_len * rt.world
+    if cfg.total_batch_tokens % micro_tokens:
+        raise UserError(f"--total-batch-tokens {cfg.total_batch_tokens} is not a multiple of batch_size x seq_len "
+                        f"x processes = {cfg.batch_size} x {cfg.seq_len} x {rt.world} = {micro_tokens}")
+    accum = cfg.total_batch_tokens // micro_tokens
+    model_config = GPTConfig(vocab_size=tokenizer.vocab_size, seq_len=cfg.seq_len, n_layer=cfg.depth,
+                             n_embd=cfg.n_embd, n_head=cfg.n_head, n_kv_head=cfg.n_kv_head)
+    if cfg.n_embd % cfg.n_head or cfg.n_head % cfg.n_kv_head or (cfg.n_embd // cfg.n_head) % 2:
+        raise UserError(f"n_embd {cfg.n_embd} must split into n_head {cfg.n_head} heads of even size, and n_head "
+                        f"into n_kv_head {cfg.n_kv_head} groups")
+    model = GPT(model_config).to(rt.device)
+    optimizers = build_optimizers(model, cfg, rt.device.type)
+    loader = data.DataLoader(train_pattern, cfg.batch_size, cfg.seq_len, rt.rank, rt.world)
+    ckpt_path = os.path.join(cfg.out_dir, "model.pt")
+    step = restore(ckpt_path, model, optimizers, loader, cfg, rt) if cfg.resume else 0
+    use_compile = cfg.compile == "on" or (cfg.compile == "auto" and rt.device.type == "cuda")
+    train_model = torch.compile(model) if use_compile else model
+    token_bytes = token_byte_counts(tokenizer)
+    flops_per_step, peak = model.flops_per_token() * cfg.total_batch_tokens, peak_flops(rt.device)
+    if rt.master:
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        print_plan(cfg, model, accum, rt)
+        if cfg.resume:
+            print(f"resuming from {ckpt_path} at step {step}")
+    log_file = open(os.path.join(cfg.out_dir, "log.jsonl"), "a" if cfg.resume else "w") if rt.master else None
+
+    def record(row):
+        if log_file:
+            log_file.write(json.dumps(row) + "\n")
+            log_file.flush()
+
+    def save(metrics=None):
+        states = gather_loader_states(loader, rt)
+        if rt.master:
+            save_checkpoint(ckpt_path, model, tokenizer, step, cfg, metrics, optimizers, states)
+
+    losses, timed_seconds, steps_timed, loop_started = [], 0.0, 0, time.time()
+    bos = tokenizer.special_id("<|endoftext|>")
+    while step < cfg.num_steps:
+        if cfg.eval_every and step % cfg.eval_every == 0 and step > 0:
+            res = evaluate(train_model, val_batches(val_pattern, cfg, rt, cfg.eval_tokens), token_bytes, rt)
+            log(f"step {step}/{cfg.num_steps} | val loss {res['loss']:.4f} | val bpb {res['bpb']:.4f}")
+            record(dict(step=step, val_loss=res["loss"], val_bpb=res["bpb"]))
+        if cfg.sample_every and step % cfg.sample_every == 0 and step > 0 and rt.master:
+            sample = model.generate([bos], cfg.sample_tokens, temperature=0.8, top_k=50, seed=cfg.seed)
+            print(f"generating:\n{tokenizer.decode(list(sample))}\n" + "-" * 40)
+        t0 = time.time()
+        mult = lr_multiplier(step, cfg.num_steps, cfg.warmup_steps, cfg.warmdown_frac, cfg.final_lr_frac)
+        for opt_ in optimizers:
+            for group in opt_.param_groups:
+                group["lr"] = group["base_lr"] * mult
+        loss = torch.zeros((), device=rt.device)
+        for _ in range(accum):
+            x, y = loader.next_batch()
+            with rt.autocast():
+                _, micro_loss = train_model(x.to(rt.device), y.to(rt.device))
+            (micro_loss / accum).backward()  # gradients add up over micro-steps: divide to get the mean
+            loss += micro_loss.detach() / accum
+        all_reduce_mean([p.grad for p in model.parameters()] + [loss], rt)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
+        loss_value = loss.item()
+        if not math.isfinite(loss_value) or not math.isfinite(grad_norm.item()):
+            raise UserError(f"loss {loss_value} / grad norm {grad_norm.item()} at step {step}: training diverged "
+                            f"(try a lower learning rate); the last good checkpoint, if any, is kept at {ckpt_path}")
+        for opt_ in optimizers:
+            opt_.step()
+        model.zero_grad(set_to_none=True)
+        if rt.device.type == "cuda":
+            torch.cuda.synchronize()
+        dt = time.time() - t0
+        step += 1
+        losses.append(loss_value)
+        if len(losses) > 1:  # the first step pays for compilation and cold caches: not a speed figure
+            timed_seconds, steps_timed = timed_seconds + dt, steps_timed + 1
+        tok_per_s = cfg.total_batch_tokens / dt
+        mfu = f"{100 * flops_per_step / dt / (peak * rt.world):.1f}%" if peak else "-"
+        eta = timed_seconds / max(steps_timed, 1) * (cfg.num_steps - step)
+        log(f"step {step}/{cfg.num_steps} | loss {loss_value:.4f} | lr {mult:.3f}x | grad norm "
+            f"{grad_norm.item():.3f} | {tok_per_s:,.0f} tok/s | mfu {mfu} | elapsed {fmt_time(time.time() - started)} "
+            f"| eta {fmt_time(eta)}")
+        record(dict(step=step, loss=loss_value, lr_mult=mult, grad_norm=grad_norm.item(), dt=dt))
+        if cfg.save_every and step % cfg.save_every == 0 and step < cfg.num_steps:
+            save()
+
+    train_seconds = time.time() - loop_started
+    res = evaluate(train_model, val_batches(val_pattern, cfg, rt, -1), token_bytes, rt)
+    metrics = dict(val_bpb=res["bpb"], val_loss=res["loss"], params=model.num_params(),
+                   tokens=step * cfg.total_batch_tokens, train_seconds=train_seconds,
+                   tokens_per_second=steps_timed * cfg.total_batch_tokens / max(timed_seconds, 1e-9),
+                   mfu=flops_per_step * steps_timed / max(timed_seconds, 1e-9) / (peak * rt.world) if peak else None,
+                   wall_seconds=time.time() - started)
+    record(dict(step=step, val_loss=res["loss"], val_bpb=res["bpb"], final=True))
+    save(metrics)
+    if rt.master:
+        log_file.close()
+        curve = ascii_curve(losses)
+        with open(os.path.join(cfg.out_dir, "loss_curve.txt"), "w") as f:
+            f.write(curve + "\n")
+        with open(os.path.join(cfg.out_dir, "metrics.json"), "w") as f:
+            json.dump(metrics, f, indent=1)
+        print(f"training loss over this run:\n{curve}")
+        print(f"final: val bpb {res['bpb']:.4f} (val loss {res['loss']:.4f}) after {metrics['tokens']:,} tokens; "
+              f"{fmt_time(metrics['wall_seconds'])} wall -> {ckpt_path}")
+    return metrics
+
+
+# ----------------------------------------------------------------------------------------------------
+# python train_gpt.py eval / demo
+
+
+@dataclass
+class EvalConfig:
+    checkpoint: str = opt(os.path.join("out", "base"), "checkpoint file or stage folder")
+    text: str = opt("", "UTF-8 text file to measure")
+    batch_size: int = opt(8, "windows per forward pass")
+    device: str = opt("auto", "cuda, mps, cpu, or auto")
+
+
+def text_bpb(model, tokenizer, text, batch_size, rt):
+    """Bits per byte of one text: cut its tokens into non-overlapping windows of the model's context and
+    score every prediction inside them."""
+    ids = tokenizer.encode(text)
+    T = model.config.seq_len
+    if len(ids) < 2:
+        raise UserError("the text is too short to measure: it needs at least 2 tokens")
+    starts = range(0, len(ids) - 1, T)
+    windows = [torch.tensor(ids[s:s + T + 1]) for s in starts]
+
+    def batches():  # the last window is shorter: pad its targets with -1 (no byte, no loss)
+        for k in range(0, len(windows), batch_size):
+            group = windows[k:k + batch_size]
+            width = max(len(w) - 1 for w in group)
+            x = torch.zeros(len(group), width, dtype=torch.long)
+            y = torch.full((len(group), width), -1, dtype=torch.long)
+            for row, w in enumerate(group):
+                x[row, :len(w) - 1], y[row, :len(w) - 1] = w[:-1], w[1:]
+            yield x, y
+    return evaluate(model, batches(), token_byte_counts(tokenizer), rt)
+
+
+def eval_main(argv):
+    cfg = parse_config(EvalConfig, argv, prog="train_gpt.py eval",
+                       description="Print the bits per byte a checkpoint needs to encode a text file.")
+    if not cfg.text:
+        raise UserError("eval needs --text FILE")
+    try:
+        with open(cfg.text, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot read --text {cfg.text}: {e}") from None
+    rt = setup_runtime(cfg.device)
+    model, tokenizer, meta = load_checkpoint(cfg.checkpoint, device=rt.device)
+    res = text_bpb(model, tokenizer, text, cfg.batch_size, rt)
+    print(f"{cfg.text}: {len(text.encode()):,} bytes, {res['bpb']:.4f} bits per byte "
+          f"(loss {res['loss']:.4f} nats/token; {meta['stage']} checkpoint at step {meta['step']})")
+
+
+@dataclass
+class DemoConfig:
+    checkpoint: str = opt(os.path.join("out", "base"), "checkpoint to nudge (an untrained model if none)")
+    text: str = opt("To be, or not to be, that is the question",
+                    "the example: the model sees all but its last token and is trained to predict the last")
+    lr: float = opt(0.05, "learning rate of the single SGD step")
+    top: int = opt(8, "how many of the likeliest next tokens to show")
+
+
+def demo_main(argv):
+    """The lecture's "nudge": the next-token distribution for one short context, before and after one
+    gradient step on that single example. The true next token gains probability; the rest lose some."""
+    cfg = parse_config(DemoConfig, argv, prog="train_gpt.py demo", description=demo_main.__doc__)
+    if os.path.exists(checkpoint_file(cfg.checkpoint)):
+        model, tokenizer, _ = load_checkpoint(cfg.checkpoint)
+        print(f"model: {checkpoint_file(cfg.checkpoint)}")
+    else:
+        tokenizer = Tokenizer.load(data.prepare_default()["tokenizer"])
+        model = GPT(GPTConfig(vocab_size=tokenizer.vocab_size))
+        print(f"model: untrained (no checkpoint at {cfg.checkpoint}), so its guesses are close to uniform")
+    ids = tokenizer.encode(cfg.text)[-model.config.seq_len - 1:]
+    if len(ids) < 2:
+        raise UserError(f"--text {cfg.text!r} must be at least 2 tokens long")
+    x, y = torch.tensor([ids[:-1]]), torch.tensor([ids[1:]])
+    target = ids[-1]
+
+    def next_probs():
+        with torch.no_grad():
+            return model(x)[0][0, -1].softmax(-1)
+
+    before = next_probs()
+    model.zero_grad()
+    model(x, y)[1].backward()  # the loss at every position of the example, as in training
+    with torch.no_grad():
+        for p in model.parameters():
+            p -= cfg.lr * p.grad
+    after = next_probs()
+    shown = list(dict.fromkeys(before.topk(cfg.top).indices.tolist() + [target]))
+    print("context: " + " ".join(f"[{tokenizer.decode([i])}]" for i in ids[:-1]))
+    print(f"next-token probabilities before -> after one SGD step (lr {cfg.lr}) towards the true next token:")
+    for i in shown:
+        mark = "  <- the true next token" if i == target else ""
+        print(f"  {tokenizer.decode([i])!r:>16} {100 * before[i]:6.2f}% -> {100 * after[i]:6.2f}%{mark}")
+
+
+def main(argv):
+    commands = {"eval": eval_main, "demo": demo_main}
+    if argv and argv[0] in commands:
+        return commands[argv[0]](argv[1:])
+    cfg = parse_config(TrainConfig, argv, PRESETS, prog="train_gpt.py",
+                       description=__doc__ + "\nsubcommands: eval (--help), demo (--help)")
+    try:
+        train(cfg)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    run_cli(main)
