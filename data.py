@@ -37,6 +37,7 @@ import contextlib
 import glob
 import hashlib
 import html.parser
+import itertools
 import json
 import lzma
 import multiprocessing
@@ -55,7 +56,7 @@ import numpy as np
 import requests
 import torch
 
-from tokenizer import Tokenizer, batched_texts
+from tokenizer import Tokenizer, available_cpus, batched_texts
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 EMBEDDED_DIR = os.path.join(HERE, "data")
@@ -674,7 +675,7 @@ class MinHashDeduplicator:
         sig = np.full(NUM_HASHES, np.iinfo(np.uint64).max, dtype=np.uint64)
         for chunk in np.array_split(x, max(1, len(x) // 4096)):  # bounded memory for long documents
             sig = np.minimum(sig, ((self.a[:, None] * chunk[None, :] + self.b[:, None]) >> np.uint64(32)).min(1))
-        return sig
+        return sig.astype(np.uint32)
 
     def near_duplicate_of(self, doc_id, sig):
         """The id of an earlier kept document this one nearly duplicates, or None (then it is indexed)."""
@@ -776,11 +777,9 @@ def document_id(doc, n):
     return doc.get("id") or f"<urn:uuid:{uuid.uuid5(uuid.NAMESPACE_URL, key)}>"
 
 
-def run_funnel(docs, filters, count_tokens):
-    """Push each document through the filters until one removes it. Returns the kept documents as
-    FineWeb rows, and per-filter counts: name -> {"in", "removed", "edited", "example"}."""
-    stats = {name: {"in": 0, "removed": 0, "edited": 0, "example": None} for name, _ in filters}
-    kept = []
+def run_funnel(docs, filters, count_tokens, stats):
+    """Push each document through the filters until one removes it; yield the survivors as FineWeb rows.
+    Streams, so any number of documents fits in memory. Counts go into `stats` (see new_stats)."""
     for n, doc in enumerate(docs):
         doc = {"dump": "local", "url": None, "date": None, **doc}
         doc["id"] = document_id(doc, n)
@@ -796,38 +795,50 @@ def run_funnel(docs, filters, count_tokens):
             stat["edited"] += before is not None and doc["text"] != before
         else:
             doc["token_count"] = count_tokens(doc["text"])
-            kept.append({c: doc.get(c) for c in FINEWEB_COLUMNS})
-    return kept, stats
+            yield {c: doc.get(c) for c in FINEWEB_COLUMNS}
 
 
-def print_funnel(stats, kept, show_rows=3):
+def new_stats(filters):
+    """Per filter: documents in, removed, edited (kept but changed), and the first removal as an example."""
+    return {name: {"in": 0, "removed": 0, "edited": 0, "example": None} for name, _ in filters}
+
+
+def print_funnel(stats, n_kept, first_rows):
     print(f"{'filter':<18} {'in':>7} {'removed':>8} {'kept':>7} {'edited':>7}  example of a removal")
     for name, s in stats.items():
         print(f"{name:<18} {s['in']:>7} {s['removed']:>8} {s['in'] - s['removed']:>7} {s['edited']:>7}  "
               f"{s['example'] or ''}")
-    print(f"\n{len(kept)} documents kept. The first {min(show_rows, len(kept))}, dataset-viewer style:")
+    print(f"\n{n_kept} documents kept. The first {len(first_rows)}, dataset-viewer style:")
     print(f"{'text':<60} | {'url':<40} | lang | score | tokens")
-    for row in kept[:show_rows]:
+    for row in first_rows:
         text = row["text"].replace("\n", " ")[:57] + "..."
         print(f"{text:<60} | {str(row['url'])[:40]:<40} | {row['language']:<4} | "
               f"{row['language_score']:.2f}  | {row['token_count']}")
 
 
-def process(inputs, out_dir, blocklists, tokenizer_path=TOKENIZER_PATH):
-    """The `process` command: files in, DIR/kept.jsonl (FineWeb columns) and DIR/funnel.json out."""
+def process(inputs, out_dir, blocklists, tokenizer_path=TOKENIZER_PATH, show_rows=3):
+    """The `process` command: files in, DIR/kept.jsonl (FineWeb columns) and DIR/funnel.json out.
+    Returns the funnel statistics."""
     docs = read_documents(expand_inputs(inputs))
     tok = load_tokenizer(prepare_tokenizer(tokenizer_path))
     filters = make_filters(load_blocklist(blocklists))
-    kept, stats = run_funnel(docs, filters, lambda text: len(tok.encode(text)))
+    stats, first_rows = new_stats(filters), []
+
+    def kept_rows():  # remember the first few rows for the printout while they stream to disk
+        for row in run_funnel(docs, filters, lambda text: len(tok.encode(text)), stats):
+            if len(first_rows) < show_rows:
+                first_rows.append(row)
+            yield row
+
+    n_kept = write_jsonl(os.path.join(out_dir, "kept.jsonl"), kept_rows())
     clusters = dict(filters)["minhash_dedup"].clusters
-    write_jsonl(os.path.join(out_dir, "kept.jsonl"), kept)
     with atomic_path(os.path.join(out_dir, "funnel.json")) as tmp, open(tmp, "w") as f:
-        json.dump({"filters": stats, "kept": len(kept), "duplicate_clusters": clusters}, f, indent=1)
-    print_funnel(stats, kept)
+        json.dump({"filters": stats, "kept": n_kept, "duplicate_clusters": clusters}, f, indent=1)
+    print_funnel(stats, n_kept, first_rows)
     print(f"{len(clusters)} near-duplicate clusters: "
           + "; ".join(f"{k} <- {len(v)} copies" for k, v in list(clusters.items())[:3]))
     print(f"wrote {os.path.join(out_dir, 'kept.jsonl')}")
-    return kept, stats
+    return stats
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -872,19 +883,24 @@ def encode_documents(texts, tok, processes):
             yield np.concatenate([eot, np.array(ids, dtype=np.uint16)])
 
 
-def write_shards(texts, tokenizer_path, out_dir, name, split, processes=None,
-                 shard_tokens=DEFAULT_SHARD_TOKENS):
-    """Tokenize documents into out_dir/<name>_<split>_000000.bin, ...; returns (paths, token count)."""
-    tok = load_tokenizer(tokenizer_path)
+def write_shards(texts, tok, out_dir, name, split, processes=None, shard_tokens=DEFAULT_SHARD_TOKENS):
+    """Tokenize documents into out_dir/<name>_<split>_000000.bin, _000001.bin, ... Returns
+    {"paths", "tokens", "text_bytes"}."""
     if tok.vocab_size > 2 ** 16:
-        raise DataError(f"{tokenizer_path}: vocab {tok.vocab_size} too large for uint16 shards (max 65536)")
-    paths, buf, fill, total = [], np.empty(shard_tokens, dtype=np.uint16), 0, 0
+        raise DataError(f"vocab {tok.vocab_size} is too large for uint16 shards (max 65536)")
+    paths, buf, fill, total, text_bytes = [], np.empty(shard_tokens, dtype=np.uint16), 0, 0, 0
 
     def flush():
         paths.append(os.path.join(out_dir, f"{name}_{split}_{len(paths):06d}.bin"))
         write_shard(paths[-1], buf[:fill])
 
-    for tokens in encode_documents(texts, tok, processes):
+    def counted(texts):
+        nonlocal text_bytes
+        for text in texts:
+            text_bytes += len(text.encode("utf-8"))
+            yield text
+
+    for tokens in encode_documents(counted(texts), tok, processes):
         total += len(tokens)
         while len(tokens):  # a document may straddle shards; the stream is what matters, not the files
             take = min(len(tokens), shard_tokens - fill)
@@ -894,7 +910,7 @@ def write_shards(texts, tokenizer_path, out_dir, name, split, processes=None,
                 fill = 0
     if fill or not paths:
         flush()
-    return paths, total
+    return {"paths": paths, "tokens": total, "text_bytes": text_bytes}
 
 
 def shard_pattern(name, split, shards_dir=SHARDS_DIR):
@@ -978,16 +994,24 @@ def load_tokenizer(path):
         raise DataError(str(e)) from None
 
 
-def tokenize_to_shards(splits, name, tokenizer_path, shards_dir, processes=None):
+def tokenize_to_shards(splits, name, tokenizer_path, shards_dir, processes=None,
+                       shard_tokens=DEFAULT_SHARD_TOKENS):
     """Write the shards of each split ({split: iterable of texts}), then meta.json -- last, so that its
-    presence means the whole set is complete and which tokenizer made it."""
+    presence means the whole set is complete, and says which tokenizer made it. Returns the meta dict."""
     out_dir = os.path.join(shards_dir, name)
-    meta = {"tokenizer_sha256": sha256_of(tokenizer_path), "splits": {}}
+    meta_path = os.path.join(out_dir, "meta.json")
+    if os.path.exists(meta_path):
+        os.unlink(meta_path)  # from here until the end the set is incomplete
+    tok = load_tokenizer(tokenizer_path)
+    meta = {"tokenizer_sha256": sha256_of(tokenizer_path), "vocab_size": tok.vocab_size, "splits": {}}
     for split, texts in splits.items():
         t0 = time.time()
-        paths, n_tokens = write_shards(texts, tokenizer_path, out_dir, name, split, processes)
-        meta["splits"][split] = {"shards": len(paths), "tokens": n_tokens, "seconds": round(time.time() - t0, 3)}
-    with atomic_path(os.path.join(out_dir, "meta.json")) as tmp, open(tmp, "w") as f:
+        written = write_shards(texts, tok, out_dir, name, split, processes, shard_tokens)
+        for stale in set(glob.glob(shard_pattern(name, split, shards_dir))) - set(written["paths"]):
+            os.unlink(stale)  # left over from an earlier, longer run
+        meta["splits"][split] = {"shards": len(written["paths"]), "tokens": written["tokens"],
+                                 "mb": written["text_bytes"] / 1e6, "seconds": time.time() - t0}
+    with atomic_path(meta_path) as tmp, open(tmp, "w") as f:
         json.dump(meta, f, indent=1)
     return meta
 
@@ -1021,24 +1045,26 @@ def show_token_stream(pattern, tokenizer_path, n=48):
     print(f"{stream.total:,} tokens in {pattern}")
 
 
+def text_of(doc):
+    if "html" in doc:
+        raise DataError(f"{doc['file_path']}: HTML pages go through `python data.py process` first (it "
+                        "extracts the text); tokenize its kept.jsonl")
+    return doc["text"]
+
+
 def tokenize_command(args):
     tokenizer_path = prepare_tokenizer(args.tokenizer)
     if args.input:
-        docs = list(read_documents(expand_inputs(args.input)))
-        if any("html" in doc for doc in docs):
-            raise DataError("--input: HTML pages must go through `python data.py process` first (it extracts "
-                            "the text), then tokenize its kept.jsonl")
-        if len(docs) <= args.val_docs:
-            raise DataError(f"--input: {len(docs)} documents leave none for training after --val-docs {args.val_docs}")
-        texts = [doc["text"] for doc in docs]
-        splits = {"val": texts[:args.val_docs], "train": texts[args.val_docs:]}
+        texts = map(text_of, read_documents(expand_inputs(args.input)))
+        val = list(itertools.islice(texts, args.val_docs))  # the first documents are held out...
+        splits = {"val": val, "train": texts}                  # ...and the rest streams into training
     else:
         splits = {s: embedded_documents(s) for s in EMBEDDED_SPLITS}
-    t0 = time.time()
     meta = tokenize_to_shards(splits, args.name, tokenizer_path, args.out, args.processes)
     for split, m in meta["splits"].items():
-        print(f"{split}: {m['tokens']:,} tokens in {m['shards']} shard(s)")
-    print(f"tokenized in {time.time() - t0:.1f}s on {args.processes or os.cpu_count()} processes")
+        print(f"{split}: {m['tokens']:,} tokens in {m['shards']} shard(s), {m['mb']:.2f} MB of text "
+              f"in {m['seconds']:.1f}s = {m['mb'] / max(m['seconds'], 1e-9):.2f} MB/s "
+              f"on {args.processes or available_cpus()} processes")
     show_token_stream(shard_pattern(args.name, "train", args.out), tokenizer_path)
 
 
