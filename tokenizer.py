@@ -26,18 +26,21 @@ What this file does
   loss mask the fine-tuning stages use.
 - Command line: `train`, `show` (a tiktokenizer-style view) and `compare` (bits vs bytes vs tokens).
 
-Digits. GPT-4 groups up to 3 digits per chunk ("2024" -> "202" + "4"). We group up to **2**, chosen by
-measurement (`python bench.py digits`, BENCHMARKS.md): trained on our corpus at vocab 4096, digits
-cost nothing in compression either way (numbers are rare in it), but with 3-digit groups only a fraction of
-the 1000 possible 3-digit chunks ever earn a merge, so the same digit lands in differently shaped tokens
-from one number to the next -- the arithmetic problems of the later stages become harder to learn. With
-2-digit groups every number from 0 to 99 is a single token and longer numbers split into predictable pairs.
+Digits. GPT-4 groups up to 3 digits per chunk ("2024" -> "202" + "4"). We split numbers into single
+digits, chosen by measurement (`python bench.py digits`, table in BENCHMARKS.md). Trained on the
+embedded corpus at vocab 4096, the grouping barely moves compression (3.145 / 3.146 / 3.154 bytes per
+token on the held-out text for groups of 1 / 2 / 3) because old plays hold few numbers; but for the same
+reason only 5 (groups of 2) or 10 (groups of 3) multi-digit tokens ever earn a merge, so just 65 or 20
+of the numbers 0..999 split along their groups and the rest come out ragged (one number whole, the next
+in odd pieces). With single digits all 1000 split the same way, digit by digit: the shape the word problems and
+arithmetic of the SFT and RL stages are easiest to learn from, for 1-2% more tokens on arithmetic text.
 
     python tokenizer.py train --input corpus.txt --vocab-size 4096 --out out/tokenizer
     python tokenizer.py show "hello world" --whitespace
     python tokenizer.py compare --file some.txt
 """
 import argparse
+import array
 import hashlib
 import heapq
 import json
@@ -57,7 +60,7 @@ import regex
 # with an optional leading space and its trailing newlines; newlines with the spaces before them; spaces
 # not followed by a word (so " word" keeps its space); any other whitespace. `?+` and `++` are possessive:
 # once matched they never give characters back, which keeps the regex fast and the chunks unambiguous.
-DIGIT_GROUP = 2
+DIGIT_GROUP = 1
 
 
 def split_pattern(digit_group=DIGIT_GROUP):
@@ -420,9 +423,12 @@ class Tokenizer:
         workers = min(workers or available_cpus(), max(1, len(texts) // 8))
         if workers == 1:
             return [self.encode_ordinary(text) for text in texts]
-        # fork: the workers inherit this tokenizer (and its cache) instead of unpickling a copy
+        # fork: the workers inherit this tokenizer (and its cache) instead of unpickling a copy. They send
+        # ids back as packed arrays: pickling millions of Python ints one by one would cost more than the
+        # encoding itself.
         with multiprocessing.get_context("fork").Pool(workers, _adopt_tokenizer, (self,)) as pool:
-            return pool.map(_encode_in_worker, texts, chunksize=max(1, len(texts) // (workers * 8)))
+            packed = pool.map(_encode_in_worker, texts, chunksize=max(1, len(texts) // (workers * 8)))
+        return [ids.tolist() for ids in packed]
 
     # -- decoding ------------------------------------------------------------------------------------
 
@@ -468,7 +474,7 @@ def _adopt_tokenizer(tok):
 
 
 def _encode_in_worker(text):
-    return _worker_tokenizer.encode_ordinary(text)
+    return array.array("I", _worker_tokenizer.encode_ordinary(text))
 
 
 def _tokenizer_json_problem(data):

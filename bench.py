@@ -1,0 +1,258 @@
+"""
+bench.py -- measured speed and quality, side by side with the peers, in one run on one machine.
+
+    python bench.py tokenizer   # train time, encode MB/s, bytes/token vs rustbpe, HF tokenizers, tiktoken
+    python bench.py digits      # how the digit grouping of the split regex was chosen
+
+Each benchmark prints a table and one JSON line, and rewrites its own section of BENCHMARKS.md (with the
+command and the machine), leaving the other sections alone. Peers are benchmark-only dependencies: the
+bench installs them (pinned) when they are missing; users never need them.
+"""
+import argparse
+import json
+import os
+import platform
+import random
+import subprocess
+import sys
+import time
+
+import regex
+
+import data
+from tokenizer import SPECIAL_TOKENS, Tokenizer, available_cpus, gpt4_encoding, split_pattern
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SHARED_CORPUS = os.path.join(HERE, "..", "shared", "corpus")
+BENCHMARKS_MD = os.path.join(HERE, "BENCHMARKS.md")
+PEERS = {"tokenizers": "tokenizers==0.23.3", "rustbpe": "rustbpe==0.1.0", "tiktoken": "tiktoken==0.14.0"}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Shared helpers
+
+def machine():
+    """One line naming the machine, for every recorded figure."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{cpu}, {available_cpus()} cores, Python {platform.python_version()}, {platform.system()}"
+
+
+def ensure_peers(*names):
+    """Import the peer libraries, installing the pinned versions first if they are missing."""
+    missing = []
+    for name in names:
+        try:
+            __import__(name)
+        except ImportError:
+            missing.append(PEERS[name])
+    if missing:
+        print(f"installing benchmark peers: {' '.join(missing)}")
+        subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", *missing], check=True)
+    return [__import__(name) for name in names]
+
+
+def best_time(fn, repeats):
+    """The fastest of `repeats` runs of fn(): the least disturbed by the rest of the machine."""
+    best, result = float("inf"), None
+    for _ in range(repeats):
+        started = time.perf_counter()
+        result = fn()
+        best = min(best, time.perf_counter() - started)
+    return best, result
+
+
+def print_table(header, rows):
+    widths = [max(len(str(x)) for x in column) for column in zip(header, *rows)]
+    for row in [header, ["-" * w for w in widths], *rows]:
+        print("  ".join(str(x).ljust(w) for x, w in zip(row, widths)))
+
+
+def markdown_table(header, rows):
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(x) for x in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def write_section(name, body):
+    """Replace the section between `<!-- bench:name -->` markers in BENCHMARKS.md (append if new)."""
+    start, end = f"<!-- bench:{name} -->", f"<!-- /bench:{name} -->"
+    text = open(BENCHMARKS_MD).read() if os.path.exists(BENCHMARKS_MD) else "# Benchmarks\n"
+    block = f"{start}\n{body.strip()}\n{end}"
+    if start in text and end in text:
+        text = text[:text.index(start)] + block + text[text.index(end) + len(end):]
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    tmp = BENCHMARKS_MD + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, BENCHMARKS_MD)
+    print(f"wrote the '{name}' section of {BENCHMARKS_MD}")
+
+
+def read_documents(path):
+    """A corpus file as documents: split at a blank line followed by text (see ../shared/corpus/README.md);
+    with the GPT-4-style split no chunk crosses such a boundary, so every trainer sees the same chunks."""
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    return text, regex.split(r"(?<=\n\n)(?=\S)", text)
+
+
+# ----------------------------------------------------------------------------------------------------
+# bench.py tokenizer
+
+def train_hf(documents, n_regular, pattern):
+    """Hugging Face `tokenizers` BPE with the same split regex, then byte-level mapping, no specials."""
+    from tokenizers import Regex, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer as HFTokenizer
+    hf = HFTokenizer(models.BPE())
+    hf.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(pattern), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    trainer = trainers.BpeTrainer(vocab_size=n_regular, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    hf.train_from_iterator(documents, trainer)
+    return hf
+
+
+def train_rustbpe(documents, n_regular, pattern):
+    import rustbpe
+    tok = rustbpe.Tokenizer()
+    tok.train_from_iterator(iter(documents), n_regular, pattern=pattern)
+    return tok
+
+
+def bench_tokenizer(args):
+    tokenizers_lib, rustbpe, tiktoken = ensure_peers("tokenizers", "rustbpe", "tiktoken")
+    corpus_path = os.path.abspath(args.corpus)
+    corpus, documents = read_documents(corpus_path)
+    heldout, _ = read_documents(args.heldout)
+    corpus_mb, heldout_mb = len(corpus.encode()) / 1e6, len(heldout.encode()) / 1e6
+    pattern = split_pattern()
+    print(f"corpus {corpus_path}: {corpus_mb:.1f} MB, {len(documents):,} documents; held-out {heldout_mb:.1f} MB")
+    print(f"machine: {machine()}\n")
+
+    rows, figures = [], {"corpus_mb": round(corpus_mb, 2), "machine": machine()}
+    for vocab in (4096, 8192):
+        n_regular = vocab - len(SPECIAL_TOKENS)  # peers get the same number of merges, no specials
+        ours_s, ours = best_time(lambda: Tokenizer.train(iter(documents), vocab), args.repeats)
+        hf_s, hf = best_time(lambda: train_hf(documents, n_regular, pattern), args.repeats)
+        rust_s, _ = best_time(lambda: train_rustbpe(documents, n_regular, pattern), args.repeats)
+        ours_bpt = len(heldout.encode()) / len(ours.encode_ordinary(heldout))
+        hf_bpt = len(heldout.encode()) / len(hf.encode(heldout).ids)
+        rows.append([vocab, f"{ours_s:.2f}", f"{hf_s:.2f}", f"{rust_s:.2f}", f"{ours_s / hf_s:.2f}",
+                     f"{ours_bpt:.3f}", f"{hf_bpt:.3f}"])
+        figures[f"train_s_{vocab}"] = {"ours": round(ours_s, 3), "hf": round(hf_s, 3), "rustbpe": round(rust_s, 3)}
+        figures[f"bytes_per_token_{vocab}"] = {"ours": round(ours_bpt, 4), "hf": round(hf_bpt, 4)}
+    train_header = ["vocab", "ours s", "HF tokenizers s", "rustbpe s", "ours / HF", "ours bytes/token",
+                    "HF bytes/token"]
+    print_table(train_header, rows)
+
+    # Encoding, one process each. Ours starts with an empty chunk cache every time (a fresh tokenizer
+    # from the same merges), so the cold-cache cost is in the figure.
+    merges = ours.merges
+    enc = ours.to_tiktoken()
+    gpt4 = gpt4_encoding()
+    encode_rows = []
+    for label, text, mb in (("held-out text", heldout, heldout_mb), ("20 MB corpus", corpus, corpus_mb)):
+        ours_s, ours_ids = best_time(lambda: Tokenizer(merges).encode_ordinary(text), args.repeats)
+        tik_s, tik_ids = best_time(lambda: enc.encode_ordinary(text), args.repeats)
+        assert ours_ids == tik_ids, "our encoding differs from tiktoken's on the same merges"
+        encode_rows.append([label, f"{mb / ours_s:.2f}", f"{mb / tik_s:.2f}", f"{tik_s / ours_s:.2f}"])
+        figures[f"encode_mb_s_{label.split()[0]}"] = {"ours": round(mb / ours_s, 3), "tiktoken": round(mb / tik_s, 3)}
+    print()
+    encode_header = ["encode (1 process, vocab 8192)", "ours MB/s", "tiktoken MB/s", "ours / tiktoken"]
+    print_table(encode_header, encode_rows)
+    batch_s, _ = best_time(lambda: Tokenizer(merges).encode_batch(documents), 1)
+    figures["encode_batch_mb_s"] = round(corpus_mb / batch_s, 3)
+    print(f"\nencode_batch on the corpus, {available_cpus()} processes: {corpus_mb / batch_s:.2f} MB/s")
+    if gpt4 is not None:
+        figures["gpt4_bytes_per_token"] = round(len(heldout.encode()) / len(gpt4.encode_ordinary(heldout)), 4)
+        print(f"GPT-4 (cl100k_base, vocab 100,277) on the held-out text: {figures['gpt4_bytes_per_token']:.3f} bytes/token")
+    print(json.dumps({"bench": "tokenizer", **figures}))
+
+    command = f"python bench.py tokenizer --corpus {os.path.relpath(corpus_path, HERE)} --repeats {args.repeats}"
+    write_section("tokenizer", f"""
+## Tokenizer
+
+`{command}` — {machine()}. Corpus: {corpus_mb:.1f} MB of `{os.path.basename(corpus_path)}` in
+{len(documents):,} documents; held-out: `{os.path.basename(args.heldout)}` ({heldout_mb:.1f} MB). Best of
+{args.repeats} runs each. Every trainer gets the same documents, the same split regex and the same number of
+merges; ours splits the chunk counting over {available_cpus()} processes, rustbpe and HF use all cores.
+
+{markdown_table(train_header, rows)}
+
+{markdown_table(encode_header, encode_rows)}
+
+`encode_batch` ({available_cpus()} processes) on the corpus: {corpus_mb / batch_s:.2f} MB/s.
+GPT-4's cl100k_base on the held-out text: {figures.get('gpt4_bytes_per_token', 'n/a')} bytes/token (vocab 100,277).
+Our ids equal tiktoken's on both texts (checked by the bench).
+""")
+
+
+# ----------------------------------------------------------------------------------------------------
+# bench.py digits
+
+def arithmetic_text(n_lines=500, seed=0):
+    """Text shaped like the later stages' word problems: prices, counts and sums."""
+    rng = random.Random(seed)
+    return "\n".join(f"Emily buys {rng.randint(2, 99)} apples at ${rng.randint(1, 999)} each; "
+                     f"{rng.randint(10, 9999)} + {rng.randint(10, 9999)} = ?" for _ in range(n_lines))
+
+
+def bench_digits(args):
+    val = "".join(data.embedded_documents("val"))
+    arithmetic = arithmetic_text()
+    header = ["digits per chunk", "held-out bytes/token", "arithmetic bytes/token", "multi-digit tokens",
+              "0..999 split along the groups"]
+    rows, figures = [], {}
+    for group in (1, 2, 3):
+        tok = Tokenizer.train(data.embedded_documents("train"), args.vocab_size, pattern=split_pattern(group))
+        multi_digit = sum(1 for t in tok.vocab[256:] if t.isdigit())
+        # a number "follows its groups" when it becomes exactly one token per group of digits
+        regular = sum(len(tok.encode(str(n))) == -(-len(str(n)) // group) for n in range(1000))
+        val_bpt = len(val.encode()) / len(tok.encode(val))
+        arith_bpt = len(arithmetic.encode()) / len(tok.encode(arithmetic))
+        rows.append([group, f"{val_bpt:.3f}", f"{arith_bpt:.3f}", multi_digit, f"{regular}/1000"])
+        figures[group] = {"val_bytes_per_token": round(val_bpt, 4), "arith_bytes_per_token": round(arith_bpt, 4),
+                          "multi_digit_tokens": multi_digit, "regular_0_999": regular}
+    print_table(header, rows)
+    print(json.dumps({"bench": "digits", **{str(k): v for k, v in figures.items()}}))
+    write_section("digits", f"""
+## Digit grouping of the split regex
+
+`python bench.py digits --vocab-size {args.vocab_size}` — trained on the embedded corpus (train split),
+measured on its held-out split and on synthetic word-problem text; {machine()}.
+
+{markdown_table(header, rows)}
+
+Chosen: single digits (see the docstring of tokenizer.py).
+""")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    tok = sub.add_parser("tokenizer", help="train and encode speed against the peers")
+    tok.add_argument("--corpus", default=os.path.join(SHARED_CORPUS, "gutenberg_20mb.txt"))
+    tok.add_argument("--heldout", default=os.path.join(SHARED_CORPUS, "heldout_milton.txt"))
+    tok.add_argument("--repeats", type=int, default=2)
+    tok.set_defaults(run=bench_tokenizer)
+    digits = sub.add_parser("digits", help="compare digit groupings of the split regex")
+    digits.add_argument("--vocab-size", type=int, default=4096)
+    digits.set_defaults(run=bench_digits)
+    args = parser.parse_args()
+    for name in ("corpus", "heldout"):
+        path = getattr(args, name, None)
+        if path is not None and not os.path.isfile(path):
+            print(f"error: --{name} {path}: no such file", file=sys.stderr)
+            sys.exit(2)
+    args.run(args)
+
+
+if __name__ == "__main__":
+    main()
