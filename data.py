@@ -40,7 +40,6 @@ import html.parser
 import itertools
 import json
 import lzma
-import multiprocessing
 import os
 import re
 import sys
@@ -101,9 +100,7 @@ def write_jsonl(path, rows, compress=False):
     """Write rows as JSONL (xz-compressed if asked), atomically. Returns the number of rows."""
     n = 0
     with atomic_path(path) as tmp:
-        opener = (lambda: lzma.open(tmp, "wt", encoding="utf-8", preset=9)) if compress else \
-                 (lambda: open(tmp, "w", encoding="utf-8"))
-        with opener() as f:
+        with (lzma.open(tmp, "wt", encoding="utf-8", preset=9) if compress else open(tmp, "w", encoding="utf-8")) as f:
             for row in rows:
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
                 n += 1
@@ -207,7 +204,7 @@ def promised_size_and_sha256(response):
         etag = headers.get("X-Linked-Etag", "").strip('"')
         if SHA256_HEX.fullmatch(etag):
             sha256 = etag
-    if size is None and response.status_code == 206 and "/" in response.headers.get("Content-Range", ""):
+    if size is None and response.status_code in (206, 416) and "/" in response.headers.get("Content-Range", ""):
         total = response.headers["Content-Range"].rsplit("/", 1)[1]
         size = int(total) if total.isdigit() else None
     elif size is None and response.status_code == 200 and "Content-Length" in response.headers:
@@ -423,16 +420,16 @@ def read_html(path):
 URL_BANNED_WORDS = {"porn", "xxx", "casino", "viagra", "escort", "malware", "warez", "torrent"}
 
 
-def load_blocklist(paths):
-    """Domains, one per line ('#' starts a comment), from each file."""
-    domains = set()
+def load_list(paths, flag):
+    """The entries (domains, phrases) of list files: one per line, lower-cased, '#' starts a comment."""
+    entries = set()
     for path in paths:
         try:
             with open(path, encoding="utf-8") as f:
-                domains |= {line.split("#")[0].strip().lower() for line in f} - {""}
+                entries |= {line.split("#")[0].strip().lower() for line in f} - {""}
         except OSError as e:
-            raise DataError(f"--blocklist {path}: cannot read ({e.strerror})") from None
-    return domains
+            raise DataError(f"{flag} {path}: cannot read ({e.strerror})") from None
+    return entries
 
 
 def url_filter(doc, blocklist):
@@ -659,6 +656,8 @@ DEDUP_THRESHOLD = 0.8
 
 
 class MinHashDeduplicator:
+    """A filter with memory: it indexes every document it keeps and drops later near-copies of them."""
+
     def __init__(self, seed=0):
         rng = np.random.default_rng(seed)
         # multiply-shift hashing: h(x) = (a*x + b mod 2^64) >> 32 with odd a, a standard universal family
@@ -666,7 +665,8 @@ class MinHashDeduplicator:
         self.b = rng.integers(0, 2 ** 63, NUM_HASHES, dtype=np.uint64)
         self.buckets = [dict() for _ in range(BANDS)]  # band -> {band values: id of the first document}
         self.signatures = {}                           # id of a kept document -> its signature
-        self.clusters = collections.defaultdict(list)  # kept id -> ids of the near-duplicates dropped
+        self.names = {}                                # id of a kept document -> its URL (or id) for reports
+        self.clusters = collections.defaultdict(list)  # name of a kept document -> names of its dropped copies
 
     def signature(self, text):
         words = text.lower().split()
@@ -690,12 +690,14 @@ class MinHashDeduplicator:
         return None
 
     def __call__(self, doc):
-        sig = self.signature(doc["text"])
+        sig, name = self.signature(doc["text"]), doc.get("url") or doc["id"]
         other = self.near_duplicate_of(doc["id"], sig)
         if other is None:
+            self.names[doc["id"]] = name
             return None
-        self.clusters[other].append(doc["id"])
-        return f"near-duplicate of {other} (estimated Jaccard {np.mean(self.signatures[other] == sig):.2f})"
+        self.clusters[self.names[other]].append(name)
+        return (f"near-duplicate of {self.names[other]} "
+                f"(estimated Jaccard {np.mean(self.signatures[other] == sig):.2f})")
 
 
 # -- 7. C4 line rules (Google's C4 corpus): keep only lines that look like sentences, then drop the page if
@@ -730,7 +732,25 @@ def c4_filter(doc):
     return None
 
 
-# -- 8. PII redaction: personal data is replaced by placeholders, never dropped with the document.
+# -- 8. Custom filters: the place for a project's own rules. FineWeb adds heuristics of its own here; ours
+# drops documents containing a word or phrase from the user's exclusion lists (`--exclude FILE`), e.g.
+# offensive terms or topics the model should not learn from.
+
+def exclusion_filter(doc, pattern):
+    """`pattern` matches any excluded phrase as whole words (see exclusion_pattern), or is None."""
+    hit = pattern.search(doc["text"]) if pattern else None
+    return f"contains the excluded phrase {hit.group(0)!r}" if hit else None
+
+
+def exclusion_pattern(phrases):
+    """One regex for all phrases, longest first, so that a list of thousands costs one scan per document."""
+    if not phrases:
+        return None
+    alternatives = "|".join(re.escape(p) for p in sorted(phrases, key=len, reverse=True))
+    return re.compile(rf"\b(?:{alternatives})\b", re.I)
+
+
+# -- 9. PII redaction: personal data is replaced by placeholders, never dropped with the document.
 PII_PATTERNS = (  # order matters: an e-mail or an IP contains digits a phone pattern could grab
     ("<EMAIL>", re.compile(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}")),
     ("<IP_ADDRESS>", re.compile(r"(?<![\d.])(?:(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\.){3}"
@@ -755,12 +775,18 @@ def pii_filter(doc):
 # ----------------------------------------------------------------------------------------------------
 # The funnel: run the filters in order over a stream of documents, counting what each one removes.
 
+# The scale this funnel stands in for, printed beside our numbers.
+FINEWEB_FACTS = ("For scale: FineWeb is ~44 TB of text, ~15 trillion tokens (it fits on one large hard drive), "
+                 "filtered from Common Crawl,\nwhich has crawled the web since 2007 (2.7 billion pages in 2024). "
+                 "The goal is quantity, quality and diversity at once.\nThe language filter keeps English only, "
+                 "so the model will be good at English only; FineWeb-2 is the multilingual version.")
 FINEWEB_COLUMNS = ("text", "id", "dump", "url", "date", "file_path", "language", "language_score",
                    "token_count")
 
 
-def make_filters(blocklist):
+def make_filters(blocklist, excluded_phrases=()):
     """The pipeline, in the lecture's order: (name, function) pairs."""
+    exclusions = exclusion_pattern(excluded_phrases)
     return [("url_blocklist", lambda doc: url_filter(doc, blocklist)),
             ("text_extraction", extract_text),
             ("language", language_filter),
@@ -768,6 +794,7 @@ def make_filters(blocklist):
             ("gopher_quality", gopher_quality_filter),
             ("minhash_dedup", MinHashDeduplicator()),
             ("c4_lines", c4_filter),
+            ("custom_exclusions", lambda doc: exclusion_filter(doc, exclusions)),
             ("pii_redaction", pii_filter)]
 
 
@@ -790,7 +817,8 @@ def run_funnel(docs, filters, count_tokens, stats):
             reason = keep_or_reason(doc)
             if reason is not None:
                 stat["removed"] += 1
-                stat["example"] = stat["example"] or f"{doc.get('url') or doc['file_path']}: {reason}"
+                where = doc.get("url") or f"{doc['file_path']} (document {n + 1})"
+                stat["example"] = stat["example"] or f"{where}: {reason}"
                 break
             stat["edited"] += before is not None and doc["text"] != before
         else:
@@ -816,12 +844,12 @@ def print_funnel(stats, n_kept, first_rows):
               f"{row['language_score']:.2f}  | {row['token_count']}")
 
 
-def process(inputs, out_dir, blocklists, tokenizer_path=TOKENIZER_PATH, show_rows=3):
+def process(inputs, out_dir, blocklists, tokenizer_path=TOKENIZER_PATH, exclusion_lists=(), show_rows=3):
     """The `process` command: files in, DIR/kept.jsonl (FineWeb columns) and DIR/funnel.json out.
     Returns the funnel statistics."""
     docs = read_documents(expand_inputs(inputs))
     tok = load_tokenizer(prepare_tokenizer(tokenizer_path))
-    filters = make_filters(load_blocklist(blocklists))
+    filters = make_filters(load_list(blocklists, "--blocklist"), load_list(exclusion_lists, "--exclude"))
     stats, first_rows = new_stats(filters), []
 
     def kept_rows():  # remember the first few rows for the printout while they stream to disk
@@ -835,9 +863,9 @@ def process(inputs, out_dir, blocklists, tokenizer_path=TOKENIZER_PATH, show_row
     with atomic_path(os.path.join(out_dir, "funnel.json")) as tmp, open(tmp, "w") as f:
         json.dump({"filters": stats, "kept": n_kept, "duplicate_clusters": clusters}, f, indent=1)
     print_funnel(stats, n_kept, first_rows)
-    print(f"{len(clusters)} near-duplicate clusters: "
-          + "; ".join(f"{k} <- {len(v)} copies" for k, v in list(clusters.items())[:3]))
-    print(f"wrote {os.path.join(out_dir, 'kept.jsonl')}")
+    print(f"{len(clusters)} near-duplicate clusters, e.g. "
+          + "; ".join(f"{kept} <- {', '.join(copies)}" for kept, copies in list(clusters.items())[:3]))
+    print(f"wrote {os.path.join(out_dir, 'kept.jsonl')}\n\n{FINEWEB_FACTS}")
     return stats
 
 
@@ -925,6 +953,9 @@ def shard_pattern(name, split, shards_dir=SHARDS_DIR):
 # walk the whole stream. The state is just `pos` (and the epoch), so resuming is exact.
 
 class DataLoader:
+    """loader = DataLoader("out/shards/embedded/embedded_train_*.bin", B=8, T=256); x, y = loader.next_batch().
+    rank/world default to torchrun's RANK/WORLD_SIZE environment variables (0 and 1 without torchrun)."""
+
     def __init__(self, pattern, B, T, rank=None, world=None):
         self.B, self.T = B, T
         self.rank = int(os.environ.get("RANK", 0)) if rank is None else rank
@@ -1084,6 +1115,7 @@ def main(argv=None):
     pr.add_argument("--input", nargs="+", default=[WEB_SAMPLE_GLOB], help="files or globs (.html .txt .jsonl .parquet)")
     pr.add_argument("--out", default=os.path.join(OUT_DIR, "web"))
     pr.add_argument("--blocklist", nargs="*", default=[], help="extra domain blocklist files")
+    pr.add_argument("--exclude", nargs="*", default=[], help="files of words/phrases that drop a document")
     pr.add_argument("--tokenizer", default=TOKENIZER_PATH, help="counts token_count (trained if missing)")
     tk = sub.add_parser("tokenize", help="tokenize documents into .bin shards (default: the embedded corpus)")
     tk.add_argument("--input", nargs="*", help="files or globs; default: the embedded corpus")
@@ -1107,7 +1139,7 @@ def main(argv=None):
                 print(path)
         elif args.command == "process":
             process(args.input, args.out, [os.path.join(EMBEDDED_DIR, "url_blocklist.txt")] + args.blocklist,
-                    args.tokenizer)
+                    args.tokenizer, args.exclude)
         elif args.command == "tokenize":
             tokenize_command(args)
         elif args.command == "build-embedded":

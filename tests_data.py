@@ -211,7 +211,7 @@ def test_url_filter():
 
 
 def test_shipped_blocklist_loads_and_blocks():
-    blocklist = data.load_blocklist([os.path.join(REPO, "data", "url_blocklist.txt")])
+    blocklist = data.load_list([os.path.join(REPO, "data", "url_blocklist.txt")], "--blocklist")
     assert "mega-jackpot-slots.example" in blocklist and not any(d.startswith("#") for d in blocklist)
 
 
@@ -271,6 +271,14 @@ def test_c4_filter_keeps_sentences_and_drops_code_and_placeholders():
     assert "lorem" in data.c4_filter(doc(PROSE + "\nLorem ipsum dolor sit amet, consectetur."))
     assert "curly" in data.c4_filter(doc(PROSE + "\nfunction f() { return 1; }"))
     assert "sentences" in data.c4_filter(doc("A short page. With two sentences."))
+
+
+def test_exclusion_filter_matches_whole_words_only(tmp_path):
+    (tmp_path / "ex.txt").write_text("# topics we leave out\nMill\nold bridge\n")
+    pattern = data.exclusion_pattern(data.load_list([str(tmp_path / "ex.txt")], "--exclude"))
+    assert data.exclusion_filter(doc(PROSE), pattern) == "contains the excluded phrase 'mill'"
+    assert data.exclusion_filter(doc("The miller's old bridges."), pattern) is None
+    assert data.exclusion_filter(doc(PROSE), None) is None
 
 
 def shingles(text):
