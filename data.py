@@ -168,7 +168,7 @@ def build_embedded_corpus(sdist_path):
 # gives one), and only then renames DEST.part to DEST. DEST therefore either does not exist or is complete.
 
 FINEWEB_EDU_URL = ("https://huggingface.co/datasets/HuggingFaceFW/fineweb-edu/resolve/main/"
-                   "sample/10BT/{index:03d}_00000.parquet")  # 14 parquet shards of ~2 GB each (10B tokens)
+                   "sample/10BT/{index:03d}_00000.parquet")  # 14 parquet shards of ~2.2 GB each (10B tokens)
 TINYSTORIES_URLS = ("https://huggingface.co/datasets/roneneldan/TinyStories/resolve/main/TinyStoriesV2-GPT4-valid.txt",
                     "https://huggingface.co/datasets/roneneldan/TinyStories/resolve/main/TinyStoriesV2-GPT4-train.txt")
 RETRY_STATUSES = {408, 425, 429, 500, 502, 503, 504}  # "try again later"; every other 4xx is our mistake
@@ -345,6 +345,8 @@ def read_documents(paths):
             yield from readers[ext](path)
         except OSError as e:
             raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
+        except UnicodeDecodeError as e:
+            raise DataError(f"{path}: not UTF-8 text (byte {e.start})") from None
 
 
 def read_txt(path):
@@ -381,7 +383,8 @@ def read_parquet(path):
         columns = [c for c in ("text", "id", "url", "date", "dump") if c in names]
         for batch in pf.iter_batches(batch_size=1024, columns=columns):
             for row in batch.to_pylist():
-                yield {**row, "file_path": path}
+                if isinstance(row["text"], str):  # a null text is an empty row, not a document
+                    yield {**row, "file_path": path}
     except (OSError, ValueError) as e:  # pyarrow reports corrupt files as ArrowInvalid, a ValueError
         raise DataError(f"{path}: not a readable parquet file ({str(e).splitlines()[0]})") from None
 
@@ -463,7 +466,8 @@ class MainTextParser(html.parser.HTMLParser):
 
     def __init__(self):
         super().__init__()
-        self.parts, self.skip_depth = [], 0
+        self.parts = []
+        self.skipping = []  # open tags inside (and including) the element being skipped
 
     def handle_starttag(self, tag, attrs):
         attrs = dict(attrs)
@@ -471,21 +475,21 @@ class MainTextParser(html.parser.HTMLParser):
             self.parts.append("\n" if tag in BLOCK_TAGS else "")
             return
         furniture = FURNITURE.search(f"{attrs.get('class') or ''} {attrs.get('id') or ''}")
-        if self.skip_depth or tag in SKIP_TAGS or furniture:
-            self.skip_depth += 1  # count nested elements so we know when the skipped one closes
+        if self.skipping or tag in SKIP_TAGS or furniture:
+            self.skipping.append(tag)
         elif tag in BLOCK_TAGS:
             self.parts.append("\n")
 
     def handle_endtag(self, tag):
-        if tag in VOID_TAGS:
-            return
-        if self.skip_depth:
-            self.skip_depth -= 1
-        elif tag in BLOCK_TAGS:
+        if tag in self.skipping:
+            # close everything opened since this tag too: real pages often leave <li> or <p> unclosed
+            while self.skipping.pop() != tag:
+                pass
+        elif tag in BLOCK_TAGS and not self.skipping:
             self.parts.append("\n")
 
     def handle_data(self, data):
-        if not self.skip_depth:
+        if not self.skipping:
             self.parts.append(data)
 
     def text(self):

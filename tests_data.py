@@ -226,6 +226,8 @@ def test_extract_text_keeps_the_article_and_drops_the_furniture():
     assert d["text"] == f"Rivers\n{PROSE}\nSecond & last paragraph."
     for junk in ("Site name", "Home", "cookies", "Related", "Buy now", "Copyright", "var x", "color", "track"):
         assert junk not in d["text"]
+    sloppy = {"html": f"<nav><ul><li>Home<li>About</ul></nav><p>{PROSE}", "file_path": "z"}  # unclosed tags
+    assert data.extract_text(sloppy) is None and sloppy["text"] == PROSE
     empty = {"html": "<html><body><nav>Home | About</nav><script>x()</script></body></html>", "file_path": "y"}
     assert data.extract_text(empty) == "no text left after removing the markup"
 
@@ -356,7 +358,8 @@ def test_process_web_sample_funnel(tiny_tokenizer, tmp_path, capsys):
     names = list(stats)
     for before, after in zip(names, names[1:]):  # what one filter keeps is what the next one sees
         assert stats[after]["in"] == stats[before]["in"] - stats[before]["removed"]
-    for name in ("url_blocklist", "language", "gopher_repetition", "gopher_quality", "minhash_dedup", "c4_lines"):
+    for name in ("url_blocklist", "text_extraction", "language", "gopher_repetition", "gopher_quality",
+                 "minhash_dedup", "c4_lines"):
         assert stats[name]["removed"] >= 1, name  # the sample has something for every dropping filter
     assert stats["pii_redaction"]["edited"] >= 1
     rows = [json.loads(line) for line in open(tmp_path / "kept.jsonl")]
