@@ -439,6 +439,16 @@ def test_shards_hold_the_documents_each_after_endoftext(tiny_tokenizer, tmp_path
     assert stream == expected and meta["splits"]["train"]["tokens"] == len(expected)
 
 
+@settings(max_examples=25, deadline=None)
+@given(st.lists(st.text(min_size=1, max_size=60), min_size=1, max_size=6), st.integers(5, 40))
+def test_shard_stream_decodes_to_the_documents(tiny_tokenizer, tmp_path_factory, texts, shard_tokens):
+    out = tmp_path_factory.mktemp("roundtrip")
+    data.tokenize_to_shards({"train": texts}, "r", tiny_tokenizer, str(out), processes=1, shard_tokens=shard_tokens)
+    stream = data.DataLoader(str(out / "r" / "r_train_*.bin"), 1, 1)
+    decoded = Tokenizer.load(tiny_tokenizer).decode(stream.tokens(0, stream.total).tolist())
+    assert decoded == "".join("<|endoftext|>" + t for t in texts)
+
+
 def test_one_and_two_processes_write_identical_shards(tiny_tokenizer, tmp_path):
     for processes in (1, 2):
         data.tokenize_to_shards({"train": DOCS * 4}, f"p{processes}", tiny_tokenizer, str(tmp_path), processes)
