@@ -213,6 +213,7 @@ def promised_size_and_sha256(response):
 
 
 def sha256_of(path):
+    """Hex sha256 of a file, read 1 MB at a time."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -597,6 +598,7 @@ def duplicate_ngram_char_fraction(words, n, total_chars):
 
 
 def gopher_repetition_filter(doc):
+    """Drop documents that repeat lines or word sequences more than human writing does."""
     lines = [line for line in doc["text"].split("\n") if line.strip()]
     dup_lines, dup_chars = duplicate_lines(lines)
     if dup_lines / len(lines) > MAX_DUPLICATE_LINE_FRACTION:
@@ -626,6 +628,7 @@ MIN_STOP_WORDS = 2
 
 
 def gopher_quality_filter(doc):
+    """Drop documents whose length, word shapes and symbols do not look like human prose."""
     words = doc["text"].split()
     if not MIN_WORDS <= len(words) <= MAX_WORDS:
         return f"{len(words)} words (allowed {MIN_WORDS}..{MAX_WORDS})"
@@ -643,7 +646,7 @@ def gopher_quality_filter(doc):
     if sum(bool(WORD.search(w)) for w in words) / len(words) < MIN_ALPHA_WORD_FRACTION:
         return "too few words contain a letter"
     if len(GOPHER_STOP_WORDS & {w.lower() for w in words}) < MIN_STOP_WORDS:
-        return "no English stop words (the, of, and...)"
+        return f"fewer than {MIN_STOP_WORDS} of the stop words {sorted(GOPHER_STOP_WORDS)}"
     return None
 
 
@@ -673,6 +676,7 @@ class MinHashDeduplicator:
         self.clusters = collections.defaultdict(list)  # name of a kept document -> names of its dropped copies
 
     def signature(self, text):
+        """NUM_HASHES minima, one per hash function, over the hashes of the word 5-grams of `text`."""
         words = text.lower().split()
         shingles = {" ".join(words[i:i + SHINGLE_WORDS]) for i in range(max(1, len(words) - SHINGLE_WORDS + 1))}
         x = np.array([zlib.crc32(s.encode()) for s in shingles], dtype=np.uint64)
@@ -715,6 +719,7 @@ POLICY_PHRASES = ("terms of use", "privacy policy", "cookie policy", "uses cooki
 
 
 def c4_line_is_prose(line):
+    """A line C4 keeps: ends like a sentence, has a few words, no giant "word", no JavaScript/policy boilerplate."""
     lower = line.lower()
     return (line.endswith(TERMINAL_PUNCTUATION)
             and len(line.split()) >= MIN_LINE_WORDS
@@ -724,6 +729,7 @@ def c4_line_is_prose(line):
 
 
 def c4_filter(doc):
+    """Keep only the sentence-like lines; drop the page if it is code, placeholder text, or too little is left."""
     if "lorem ipsum" in doc["text"].lower():
         return "placeholder text (lorem ipsum)"
     if "{" in doc["text"]:
@@ -766,12 +772,14 @@ PII_PATTERNS = (  # order matters: an e-mail or an IP contains digits a phone pa
 
 
 def redact_pii(text):
+    """The text with every PII_PATTERNS match replaced by its placeholder."""
     for placeholder, pattern in PII_PATTERNS:
         text = pattern.sub(placeholder, text)
     return text
 
 
 def pii_filter(doc):
+    """Never drops: replaces e-mail addresses, IP addresses, ID numbers and phone numbers by placeholders."""
     doc["text"] = redact_pii(doc["text"])
     return None
 
@@ -836,6 +844,7 @@ def new_stats(filters):
 
 
 def print_funnel(stats, n_kept, first_rows):
+    """The funnel table, then the first kept rows as a dataset viewer would show them."""
     print(f"{'filter':<18} {'in':>7} {'removed':>8} {'kept':>7} {'edited':>7}  example of a removal")
     for name, s in stats.items():
         print(f"{name:<18} {s['in']:>7} {s['removed']:>8} {s['in'] - s['removed']:>7} {s['edited']:>7}  "
@@ -883,6 +892,7 @@ DEFAULT_SHARD_TOKENS = 100_000_000  # ~200 MB per shard, as in llm.c's FineWeb s
 
 
 def write_shard(path, tokens):
+    """One .bin shard, atomically: header, then the tokens as uint16."""
     header = np.zeros(HEADER_INTS, dtype=np.int32)
     header[:3] = SHARD_MAGIC, SHARD_VERSION, len(tokens)
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
@@ -946,6 +956,7 @@ def write_shards(texts, tok, out_dir, name, split, processes=None, shard_tokens=
 
 
 def shard_pattern(name, split, shards_dir=SHARDS_DIR):
+    """The glob of one split's shards, as DataLoader takes it."""
     return os.path.join(shards_dir, name, f"{name}_{split}_*.bin")
 
 
@@ -979,6 +990,7 @@ class DataLoader:
 
     @property
     def step_tokens(self):
+        """Tokens consumed by one step of all ranks together."""
         return self.world * self.B * self.T
 
     def tokens(self, start, n):
@@ -992,6 +1004,7 @@ class DataLoader:
         return np.concatenate(parts).astype(np.int64)
 
     def next_batch(self):
+        """(x, y), int64 tensors of shape (B, T): y[b, t] is the token that follows x[b, t]."""
         B, T = self.B, self.T
         buf = torch.from_numpy(self.tokens(self.pos + self.rank * B * T, B * T + 1))
         x, y = buf[:-1].view(B, T), buf[1:].view(B, T)
@@ -1001,9 +1014,11 @@ class DataLoader:
         return x, y
 
     def state_dict(self):
+        """Where the next step starts: all a checkpoint needs to resume exactly."""
         return {"pos": self.pos, "epoch": self.epoch}
 
     def load_state_dict(self, state):
+        """Continue from a state_dict() (taken on a loader over the same shards)."""
         if not 0 <= state.get("pos", -1) < self.total:
             raise DataError(f"DataLoader: resume position {state.get('pos')} is outside the "
                             f"{self.total}-token stream (were the shards rebuilt?)")
@@ -1023,6 +1038,7 @@ def prepare_tokenizer(path=TOKENIZER_PATH, vocab_size=DEFAULT_VOCAB_SIZE):
 
 
 def load_tokenizer(path):
+    """Tokenizer.load, with a missing or corrupt file reported as a user mistake."""
     try:
         return Tokenizer.load(path)
     except ValueError as e:  # missing or corrupt file; the tokenizer's message names it
@@ -1052,6 +1068,7 @@ def tokenize_to_shards(splits, name, tokenizer_path, shards_dir, processes=None,
 
 
 def shards_are_current(name, tokenizer_path, shards_dir):
+    """True if the shard set is complete and was made by this very tokenizer file."""
     meta_path = os.path.join(shards_dir, name, "meta.json")
     if not os.path.exists(meta_path):
         return False
@@ -1081,6 +1098,7 @@ def show_token_stream(pattern, tokenizer_path, n=48):
 
 
 def text_of(doc):
+    """A document's text; raw HTML cannot be tokenized before the extraction filter has run."""
     if "html" in doc:
         raise DataError(f"{doc['file_path']}: HTML pages go through `python data.py process` first (it "
                         "extracts the text); tokenize its kept.jsonl")
@@ -1088,6 +1106,7 @@ def text_of(doc):
 
 
 def tokenize_command(args):
+    """`python data.py tokenize`: shards of the embedded corpus or of --input files, then a look at them."""
     tokenizer_path = prepare_tokenizer(args.tokenizer)
     if args.input:
         texts = map(text_of, read_documents(expand_inputs(args.input)))
