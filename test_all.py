@@ -11,14 +11,21 @@ import json
 import os
 import subprocess
 import sys
+import threading
+import urllib.error
+import urllib.request
 
 import pytest
 import regex
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import chat
 import data
 import tokenizer
+import torch
+import train_gpt
+from chat import Engine, run_code
 from tokenizer import SPECIAL_TOKENS, Tokenizer, render_conversation, render_for_completion
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -278,3 +285,264 @@ def test_cli_bad_input_is_one_clear_line(tmp_path, setup, args, problem):
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and problem in lines[0] and "Traceback" not in result.stderr
+
+
+# ====================================================================================================
+# chat.py
+
+
+def test_code_tool_answers_the_lecture_examples():
+    """SPEC X6/K4-K6: Emily's oranges, counting dots, every third letter."""
+    assert run_code("(869 - 177*4) / 23") == "7.0"
+    assert run_code("'.....'.count('.')") == "5"
+    assert run_code("'ubiquitous'[::3]") == "uqts"
+    assert run_code("'strawberry'.count('r')") == "3"
+    assert run_code("12345678 * 87654321") == str(12345678 * 87654321)
+    assert run_code("9.11 > 9.9") == "False"
+    assert run_code("'Hello World'.lower().split()") == "['hello', 'world']"
+
+
+HOSTILE_INPUTS = [
+    "__import__('os').system('ls')", "().__class__.__bases__[0].__subclasses__()", "(1).__add__(2)",
+    "open('/etc/passwd').read()", "eval('1+1')", "exec('x=1')", "globals()", "locals()", "getattr(1, 'real')",
+    "lambda: 1", "(lambda x: x)(1)", "[x for x in range(10)]", "{x: 1 for x in 'ab'}", "{1, 2}", "{'a': 1}",
+    "(x for x in 'ab')", "f'{1+1}'", "x", "print(1)", "9 ** 9 ** 9", "2 ** 100000", "10 ** 10 ** 10",
+    "'a' * 10 ** 9", "[0] * 10 ** 8", "'ab'.replace('', 'x' * 60000)", "-" * 60 + "1", "[" * 100 + "]" * 100, "len(" * 60 + "'a'" + ")" * 60,
+    "round(10 ** 100, -10 ** 9)", "int('9' * 5000)", "1 / 0", "'abc'[10]", "'a'.format(1)", "'a'.join(['b'])",
+    "(yield 1)", "a := 1", "[*'abc']", "'%s' % 'x'", "1 if True else 2", "'x'.__len__()", "", "1 +", "1; 2",
+    "import os", "sqrt(-1)", "max()", "int(float('inf'))", "'a' < 1", "len(5)", "1 < 0 < __import__('os')",
+    "0 and open('x')",
+]
+
+
+@pytest.mark.parametrize("src", HOSTILE_INPUTS)
+def test_code_tool_refuses_hostile_input_with_an_error_string(src):
+    assert run_code(src).startswith("Error:")
+
+
+SAFE_PARTS = ["1", "2.5", "'ab'", "len('abc')", "(3 - 1)", "'xyz'[1:]"]
+FORBIDDEN_PARTS = ["__import__('os')", "().__class__", "(lambda: 0)()", "[c for c in 'ab']", "open('f')", "q",
+                   "9 ** 9 ** 9", "'a' * 10 ** 9", "(1).real", "f'{1}'", "{1: 2}", "eval('1')", "2 ** 99999"]
+
+
+@given(st.lists(st.sampled_from(SAFE_PARTS), max_size=3), st.sampled_from(FORBIDDEN_PARTS),
+       st.sampled_from([" + ", " * ", " - ", ", "]), st.sampled_from(["{}", "len({})", "({})", "[{}][0]"]))
+def test_code_tool_refuses_any_expression_with_a_forbidden_part(safe, forbidden, op, wrapper):
+    parts = safe + [forbidden]
+    src = wrapper.format(op.join(parts)) if op != ", " else f"max({', '.join(parts)})"
+    result = run_code(src)
+    assert isinstance(result, str) and result.startswith("Error:"), (src, result)
+
+
+def tiny_model(vocab_size, seq_len=64, seed=0):
+    """A random small GPT whose weights are scaled up so that its greedy choices are well separated."""
+    torch.manual_seed(seed)
+    config = train_gpt.GPTConfig(vocab_size=vocab_size, seq_len=seq_len, n_layer=2, n_embd=32, n_head=4, n_kv_head=2)
+    model = train_gpt.GPT(config)
+    torch.nn.init.normal_(model.lm_head.weight, std=1.0)
+    for block in model.blocks:
+        torch.nn.init.normal_(block.attn.proj.weight, std=0.2)
+        torch.nn.init.normal_(block.mlp.proj.weight, std=0.2)
+    return model.eval()
+
+
+class ScriptedModel(torch.nn.Module):
+    """Stands in for a trained model: the k-th token it generates after the prompt is script[k] (then
+    <|im_end|> forever), with certainty. It moves the KV cache's position like a real model. Where the
+    engine forces tokens (tool outputs) the script must hold them too; the engine ignores those guesses."""
+
+    def __init__(self, tok, text, seq_len=256):
+        super().__init__()
+        self.config = train_gpt.GPTConfig(vocab_size=tok.vocab_size, seq_len=seq_len)
+        self.script = tok.encode(text, allowed_special="all")
+        self.end = tok.special_id("<|im_end|>")
+        self.anchor = torch.nn.Parameter(torch.zeros(1))  # the engine asks the parameters for device/dtype
+
+    def forward(self, idx, targets=None, kv_cache=None):
+        if kv_cache.pos == 0:  # the prefill: remember where the prompt ends
+            self.prompt_width = idx.size(1)
+        k = kv_cache.pos + idx.size(1) - self.prompt_width
+        kv_cache.pos += idx.size(1)
+        logits = torch.full((*idx.shape, self.config.vocab_size), -30.0)
+        logits[:, :, self.script[k] if k < len(self.script) else self.end] = 30.0
+        return logits, None
+
+
+def byte_tok():
+    return Tokenizer([])  # no merges: every byte its own token, the specials after them
+
+
+def test_engine_kv_cache_equals_recompute_and_batches_equal_single_runs():
+    tok = byte_tok()
+    model = tiny_model(tok.vocab_size)
+    engine = Engine(model, tok)
+    prompts = [list(b"Hello there, model"), list(b"Hi"), list(b"A longer prompt of many bytes")]
+
+    def recompute(prompt, steps):  # the naive loop: the whole sequence through the model every step
+        seq, out = list(prompt), []
+        for _ in range(steps):
+            token = model(torch.tensor([seq]))[0][0, -1].argmax().item()
+            out.append(token)
+            seq.append(token)
+            if token in engine.end_ids:
+                break
+        return out
+
+    batched = engine.generate(prompts, n=2, max_tokens=25, temperature=0)
+    assert [c.prompt_index for c in batched] == [0, 0, 1, 1, 2, 2]
+    for completion in batched:
+        prompt = prompts[completion.prompt_index]
+        alone = engine.generate(prompt, n=1, max_tokens=25, temperature=0)[0]
+        assert completion.tokens == alone.tokens == recompute(prompt, 25)
+        assert completion.finish in ("stop", "length") and set(completion.sampled) == {1}
+
+
+def test_engine_sampling_is_reproducible_by_seed():
+    tok = byte_tok()
+    engine = Engine(tiny_model(tok.vocab_size), tok)
+    first = engine.generate([list(b"abc")], n=4, max_tokens=12, temperature=1.0, seed=7)
+    again = engine.generate([list(b"abc")], n=4, max_tokens=12, temperature=1.0, seed=7)
+    other = engine.generate([list(b"abc")], n=4, max_tokens=12, temperature=1.0, seed=8)
+    assert [c.tokens for c in first] == [c.tokens for c in again]
+    assert [c.tokens for c in first] != [c.tokens for c in other]
+    assert len({tuple(c.tokens) for c in first}) > 1  # n samples of one prompt differ from each other
+
+
+def test_engine_tool_call_inserts_the_output_and_masks_it():
+    tok = byte_tok()
+    reply = "Let me count.<|code_start|>'.....'.count('.')<|code_end|>"
+    engine = Engine(ScriptedModel(tok, reply + "<|output_start|>?<|output_end|> There are 5.<|im_end|>"), tok)
+    prompt = render_for_completion(tok, [{"role": "user", "content": "how many dots are here? ....."}])
+    completion = engine.generate(prompt, max_tokens=100, temperature=0)[0]
+    assert completion.finish == "stop"
+    text = tok.decode(completion.tokens)  # the engine's "5" replaced the script's "?"
+    assert text == reply + "<|output_start|>5<|output_end|> There are 5.<|im_end|>"
+    forced = tok.decode([t for t, s in zip(completion.tokens, completion.sampled) if not s])
+    assert forced == "<|output_start|>5<|output_end|>"
+    events = list(engine.stream(prompt, max_tokens=100, temperature=0))
+    assert {"type": "tool_call", "tool": "code", "query": "'.....'.count('.')"} in events
+    assert {"type": "tool_result", "text": "5"} in events
+    assert "".join(e["text"] for e in events if e["type"] == "text") == "Let me count. There are 5."
+    # and the history renders back to exactly the tokens the model saw, with the output masked
+    ids, mask = render_conversation(tok, [{"role": "user", "content": "q"},
+                                          {"role": "assistant", "content": chat.assistant_content(tok, completion)}])
+    assert tok.decode(ids).endswith(text)
+
+
+def test_search_tool_finds_the_passage_and_the_engine_pastes_it(tmp_path):
+    (tmp_path / "zebra.txt").write_text("The zebra is a striped horse of Africa.\n\nIt lives on the plains.")
+    (tmp_path / "other.md").write_text("Paris is the capital of France. The Eiffel tower stands there.")
+    search = chat.Search(str(tmp_path))
+    assert search.query("where does the zebra live", k=1)[0]["source"] == "zebra.txt"
+    assert search.query("Eiffel tower", k=1)[0]["source"] == "other.md"
+    assert search.query("xylophone") == []
+    tok = byte_tok()
+    engine = Engine(ScriptedModel(tok, "<|search_start|>Eiffel tower<|search_end|>", seq_len=400), tok, search=search)
+    prompt = render_for_completion(tok, [{"role": "user", "content": "What stands in Paris?"}])
+    results = [e for e in engine.stream(prompt, max_tokens=400, temperature=0) if e["type"] == "tool_result"]
+    assert results and "[other.md] Paris is the capital" in results[0]["text"]
+
+
+def test_split_valid_utf8_waits_for_the_rest_of_a_character():
+    data = "é世".encode()
+    assert chat.split_valid_utf8(data[:3]) == ("é", data[2:3])
+    assert chat.split_valid_utf8(data) == ("é世", b"")
+    assert chat.split_valid_utf8(b"\xff\xfeab")[0].endswith("ab")
+
+
+@pytest.fixture
+def api_server():
+    """The web server on a free port, with a scripted model that answers "Hi! 2+2 = 4"."""
+    tok = byte_tok()
+    engine = Engine(ScriptedModel(tok, "Hi! 2+2 = 4<|im_end|>", seq_len=256), tok)
+    cfg = chat.ChatConfig(host="127.0.0.1", port=0)
+    server = chat.make_server(engine, cfg)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_port}"
+    server.shutdown()
+    server.server_close()
+
+
+def post(url, body, headers=None):
+    request = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def test_api_answers_the_openai_client_stream_and_not(api_server):
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=api_server + "/v1", api_key="unused")
+    messages = [{"role": "user", "content": "What is 2+2?"}]
+    answer = client.chat.completions.create(model="scratchgpt", messages=messages, max_tokens=50, temperature=0)
+    assert answer.choices[0].message.content == "Hi! 2+2 = 4" and answer.choices[0].finish_reason == "stop"
+    pieces = client.chat.completions.create(model="scratchgpt", messages=messages, stream=True, seed=3)
+    assert "".join(c.choices[0].delta.content or "" for c in pieces) == "Hi! 2+2 = 4"
+    stopped = client.chat.completions.create(model="scratchgpt", messages=messages, stop=["2+2"])
+    assert stopped.choices[0].message.content == "Hi! " and stopped.choices[0].finish_reason == "stop"
+    short = client.chat.completions.create(model="scratchgpt", messages=messages, max_tokens=2)
+    assert short.choices[0].message.content == "Hi" and short.choices[0].finish_reason == "length"
+    assert [m.id for m in client.models.list().data] == ["scratchgpt"]
+
+
+@pytest.mark.parametrize("body, problem", [
+    (b"{not json", "not valid JSON"),
+    (json.dumps({"messages": []}).encode(), "'messages' must be a list"),
+    (json.dumps({"messages": [{"role": "robot", "content": "x"}]}).encode(), "unknown role"),
+    (json.dumps({"messages": [{"role": "user", "content": "x"}], "temperature": 9}).encode(), "'temperature'"),
+    (json.dumps({"messages": [{"role": "user", "content": "x"}], "max_tokens": "many"}).encode(), "'max_tokens'"),
+    (json.dumps({"messages": [{"role": "user", "content": "x" * 500}]}).encode(), "context window"),
+    (json.dumps({"messages": [{"role": "user", "content": "x"}], "stop": [1]}).encode(), "'stop'"),
+])
+def test_api_rejects_bad_requests_with_a_json_400(api_server, body, problem):
+    status, reply = post(api_server + "/v1/chat/completions", body)
+    assert status == 400 and problem in reply["error"]["message"]
+
+
+def test_api_health_models_and_several_clients_at_once(api_server):
+    with urllib.request.urlopen(api_server + "/health", timeout=10) as response:
+        assert json.loads(response.read()) == {"status": "ok"}
+    body = json.dumps({"messages": [{"role": "user", "content": "hi"}]}).encode()
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(post(api_server + "/v1/chat/completions", body)))
+               for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert [status for status, _ in results] == [200] * 6
+    assert {r["choices"][0]["message"]["content"] for _, r in results} == {"Hi! 2+2 = 4"}
+
+
+def chromium_binary():
+    return next((p for p in ("/usr/bin/chromium", "/usr/bin/chromium-browser") if os.path.exists(p)), None)
+
+
+def test_web_page_in_headless_chromium_shows_the_streamed_answer(api_server, tmp_path):
+    """End to end: the browser loads the page, the page sends a question through its own UI code (the
+    ?q= link), reads the streamed reply and puts it on the page."""
+    binary = chromium_binary()
+    if binary is None:
+        if os.environ.get("CI"):
+            pytest.fail("CI must install Debian's chromium for this test (.ci/run does)")
+        pytest.skip("chromium is not installed (apt-get install chromium)")
+    result = subprocess.run([binary, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+                             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                             f"--user-data-dir={tmp_path}",
+                             "--virtual-time-budget=20000", "--dump-dom", api_server + "/?q=What%20is%202%2B2%3F"],
+                            capture_output=True, text=True, timeout=120)
+    assert 'class="user">What is 2+2?</div>' in result.stdout, result.stderr[-2000:]
+    assert 'class="assistant" data-done="1">Hi! 2+2 = 4</div>' in result.stdout, result.stdout[-2000:]
+
+
+def test_chat_cli_without_a_checkpoint_says_what_to_run(tmp_path):
+    result = run_cli(os.path.join(HERE, "chat.py"), "-p", "hello", cwd=tmp_path)
+    assert result.returncode == 2 and "no chat checkpoint under out/ yet: run python sft.py" in result.stderr
+    broken = tmp_path / "broken.pt"
+    broken.write_bytes(b"not a checkpoint")
+    result = run_cli(os.path.join(HERE, "chat.py"), "--checkpoint", str(broken), "-p", "hi", cwd=tmp_path)
+    assert result.returncode == 2 and "not a readable scratchgpt checkpoint" in result.stderr
+    assert "Traceback" not in result.stderr

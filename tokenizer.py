@@ -339,9 +339,14 @@ class Tokenizer:
             raise ValueError(f"cannot read tokenizer {path}: {e.strerror}") from None
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ValueError(f"tokenizer {path} is corrupt or truncated (not valid JSON: {e})") from None
+        return cls.from_json(data, source=f"tokenizer {path}")
+
+    @classmethod
+    def from_json(cls, data, source="tokenizer"):
+        """The inverse of to_json(), checked (checkpoints embed the same object)."""
         problem = _tokenizer_json_problem(data)
         if problem:
-            raise ValueError(f"tokenizer {path} is not a valid {TOKENIZER_FORMAT} file: {problem}")
+            raise ValueError(f"{source} is not a valid {TOKENIZER_FORMAT} file: {problem}")
         names = sorted(data["special_tokens"], key=data["special_tokens"].get)
         return cls(data["merges"], data["pattern"], names)
 

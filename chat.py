@@ -1,0 +1,1007 @@
+"""
+chat.py -- talking to the model: the inference engine, its tools, and the ways people reach it.
+
+Chatting is pure inference. The weights are frozen; the only thing that changes is the context window, a
+token sequence in the protocol of tokenizer.py. The engine renders the conversation, lets the model
+continue it after `<|im_start|>assistant<|im_sep|>` one sampled token at a time (keeping every earlier
+token's keys and values in a KV cache, so each new token costs one small forward pass), and stops at
+`<|im_end|>`.
+
+Tools. A model cannot count the dots in "....." (a handful of tokens) or multiply big numbers in one
+token's worth of compute, and it cannot know what it never read. So it learned (in sft.py) to write
+`<|code_start|>expr<|code_end|>` or `<|search_start|>query<|search_end|>`; when the engine sees the
+closing token it pauses, runs the tool, pastes the answer in as `<|output_start|>result<|output_end|>`,
+and lets the model go on, now with the answer in its working memory. The code tool here is a small,
+bounded expression language interpreted from Python's syntax tree -- never `eval` -- and the search tool
+ranks passages of a local folder with BM25.
+"""
+import ast
+import http.server
+import json
+import math
+import operator
+import os
+import re
+import threading
+import time
+import uuid
+from collections import Counter, defaultdict, deque
+from dataclasses import dataclass, field
+
+import torch
+
+from tokenizer import TOOL_CALLS, TOOL_OUTPUT, render_conversation, render_for_completion, render_tokens, use_colour
+from train_gpt import KVCache, UserError, load_checkpoint, opt, parse_config, run_cli, sample_next
+
+# ====================================================================================================
+# The code tool: a safe evaluator for small Python expressions
+# ====================================================================================================
+
+# Bounds. A model's tool call is untrusted input: whatever it writes must finish fast, in little memory.
+MAX_SOURCE_CHARS = 2000     # the expression itself
+MAX_DEPTH = 40              # nesting of the syntax tree
+MAX_STEPS = 10_000          # evaluated nodes
+MAX_SECONDS = 0.5           # wall time
+MAX_INT_BITS = 4096         # about 1,233 decimal digits
+MAX_STR_CHARS = 100_000     # any string value
+MAX_ITEMS = 10_000          # any list/tuple value
+MAX_EXPONENT = 10_000
+
+BINARY_OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
+              ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod, ast.Pow: operator.pow}
+UNARY_OPS = {ast.USub: operator.neg, ast.UAdd: operator.pos, ast.Not: operator.not_}
+COMPARE_OPS = {ast.Eq: operator.eq, ast.NotEq: operator.ne, ast.Lt: operator.lt, ast.LtE: operator.le,
+               ast.Gt: operator.gt, ast.GtE: operator.ge, ast.In: lambda a, b: a in b,
+               ast.NotIn: lambda a, b: a not in b}
+def bounded_round(number, digits=0):
+    """round(), but with few digits: round(x, -10**9) would compute 10**(10**9) first."""
+    if not isinstance(digits, int) or abs(digits) > 100:
+        raise ToolError("round() takes at most 100 digits")
+    return round(number, digits)
+
+
+FUNCTIONS = {"len": len, "abs": abs, "round": bounded_round, "min": min, "max": max, "sum": sum, "int": int,
+             "float": float, "str": str, "sqrt": math.sqrt}
+STRING_METHODS = {"count", "upper", "lower", "replace", "split", "strip", "find", "startswith", "endswith"}
+
+
+class ToolError(Exception):
+    """Anything the code tool refuses or fails at; its message goes back to the model as text."""
+
+
+class SafeEvaluator:
+    """Walks the syntax tree of one expression, node by node, allowing only what is listed above. Every
+    value is checked against the bounds before it can grow: `"a" * 10**9` is refused before the string
+    exists, `9 ** 9 ** 9` before the power is computed."""
+
+    def __init__(self):
+        self.steps = 0
+        self.deadline = time.monotonic() + MAX_SECONDS
+
+    def eval(self, node, depth=0):
+        self.steps += 1
+        if self.steps > MAX_STEPS or time.monotonic() > self.deadline:
+            raise ToolError("the expression takes too long")
+        if depth > MAX_DEPTH:
+            raise ToolError("the expression is nested too deeply")
+        handler = getattr(self, "eval_" + type(node).__name__, None)
+        if handler is None:
+            raise ToolError(f"{type(node).__name__} is not allowed")
+        return check_size(handler(node, depth + 1))
+
+    def eval_Expression(self, node, depth):
+        return self.eval(node.body, depth)
+
+    def eval_Constant(self, node, depth):
+        if isinstance(node.value, (bool, int, float, str)):
+            return node.value
+        raise ToolError(f"constant {node.value!r} is not allowed")
+
+    def eval_Name(self, node, depth):
+        raise ToolError(f"unknown name {node.id!r}: there are no variables, write the values in")
+
+    def eval_List(self, node, depth):
+        return [self.eval(item, depth) for item in node.elts]
+
+    def eval_Tuple(self, node, depth):
+        return tuple(self.eval(item, depth) for item in node.elts)
+
+    def eval_UnaryOp(self, node, depth):
+        if type(node.op) not in UNARY_OPS:
+            raise ToolError(f"operator {type(node.op).__name__} is not allowed")
+        return UNARY_OPS[type(node.op)](self.eval(node.operand, depth))
+
+    def eval_BinOp(self, node, depth):
+        if type(node.op) not in BINARY_OPS:
+            raise ToolError(f"operator {type(node.op).__name__} is not allowed")
+        left, right = self.eval(node.left, depth), self.eval(node.right, depth)
+        check_binary_cost(node.op, left, right)
+        return BINARY_OPS[type(node.op)](left, right)
+
+    def eval_BoolOp(self, node, depth):
+        value = self.eval(node.values[0], depth)
+        for item in node.values[1:]:
+            if isinstance(node.op, ast.And) != bool(value):  # `and` stops at falsy, `or` at truthy
+                return value
+            value = self.eval(item, depth)
+        return value
+
+    def eval_Compare(self, node, depth):
+        left = self.eval(node.left, depth)
+        for op, right_node in zip(node.ops, node.comparators):
+            if type(op) not in COMPARE_OPS:
+                raise ToolError(f"comparison {type(op).__name__} is not allowed")
+            right = self.eval(right_node, depth)
+            if not COMPARE_OPS[type(op)](left, right):
+                return False
+            left = right
+        return True
+
+    def eval_Subscript(self, node, depth):
+        value = self.eval(node.value, depth)
+        if not isinstance(value, (str, list, tuple)):
+            raise ToolError(f"cannot index a {type(value).__name__}")
+        return value[self.eval(node.slice, depth)]
+
+    def eval_Slice(self, node, depth):
+        parts = [None if part is None else self.eval(part, depth) for part in (node.lower, node.upper, node.step)]
+        if not all(part is None or isinstance(part, int) for part in parts):
+            raise ToolError("slice bounds must be whole numbers")
+        return slice(*parts)
+
+    def eval_Call(self, node, depth):
+        if node.keywords:
+            raise ToolError("keyword arguments are not allowed")
+        args = [self.eval(arg, depth) for arg in node.args]
+        if isinstance(node.func, ast.Name) and node.func.id in FUNCTIONS:
+            return FUNCTIONS[node.func.id](*args)
+        if isinstance(node.func, ast.Attribute) and node.func.attr in STRING_METHODS:
+            target = self.eval(node.func.value, depth)
+            if not isinstance(target, str):
+                raise ToolError(f".{node.func.attr}() only works on strings here")
+            if node.func.attr == "replace" and len(args) == 2 and isinstance(args[1], str):
+                growth = len(args[1]) * (target.count(args[0]) if args[0] else len(target) + 1)
+                if len(target) + growth > MAX_STR_CHARS:
+                    raise ToolError("the string would be too long")
+            return getattr(target, node.func.attr)(*args)
+        name = node.func.id if isinstance(node.func, ast.Name) else getattr(node.func, "attr", "?")
+        raise ToolError(f"function {name}() is not available; allowed: {', '.join(sorted(FUNCTIONS))} and "
+                        f"string methods {', '.join(sorted(STRING_METHODS))}")
+
+
+ALLOWED_NODES = (ast.Expression, ast.Constant, ast.List, ast.Tuple, ast.UnaryOp, ast.BinOp, ast.BoolOp,
+                 ast.Compare, ast.Subscript, ast.Slice, ast.Call, ast.Attribute, ast.Name, ast.Load,
+                 ast.operator, ast.unaryop, ast.cmpop, ast.boolop)
+
+
+def check_constructs(tree):
+    """Refuse the whole expression up front if any part of it is outside the language, even a part
+    that evaluation would never reach (`1 < 0 < __import__('os')`)."""
+    for node in ast.walk(tree):
+        if not isinstance(node, ALLOWED_NODES):
+            raise ToolError(f"{type(node).__name__} is not allowed")
+        if isinstance(node, ast.Name) and node.id not in FUNCTIONS:
+            raise ToolError(f"unknown name {node.id!r}: there are no variables, write the values in")
+        if isinstance(node, ast.Attribute) and node.attr not in STRING_METHODS:
+            raise ToolError(f"attribute .{node.attr} is not allowed")
+
+
+def check_binary_cost(op, left, right):
+    """Refuse an operation whose result would be too big, before computing it."""
+    if isinstance(op, ast.Mod) and isinstance(left, str):  # '%0*d' % (10**9, 1) is a gigabyte of zeros
+        raise ToolError("string formatting with % is not allowed")
+    if isinstance(op, ast.Pow) and isinstance(left, int) and isinstance(right, int):
+        if right > MAX_EXPONENT or (abs(left) > 1 and right * abs(left).bit_length() > MAX_INT_BITS):
+            raise ToolError("the power is too large")
+    if isinstance(op, ast.Mult):
+        sequence, count = (left, right) if isinstance(left, (str, list, tuple)) else (right, left)
+        if isinstance(sequence, (str, list, tuple)) and isinstance(count, int):
+            if len(sequence) * max(count, 0) > MAX_STR_CHARS:
+                raise ToolError("the repeated string or list would be too long")
+        elif isinstance(left, int) and isinstance(right, int):
+            if left.bit_length() + right.bit_length() > MAX_INT_BITS:
+                raise ToolError("the product is too large")
+
+
+def check_size(value):
+    if isinstance(value, bool) or value is None:
+        return value
+    if isinstance(value, int) and value.bit_length() > MAX_INT_BITS:
+        raise ToolError("the number is too large")
+    if isinstance(value, str) and len(value) > MAX_STR_CHARS:
+        raise ToolError("the string is too long")
+    if isinstance(value, (list, tuple)) and len(value) > MAX_ITEMS:
+        raise ToolError("the list is too long")
+    return value
+
+
+def run_code(src):
+    """The code tool: evaluate one small expression, return its value as text, or "Error: ..." -- never
+    raise, whatever the model wrote. Strings come back without quotes ('ubiquitous'[::3] -> uqts)."""
+    try:
+        if not isinstance(src, str) or len(src) > MAX_SOURCE_CHARS:
+            raise ToolError(f"the expression must be a string of at most {MAX_SOURCE_CHARS} characters")
+        tree = ast.parse(src.strip(), mode="eval")
+        check_constructs(tree)
+        value = SafeEvaluator().eval(tree)
+        return value if isinstance(value, str) else repr(value)
+    except ToolError as e:
+        return f"Error: {e}"
+    except SyntaxError as e:
+        return f"Error: not a valid expression ({e.msg})"
+    except (RecursionError, MemoryError):
+        return "Error: the expression is nested too deeply"
+    except Exception as e:  # ZeroDivisionError, OverflowError, TypeError, ValueError, IndexError, ...
+        return f"Error: {type(e).__name__}: {e}"
+
+
+# ====================================================================================================
+# The search tool: BM25 over passages of a local folder
+# ====================================================================================================
+
+WORD = re.compile(r"[a-z0-9]+")
+
+
+def words_of(text):
+    return WORD.findall(text.lower())
+
+
+def split_passages(text, target_words=120):
+    """Cut a document into passages of about `target_words` words along paragraph breaks, so a search hit
+    is a readable snippet rather than a whole play."""
+    passages, current, size = [], [], 0
+    for paragraph in re.split(r"\n\s*\n", text):
+        paragraph = paragraph.strip()
+        if not paragraph:
+            continue
+        current.append(paragraph)
+        size += len(paragraph.split())
+        if size >= target_words:
+            passages.append("\n".join(current))
+            current, size = [], 0
+    if current:
+        passages.append("\n".join(current))
+    return passages
+
+
+class Search:
+    """BM25, the classic ranking function of search engines: a passage scores for each query word it
+    contains, more for rare words (inverse document frequency) and with diminishing returns for repeats
+    (k1), normalised for passage length (b)."""
+
+    def __init__(self, folder=None, k1=1.5, b=0.75):
+        self.k1, self.b = k1, b
+        self.passages = []  # (source, text)
+        for source, text in documents_in(folder):
+            self.passages += [(source, passage) for passage in split_passages(text)]
+        self.postings = defaultdict(list)  # word -> [(passage index, count in passage)]
+        self.lengths = []
+        for i, (_, text) in enumerate(self.passages):
+            counts = Counter(words_of(text))
+            self.lengths.append(sum(counts.values()))
+            for word, count in counts.items():
+                self.postings[word].append((i, count))
+        self.mean_length = sum(self.lengths) / max(1, len(self.lengths))
+
+    def idf(self, word):
+        df = len(self.postings.get(word, ()))
+        return math.log(1 + (len(self.passages) - df + 0.5) / (df + 0.5))
+
+    def query(self, q, k=3):
+        """The k best passages for query q: a list of dicts with source, text and score."""
+        scores = defaultdict(float)
+        for word in set(words_of(q)):
+            idf = self.idf(word)
+            for i, count in self.postings.get(word, ()):
+                norm = self.k1 * (1 - self.b + self.b * self.lengths[i] / self.mean_length)
+                scores[i] += idf * count * (self.k1 + 1) / (count + norm)
+        best = sorted(scores.items(), key=lambda item: (-item[1], item[0]))[:k]
+        return [{"source": self.passages[i][0], "text": self.passages[i][1], "score": score} for i, score in best]
+
+
+def documents_in(folder):
+    """(source, text) pairs: the .txt/.md files of a folder, or the embedded corpus when folder is None."""
+    if folder is None:
+        import data
+        for split in data.EMBEDDED_SPLITS:
+            for n, text in enumerate(data.embedded_documents(split)):
+                yield f"embedded-{split}-{n}", text
+        return
+    if not os.path.isdir(folder):
+        raise ValueError(f"search folder {folder} does not exist")
+    for name in sorted(os.listdir(folder)):
+        if name.endswith((".txt", ".md")):
+            with open(os.path.join(folder, name), encoding="utf-8", errors="replace") as f:
+                yield name, f.read()
+
+
+def format_search_results(results, max_chars=600):
+    """What the engine pastes into the context: the snippets, each cut to max_chars."""
+    if not results:
+        return "No results."
+    return "\n\n".join(f"[{r['source']}] {r['text'][:max_chars]}" for r in results)
+
+
+# ====================================================================================================
+# The engine: batched KV-cache sampling with a tool-call state machine
+# ====================================================================================================
+
+MAX_TOOL_OUTPUT_TOKENS = 128  # a tool's answer is cut to this many tokens before it enters the context
+
+
+@dataclass
+class Completion:
+    """One sampled continuation. `sampled[i]` is 1 where the model chose tokens[i] and 0 where the engine
+    forced it (tool outputs): RL must only credit or blame the model for its own choices."""
+    prompt_index: int
+    tokens: list = field(default_factory=list)
+    sampled: list = field(default_factory=list)
+    finish: str = ""  # "stop": an end token; "length": max_tokens or the context window ran out
+
+
+class Row:
+    """The state of one row of the batch: what it generated, and whether it is inside a tool call."""
+
+    def __init__(self, prompt_index):
+        self.out = Completion(prompt_index)
+        self.forced = deque()  # tokens the engine will feed next instead of sampling (a tool's answer)
+        self.tool = None  # the end token of the tool call being written, or None
+        self.tool_tokens = []
+        self.events = deque()  # tool calls and results, for stream()
+
+    @property
+    def done(self):
+        return bool(self.out.finish)
+
+
+class Engine:
+    """Generation for every stage that samples: chat, SFT evaluation, RL rollouts, RLHF."""
+
+    def __init__(self, model, tokenizer, search=None):
+        self.model, self.tok = model, tokenizer
+        self.search = search  # a Search; built on the first search call if None
+        self.end_ids = {tokenizer.special_id("<|im_end|>"), tokenizer.special_id("<|endoftext|>")}
+        self.call_ends = {tokenizer.special_id(a): tokenizer.special_id(b) for a, b in TOOL_CALLS.items()}
+        self.tool_names = {tokenizer.special_id(end): end.strip("<|>").removesuffix("_end")  # -> "code"
+                           for end in TOOL_CALLS.values()}
+        self.output_ids = [tokenizer.special_id(name) for name in TOOL_OUTPUT]
+
+    # -- tools -------------------------------------------------------------------------------------
+
+    def run_tool(self, end_id, query):
+        """Run the tool whose call just closed; return its answer as text."""
+        if end_id == self.tok.special_id("<|code_end|>"):
+            return run_code(query)
+        if self.search is None:
+            self.search = Search()
+        return format_search_results(self.search.query(query, k=1))
+
+    def observe(self, row, token, sampled):
+        """Advance a row's state machine by one token; return what the token is: "text", "call" (part of
+        a tool call), "output" (forced tool answer) or "end"."""
+        if not sampled:
+            return "output"
+        if row.tool is not None and token == row.tool:  # a call closed: pause, run it, force the answer
+            query = self.tok.decode(row.tool_tokens)
+            result = self.run_tool(token, query)
+            answer = self.tok.encode_ordinary(result)[:MAX_TOOL_OUTPUT_TOKENS]
+            row.forced.extend([self.output_ids[0], *answer, self.output_ids[1]])
+            row.events.append({"type": "tool_call", "tool": self.tool_names[token], "query": query})
+            row.events.append({"type": "tool_result", "text": self.tok.decode(answer)})
+            row.tool = None
+            return "call"
+        if row.tool is not None:
+            row.tool_tokens.append(token)
+            return "call"
+        if token in self.call_ends:
+            row.tool, row.tool_tokens = self.call_ends[token], []
+            return "call"
+        if token in self.end_ids:
+            row.out.finish = "stop"
+            return "end"
+        return "text"
+
+    # -- the decoding loop -------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def steps(self, prompts, n=1, max_tokens=256, temperature=1.0, top_k=None, top_p=None, seed=None):
+        """Decode n samples of every prompt at once; row r belongs to prompt r // n. The prompts are
+        prefilled once each (left-padded to a common length), their KV caches copied n times, and then all
+        rows advance together, one token per step. Yields after every step (rows, events), events being
+        (row index, token, kind) for the rows that produced a token (kind: see `observe`)."""
+        prompts = [list(p) for p in prompts]
+        capacity = self.model.config.seq_len
+        for i, prompt in enumerate(prompts):
+            if not prompt or len(prompt) >= capacity:
+                raise ValueError(f"prompt {i} has {len(prompt)} tokens; it must have 1 to {capacity - 1} "
+                                 f"to leave room in the context window of {capacity}")
+        weights = next(self.model.parameters())
+        generator = torch.Generator(device=weights.device)
+        generator.manual_seed(seed if seed is not None else torch.seed())
+        width = max(map(len, prompts))
+        pads = [width - len(p) for p in prompts]
+        batch = torch.tensor([[0] * pad + p for pad, p in zip(pads, prompts)], device=weights.device)
+        cache = KVCache(self.model.config, len(prompts), weights.device, weights.dtype,
+                        pad=pads if any(pads) else None)
+        logits = self.model(batch, kv_cache=cache)[0][:, -1]
+        cache.repeat_rows(n)
+        logits = logits.repeat_interleave(n, dim=0)
+        rows = [Row(i // n) for i in range(len(prompts) * n)]
+        idle_token = min(self.end_ids)  # what finished rows are fed, to keep the batch rectangular
+        while True:
+            choices = sample_next(logits, temperature, top_k, top_p, generator)[:, 0].tolist()
+            feed, events = [], []
+            for r, (row, choice) in enumerate(zip(rows, choices)):
+                if row.done:
+                    feed.append(idle_token)
+                    continue
+                sampled = not row.forced
+                token = choice if sampled else row.forced.popleft()
+                row.out.tokens.append(token)
+                row.out.sampled.append(int(sampled))
+                events.append((r, token, self.observe(row, token, sampled)))
+                if not row.done and len(row.out.tokens) >= max_tokens:
+                    row.out.finish = "length"
+                feed.append(token)
+            if not any(row.done for row in rows) and cache.pos >= capacity:
+                for row in rows:  # the context window is full
+                    row.out.finish = row.out.finish or "length"
+            yield rows, events
+            if all(row.done for row in rows):
+                return
+            logits = self.model(torch.tensor(feed, device=weights.device)[:, None], kv_cache=cache)[0][:, -1]
+
+    def generate(self, prompts, n=1, max_tokens=256, temperature=1.0, top_k=None, top_p=None, seed=None):
+        """-> a list of Completion, prompt-major (the n samples of prompt 0 first). `prompts`: a list of
+        token-id lists, or one such list."""
+        if prompts and isinstance(prompts[0], int):
+            prompts = [prompts]
+        rows = []
+        for rows, _ in self.steps(prompts, n, max_tokens, temperature, top_k, top_p, seed):
+            pass
+        return [row.out for row in rows]
+
+    def stream(self, prompt, max_tokens=256, temperature=1.0, top_k=None, top_p=None, seed=None):
+        """One sample, as events the moment they are known: {"type": "text", "text"} as soon as the bytes
+        form valid UTF-8; {"type": "tool_call", "tool", "query"} and {"type": "tool_result", "text"} when
+        a tool runs; finally {"type": "end", "finish", "completion"}."""
+        pending = b""  # bytes of a character split across tokens, waiting for the rest
+        for rows, events in self.steps([prompt], 1, max_tokens, temperature, top_k, top_p, seed):
+            row = rows[0]
+            for _, token, kind in events:
+                if kind == "text":
+                    pending += self.tok.decode_bytes([token])
+                    text, pending = split_valid_utf8(pending)
+                    if text:
+                        yield {"type": "text", "text": text}
+                while row.events:
+                    yield row.events.popleft()
+            if row.done:
+                if pending:
+                    yield {"type": "text", "text": pending.decode("utf-8", errors="replace")}
+                yield {"type": "end", "finish": row.out.finish, "completion": row.out}
+                return
+
+
+def split_valid_utf8(data):
+    """-> (decoded text, leftover bytes): decode as much as forms whole characters. Up to 3 trailing bytes
+    of an unfinished character wait for the next token; anything else invalid becomes U+FFFD."""
+    for cut in range(len(data), max(-1, len(data) - 4), -1):
+        try:
+            return data[:cut].decode("utf-8"), data[cut:]
+        except UnicodeDecodeError:
+            continue
+    return data.decode("utf-8", errors="replace"), b""
+
+
+# ====================================================================================================
+# Checkpoints and conversations
+# ====================================================================================================
+
+CHAT_STAGES = ("rlhf", "rl", "sft")  # newest stage first: the best-trained assistant wins
+SYSTEM_MESSAGE = ("You are scratchgpt, a small assistant trained from scratch by the scratchgpt project. "
+                  "You answer briefly, use tools for arithmetic and counting, and say so when you do not know.")
+
+
+def find_checkpoint(explicit, base, out_dir="out"):
+    """The checkpoint to load: --checkpoint if given; else out/base for --base; else the latest of
+    rlhf -> rl -> sft that exists."""
+    if explicit:
+        return explicit
+    stages = ("base",) if base else CHAT_STAGES
+    for stage in stages:
+        path = os.path.join(out_dir, stage, "model.pt")
+        if os.path.exists(path):
+            return path
+    first = "python train_gpt.py" if base else "python sft.py (after python train_gpt.py), or bash run.sh"
+    raise UserError(f"no {'base' if base else 'chat'} checkpoint under {out_dir}/ yet: run {first} first")
+
+
+def assistant_content(tok, completion):
+    """A reply as the conversation stores it: text with the tool markup kept, so that rendering the
+    history again reproduces exactly the tokens the model saw (the closing <|im_end|> is dropped)."""
+    tokens = completion.tokens[:-1] if completion.finish == "stop" else completion.tokens
+    return tok.decode(tokens)
+
+
+def fit_history(tok, messages, room, capacity):
+    """Drop the oldest user/assistant exchanges (never the system message) until the prompt plus `room`
+    tokens for the reply fit the context window. Returns (messages, how many were dropped)."""
+    messages, dropped = list(messages), 0
+    keep = 1 if messages and messages[0]["role"] == "system" else 0
+    while len(render_for_completion(tok, messages)) + room > capacity and len(messages) - keep > 1:
+        del messages[keep:keep + 2]
+        dropped += 2
+    return messages, dropped
+
+
+# ====================================================================================================
+# Command line: chat, one-shot answers, base-model completion
+# ====================================================================================================
+
+@dataclass
+class ChatConfig:
+    checkpoint: str = opt("", "checkpoint file or stage folder (default: latest of out/rlhf, out/rl, out/sft)")
+    prompt: str = opt("", "answer this one question and exit (-p)")
+    base: str = opt("", "base-model mode: continue this text like a document")
+    n: int = opt(1, "with --base: how many samples of the same prompt (-n)")
+    probs: bool = opt(False, "with --base: print the top next-token probabilities at every step")
+    system: str = opt(SYSTEM_MESSAGE, "the system message at the top of every conversation ('' for none)")
+    temperature: float = opt(0.7, "sampling temperature (0 = greedy)")
+    top_k: int = opt(50, "sample only among the k likeliest tokens (0 = all)")
+    top_p: float = opt(1.0, "sample only among the likeliest tokens that cover this probability mass")
+    max_tokens: int = opt(200, "the most tokens one reply may have")
+    seed: int = opt(-1, "random seed (-1 = a fresh one every time)")
+    search_folder: str = opt("", "folder of .txt/.md files for the search tool (default: the embedded corpus)")
+    web: bool = opt(False, "serve the web chat and the OpenAI-compatible API instead of the terminal chat")
+    host: str = opt("127.0.0.1", "with --web: address to listen on")
+    port: int = opt(8000, "with --web: port")
+
+
+def sampling_args(cfg, seed=None):
+    return dict(temperature=cfg.temperature, top_k=cfg.top_k or None, top_p=cfg.top_p if cfg.top_p < 1 else None,
+                seed=seed if seed is not None else (cfg.seed if cfg.seed >= 0 else None))
+
+
+class Terminal:
+    """Printing for the terminal chat: streamed text, tool calls made visible, dim when colour works."""
+
+    def __init__(self):
+        self.colour = use_colour()
+
+    def dim(self, text):
+        return f"\x1b[2m{text}\x1b[0m" if self.colour else text
+
+    def show(self, event):
+        if event["type"] == "text":
+            print(event["text"], end="", flush=True)
+        elif event["type"] == "tool_call":
+            verb = "Analyzed" if event["tool"] == "code" else "Searching"
+            print(self.dim(f"\n[{verb}: {event['query']}]"), end="", flush=True)
+        elif event["type"] == "tool_result":
+            print(self.dim(f" [Result: {event['text']}]\n"), end="", flush=True)
+
+
+def reply(engine, messages, cfg, out, seed=None):
+    """Sample one assistant turn for `messages`, streaming it to the terminal; returns the Completion."""
+    prompt = render_for_completion(engine.tok, messages)
+    completion = None
+    for event in engine.stream(prompt, cfg.max_tokens, **sampling_args(cfg, seed)):
+        out.show(event)
+        if event["type"] == "end":
+            completion = event["completion"]
+    print()
+    if completion.finish == "length":
+        print(out.dim(f"[stopped: reached {cfg.max_tokens} tokens or the end of the context window]"))
+    return completion
+
+
+HELP = ("commands: /clear (new conversation)  /system TEXT  /temp X  /tokens (show the rendered protocol)  "
+        "/resample (a new answer to the last question)  /quit")
+
+
+def chat_loop(engine, cfg):
+    """The terminal chat: the conversation so far lives in the context window, nowhere else."""
+    out = Terminal()
+    system = cfg.system
+    messages = [{"role": "system", "content": system}] if system else []
+    print(HELP)
+    while True:
+        try:
+            line = input("\nyou> ").strip()
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return
+        if not line:
+            continue
+        if line.startswith("/"):
+            command, _, arg = line.partition(" ")
+            if command == "/quit":
+                return
+            if command == "/clear":
+                messages = [{"role": "system", "content": system}] if system else []
+            elif command == "/system":
+                system = arg.strip()
+                messages = ([{"role": "system", "content": system}] if system else []) + \
+                    [m for m in messages if m["role"] != "system"]
+            elif command == "/temp":
+                try:
+                    cfg.temperature = float(arg)
+                except ValueError:
+                    print("usage: /temp 0.7")
+            elif command == "/tokens":
+                if messages:
+                    ids, _ = render_conversation(engine.tok, messages)
+                    print(render_tokens(engine.tok, ids, colour=out.colour))
+                    print(ids)
+                    print(f"Token count {len(ids)}")
+            elif command == "/resample" and messages and messages[-1]["role"] == "assistant":
+                messages.pop()
+                print("assistant> ", end="")
+                completion = reply(engine, messages, cfg, out, seed=int(time.time() * 1000) % 2**31)
+                messages.append({"role": "assistant", "content": assistant_content(engine.tok, completion)})
+            else:
+                print(HELP)
+            continue
+        try:
+            candidate = messages + [{"role": "user", "content": line}]
+            candidate, dropped = fit_history(engine.tok, candidate, cfg.max_tokens, engine.model.config.seq_len)
+            render_for_completion(engine.tok, candidate)
+        except ValueError as e:
+            print(f"(cannot send that: {e})")
+            continue
+        if dropped:
+            print(out.dim(f"[the oldest {dropped} messages no longer fit the context window and were dropped]"))
+        messages = candidate
+        print("assistant> ", end="")
+        completion = reply(engine, messages, cfg, out)
+        messages.append({"role": "assistant", "content": assistant_content(engine.tok, completion)})
+
+
+@torch.no_grad()
+def trace_probabilities(model, tok, prompt, steps, cfg, top=5):
+    """The lecture's autoregressive trace: at every step, the model's top next-token probabilities and
+    the token the biased coin picked, appended before the next step."""
+    weights = next(model.parameters())
+    generator = torch.Generator(device=weights.device)
+    generator.manual_seed(cfg.seed if cfg.seed >= 0 else torch.seed())
+    cache = KVCache(model.config, 1, weights.device, weights.dtype)
+    logits = model(torch.tensor([prompt], device=weights.device), kv_cache=cache)[0][:, -1]
+    for step in range(min(steps, model.config.seq_len - len(prompt))):
+        probs = logits.softmax(dim=-1)[0]
+        best = probs.topk(top)
+        choice = sample_next(logits, cfg.temperature, cfg.top_k or None, None, generator)
+        table = "  ".join(f"{tok.token_text(i)!r} {p:.0%}" for p, i in zip(best.values.tolist(), best.indices.tolist()))
+        print(f"step {step:3d}: {table}  -> picked {tok.token_text(choice.item())!r} (id {choice.item()})")
+        if choice.item() in (tok.special_id("<|endoftext|>"),):
+            return
+        logits = model(choice, kv_cache=cache)[0][:, -1]
+
+
+def base_mode(model, tok, cfg):
+    """The base model is a document simulator: it continues text, differently on every sample."""
+    prompt = tok.encode_ordinary(cfg.base)
+    capacity = model.config.seq_len
+    if len(prompt) >= capacity:
+        print(f"[the prompt has {len(prompt)} tokens; keeping its last {capacity // 2} to fit the context window]")
+        prompt = prompt[-(capacity // 2):]
+    if cfg.probs:
+        trace_probabilities(model, tok, prompt, cfg.max_tokens, cfg)
+        return
+    engine = Engine(model, tok)
+    for k, completion in enumerate(engine.generate(prompt, cfg.n, cfg.max_tokens, **sampling_args(cfg))):
+        print(f"--- sample {k + 1} of {cfg.n} ---")
+        print(cfg.base + tok.decode(completion.tokens).replace("<|endoftext|>", ""))
+
+
+# ====================================================================================================
+# The web: a one-page chat and an OpenAI-compatible API, on the standard library's threaded HTTP server
+# ====================================================================================================
+
+MAX_BODY_BYTES = 1 << 20
+MAX_MESSAGES = 200
+MAX_STOP_STRINGS = 4
+
+
+class BadRequest(Exception):
+    """A request the API refuses with 400 and a JSON error naming the problem."""
+
+
+def field_of(body, name, kind, default, low=None, high=None):
+    """One validated field of a request body."""
+    value = body.get(name, default)
+    if value is None:
+        return default
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+        raise BadRequest(f"'{name}' must be a {kind.__name__}")
+    if (low is not None and value < low) or (high is not None and value > high):
+        raise BadRequest(f"'{name}' must be between {low} and {high}")
+    return value
+
+
+class ChatService:
+    """The model behind the API: validates requests, renders them, and streams completions. One
+    generation at a time (a lock): concurrent clients are served in turn."""
+
+    def __init__(self, engine, name, defaults):
+        self.engine, self.name, self.defaults = engine, name, defaults
+        self.lock = threading.Lock()
+
+    def parse(self, body):
+        """A /v1/chat/completions body -> (prompt ids, sampling kwargs, max_tokens, stop strings, stream)."""
+        if not isinstance(body, dict):
+            raise BadRequest("the body must be a JSON object")
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not 0 < len(messages) <= MAX_MESSAGES:
+            raise BadRequest(f"'messages' must be a list of 1 to {MAX_MESSAGES} messages")
+        messages = [{"role": m.get("role"), "content": m.get("content")} if isinstance(m, dict) else m
+                    for m in messages]
+        try:
+            prompt = render_for_completion(self.engine.tok, messages)
+        except ValueError as e:
+            raise BadRequest(str(e)) from None
+        capacity = self.engine.model.config.seq_len
+        if len(prompt) >= capacity:
+            raise BadRequest(f"the messages take {len(prompt)} tokens; the context window holds {capacity}")
+        max_tokens = field_of(body, "max_tokens", int, self.defaults.max_tokens, 1, capacity)
+        stop = body.get("stop") or []
+        stop = [stop] if isinstance(stop, str) else stop
+        if not isinstance(stop, list) or len(stop) > MAX_STOP_STRINGS or not all(isinstance(x, str) and x for x in stop):
+            raise BadRequest(f"'stop' must be a string or a list of at most {MAX_STOP_STRINGS} non-empty strings")
+        sampling = dict(temperature=field_of(body, "temperature", float, self.defaults.temperature, 0.0, 2.0),
+                        top_p=field_of(body, "top_p", float, 1.0, 0.0, 1.0),
+                        seed=field_of(body, "seed", int, None, 0, 2**63 - 1),
+                        top_k=self.defaults.top_k or None)
+        sampling["top_p"] = sampling["top_p"] if sampling["top_p"] < 1 else None
+        return prompt, sampling, max_tokens, stop, field_of(body, "stream", bool, False)
+
+    def pieces(self, prompt, sampling, max_tokens, stop):
+        """Yield (text, finish, completion tokens) pieces of the reply, finish and count only on the last.
+        The text keeps the tool markup, so a client that sends the reply back in the history gets exactly
+        the same tokens rendered. Text that might be the start of a stop string is held back until it
+        is clear whether the stop string completes."""
+        text, sent = "", 0
+        with self.lock:
+            for event in self.engine.stream(prompt, max_tokens, **sampling):
+                if event["type"] == "end":
+                    yield text[sent:], event["finish"], len(event["completion"].tokens)
+                    return
+                text += event_text(event)
+                hit = min((text.find(s) for s in stop if s in text), default=-1)
+                if hit >= 0:
+                    yield text[sent:hit], "stop", len(self.engine.tok.encode(text[:hit], allowed_special="all"))
+                    return
+                safe = len(text) - max((k for s in stop for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+                if safe > sent:
+                    yield text[sent:safe], None, None
+                    sent = safe
+
+
+def event_text(event):
+    """A stream event as reply text: words as they are, tool calls and results in the protocol's markup."""
+    if event["type"] == "text":
+        return event["text"]
+    if event["type"] == "tool_call":
+        return f"<|{event['tool']}_start|>{event['query']}<|{event['tool']}_end|>"
+    return f"{TOOL_OUTPUT[0]}{event['text']}{TOOL_OUTPUT[1]}"
+
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    service = None  # set by serve()
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, format, *args):  # one short line per request instead of the default
+        print(f"{self.address_string()} {format % args}")
+
+    def send_json(self, status, obj):
+        data = json.dumps(obj).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def send_error_json(self, status, message):
+        self.send_json(status, {"error": {"message": message, "type": "invalid_request_error"}})
+
+    def do_GET(self):
+        if self.path == "/health":
+            return self.send_json(200, {"status": "ok"})
+        if self.path == "/v1/models":
+            return self.send_json(200, {"object": "list", "data": [
+                {"id": self.service.name, "object": "model", "created": 0, "owned_by": "scratchgpt"}]})
+        if self.path == "/" or self.path.startswith("/?"):
+            page = WEB_PAGE.replace("{SYSTEM}", json.dumps(self.service.defaults.system)).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html; charset=utf-8")
+            self.send_header("Content-Length", str(len(page)))
+            self.end_headers()
+            return self.wfile.write(page)
+        self.send_error_json(404, f"no such path {self.path}")
+
+    def do_POST(self):
+        if self.path != "/v1/chat/completions":
+            return self.send_error_json(404, f"no such path {self.path}")
+        try:
+            length = int(self.headers.get("Content-Length") or -1)
+            if not 0 < length <= MAX_BODY_BYTES:
+                self.close_connection = True  # the unread body must not be taken for the next request
+                raise BadRequest(f"the body must be 1 to {MAX_BODY_BYTES} bytes with a Content-Length")
+            try:
+                body = json.loads(self.rfile.read(length))
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise BadRequest(f"the body is not valid JSON: {e}") from None
+            prompt, sampling, max_tokens, stop, stream = self.service.parse(body)
+        except BadRequest as e:
+            return self.send_error_json(400, str(e))
+        meta = {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "created": int(time.time()), "model": self.service.name}
+        pieces = self.service.pieces(prompt, sampling, max_tokens, stop)
+        if stream:
+            return self.stream_reply(meta, pieces)
+        content, finish, used = "", None, 0
+        for text, finish, used in pieces:
+            content += text
+        self.send_json(200, {**meta, "object": "chat.completion", "choices": [
+            {"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": finish}],
+            "usage": {"prompt_tokens": len(prompt), "completion_tokens": used,
+                      "total_tokens": len(prompt) + used}})
+
+    def stream_reply(self, meta, pieces):
+        """Server-sent events, one chunk per piece of text, as OpenAI's API streams."""
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Cache-Control", "no-cache")
+        self.send_header("Connection", "close")
+        self.end_headers()
+        self.close_connection = True
+
+        def send(delta, finish=None):
+            chunk = {**meta, "object": "chat.completion.chunk",
+                     "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+            self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
+            self.wfile.flush()
+
+        try:
+            send({"role": "assistant", "content": ""})
+            for text, finish, _ in pieces:
+                if text:
+                    send({"content": text})
+                if finish:
+                    send({}, finish)
+            self.wfile.write(b"data: [DONE]\n\n")
+            self.wfile.flush()
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the client went away; the generator is closed and the lock released
+
+
+def make_server(engine, cfg, name="scratchgpt"):
+    """A threaded HTTP server (not yet serving) bound to cfg.host:cfg.port (port 0 = any free port)."""
+    handler = type("BoundHandler", (Handler,), {"service": ChatService(engine, name, cfg)})
+    server = http.server.ThreadingHTTPServer((cfg.host, cfg.port), handler)
+    server.daemon_threads = True
+    return server
+
+
+def serve(cfg):
+    path = find_checkpoint(cfg.checkpoint, False)
+    model, tok, _ = load_checkpoint(path)
+    model.eval()
+    engine = Engine(model, tok, Search(cfg.search_folder) if cfg.search_folder else None)
+    server = make_server(engine, cfg, name=os.path.basename(os.path.dirname(os.path.abspath(path))) or "scratchgpt")
+    print(f"serving {path} on http://{cfg.host}:{server.server_port}/ (chat page) and /v1/chat/completions")
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+
+
+WEB_PAGE = r"""<!doctype html>
+<html><head><meta charset="utf-8"><title>scratchgpt</title>
+<style>
+ body { font: 15px/1.5 system-ui, sans-serif; max-width: 760px; margin: 2em auto; padding: 0 1em; color: #222; }
+ #log div { white-space: pre-wrap; margin: .6em 0; padding: .5em .8em; border-radius: 8px; }
+ .user { background: #eef3ff; } .assistant { background: #f4f4f4; }
+ .tool { color: #777; font-family: ui-monospace, monospace; font-size: 13px; }
+ textarea, input { width: 100%; box-sizing: border-box; font: inherit; }
+ button { margin: .4em .4em 0 0; }
+</style></head>
+<body>
+<h2>scratchgpt</h2>
+<label>System message <input id="system"></label>
+<div id="log"></div>
+<textarea id="input" rows="3" placeholder="Ask something; Enter sends, Shift+Enter is a new line"></textarea>
+<button id="send">Send</button><button id="regen">Regenerate</button><button id="clear">Clear</button>
+<script>
+const systemBox = document.getElementById("system"), log = document.getElementById("log");
+const input = document.getElementById("input");
+systemBox.value = {SYSTEM};
+let messages = [];
+
+// Tool markup in a reply becomes a readable note: what was run, and what it answered.
+function pretty(text) {
+  return text
+    .replace(/<\|code_start\|>([\s\S]*?)(<\|code_end\|>|$)/g, "\n[Analyzed: $1]")
+    .replace(/<\|search_start\|>([\s\S]*?)(<\|search_end\|>|$)/g, "\n[Searching: $1]")
+    .replace(/<\|output_start\|>([\s\S]*?)(<\|output_end\|>|$)/g, " [Result: $1]\n");
+}
+
+function bubble(role, text) {
+  const div = document.createElement("div");
+  div.className = role;
+  div.textContent = role === "assistant" ? pretty(text) : text;
+  log.appendChild(div);
+  return div;
+}
+
+async function complete() {
+  const history = (systemBox.value ? [{role: "system", content: systemBox.value}] : []).concat(messages);
+  const div = bubble("assistant", "");
+  let reply = "";
+  const response = await fetch("/v1/chat/completions", {method: "POST",
+    headers: {"Content-Type": "application/json"}, body: JSON.stringify({messages: history, stream: true})});
+  if (!response.ok) { div.textContent = "error: " + (await response.json()).error.message; return; }
+  const reader = response.body.getReader(), decoder = new TextDecoder();
+  let buffer = "";
+  for (;;) {
+    const {done, value} = await reader.read();
+    if (done) break;
+    buffer += decoder.decode(value, {stream: true});
+    const events = buffer.split("\n\n");
+    buffer = events.pop();
+    for (const event of events) {
+      const data = event.replace(/^data: /, "");
+      if (data === "[DONE]") continue;
+      reply += JSON.parse(data).choices[0].delta.content || "";
+      div.textContent = pretty(reply);
+    }
+  }
+  div.dataset.done = "1";
+  messages.push({role: "assistant", content: reply});
+}
+
+function send() {
+  const text = input.value.trim();
+  if (!text) return;
+  input.value = "";
+  messages.push({role: "user", content: text});
+  bubble("user", text);
+  complete();
+}
+
+document.getElementById("send").onclick = send;
+input.onkeydown = e => { if (e.key === "Enter" && !e.shiftKey) { e.preventDefault(); send(); } };
+document.getElementById("regen").onclick = () => {
+  if (messages.length && messages[messages.length - 1].role === "assistant") {
+    messages.pop(); log.removeChild(log.lastChild); complete();
+  }
+};
+document.getElementById("clear").onclick = () => { messages = []; log.textContent = ""; };
+// ?q=... fills the box and sends it: a link that opens the page with a question already asked
+const q = new URLSearchParams(location.search).get("q");
+if (q) { input.value = q; send(); }
+</script>
+</body></html>
+"""
+
+
+def main(argv):
+    cfg = parse_config(ChatConfig, argv, prog="chat.py", description=__doc__, aliases={"prompt": "-p", "n": "-n"})
+    if cfg.web:
+        return serve(cfg)
+    model, tok, _ = load_checkpoint(find_checkpoint(cfg.checkpoint, bool(cfg.base)))
+    model.eval()
+    if cfg.base:
+        return base_mode(model, tok, cfg)
+    engine = Engine(model, tok, Search(cfg.search_folder or None) if cfg.search_folder else None)
+    if cfg.prompt:
+        messages = ([{"role": "system", "content": cfg.system}] if cfg.system else []) + \
+            [{"role": "user", "content": cfg.prompt}]
+        reply(engine, messages, cfg, Terminal())
+        return
+    chat_loop(engine, cfg)
+
+
+if __name__ == "__main__":
+    run_cli(main)
