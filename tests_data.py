@@ -232,6 +232,18 @@ def test_extract_text_keeps_the_article_and_drops_the_furniture():
     assert data.extract_text(empty) == "no text left after removing the markup"
 
 
+WORDS = st.text("abcdefghij klmnop", min_size=1, max_size=40).map(str.strip).filter(bool)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(WORDS, min_size=1, max_size=5), WORDS, st.sampled_from(sorted(data.SKIP_TAGS - {"head"})))
+def test_extract_text_keeps_paragraphs_and_never_leaks_skipped_elements(paragraphs, hidden, tag):
+    page = "".join(f"<p>{p}</p><{tag}><div>SECRET {hidden}</div></{tag}>" for p in paragraphs)
+    d = {"html": f"<html><body>{page}</body></html>", "file_path": "p"}
+    data.extract_text(d)
+    assert d["text"].split("\n") == [" ".join(p.split()) for p in paragraphs]
+
+
 def test_language_filter_keeps_english_and_stores_its_score():
     d = doc(PROSE)
     assert data.language_filter(d) is None
