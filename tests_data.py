@@ -198,16 +198,16 @@ GERMAN = ("Der Fluss entspringt in den Hügeln nördlich der Stadt und fließt e
           "dreht noch immer ihr Rad für die Besucher, die sehen wollen, wie man früher Mehl gemacht hat.")
 
 
-def doc(text, **extra):
+def text_doc(text, **extra):
     return {"text": text, "id": "test", "file_path": "test", **extra}
 
 
 def test_url_filter():
     blocklist = {"bad-casino.example"}
-    assert data.url_filter(doc(PROSE, url="https://www.bad-casino.example/win"), blocklist)
-    assert data.url_filter(doc(PROSE, url="https://example.org/free-porn-videos"), blocklist)
-    assert data.url_filter(doc(PROSE, url="https://library.example.org/rivers"), blocklist) is None
-    assert data.url_filter(doc(PROSE), blocklist) is None  # a local document has no URL to judge
+    assert data.url_filter(text_doc(PROSE, url="https://www.bad-casino.example/win"), blocklist)
+    assert data.url_filter(text_doc(PROSE, url="https://example.org/free-porn-videos"), blocklist)
+    assert data.url_filter(text_doc(PROSE, url="https://library.example.org/rivers"), blocklist) is None
+    assert data.url_filter(text_doc(PROSE), blocklist) is None  # a local document has no URL to judge
 
 
 def test_shipped_blocklist_loads_and_blocks():
@@ -232,11 +232,11 @@ def test_extract_text_keeps_the_article_and_drops_the_furniture():
     assert data.extract_text(empty) == "no text left after removing the markup"
 
 
-WORDS = st.text("abcdefghij klmnop", min_size=1, max_size=40).map(str.strip).filter(bool)
+HTML_WORDS = st.text("abcdefghij klmnop", min_size=1, max_size=40).map(str.strip).filter(bool)
 
 
 @settings(max_examples=40, deadline=None)
-@given(st.lists(WORDS, min_size=1, max_size=5), WORDS, st.sampled_from(sorted(data.SKIP_TAGS - {"head"})))
+@given(st.lists(HTML_WORDS, min_size=1, max_size=5), HTML_WORDS, st.sampled_from(sorted(data.SKIP_TAGS - {"head"})))
 def test_extract_text_keeps_paragraphs_and_never_leaks_skipped_elements(paragraphs, hidden, tag):
     page = "".join(f"<p>{p}</p><{tag}><div>SECRET {hidden}</div></{tag}>" for p in paragraphs)
     d = {"html": f"<html><body>{page}</body></html>", "file_path": "p"}
@@ -245,54 +245,54 @@ def test_extract_text_keeps_paragraphs_and_never_leaks_skipped_elements(paragrap
 
 
 def test_language_filter_keeps_english_and_stores_its_score():
-    d = doc(PROSE)
+    d = text_doc(PROSE)
     assert data.language_filter(d) is None
     assert d["language"] == "en" and d["language_score"] >= data.MIN_ENGLISH_SCORE
 
 
 @pytest.mark.parametrize("text, language", [(FRENCH, "fr"), (GERMAN, "de")])
 def test_language_filter_drops_other_languages(text, language):
-    d = doc(text)
+    d = text_doc(text)
     assert data.language_filter(d) is not None
     assert d["language"] == language
 
 
 def test_language_filter_drops_english_words_that_are_not_prose():
-    d = doc("#summer #beach #travel #family #dog #sunset #ocean #holiday #vacation #fun #happy #love " * 5
+    d = text_doc("#summer #beach #travel #family #dog #sunset #ocean #holiday #vacation #fun #happy #love " * 5
             + "the beach")
     assert data.language_filter(d) is not None and d["language_score"] < data.MIN_ENGLISH_SCORE
 
 
 def test_gopher_repetition_filter():
-    assert data.gopher_repetition_filter(doc(PROSE)) is None
-    assert "lines are repeats" in data.gopher_repetition_filter(doc(PROSE + "\nBuy cheap watches now.\n" * 5))
+    assert data.gopher_repetition_filter(text_doc(PROSE)) is None
+    assert "lines are repeats" in data.gopher_repetition_filter(text_doc(PROSE + "\nBuy cheap watches now.\n" * 5))
     spam = " ".join(["cheap watches best price"] * 30)  # one line, so only the n-gram rules can catch it
-    assert "gram" in data.gopher_repetition_filter(doc(spam))
+    assert "gram" in data.gopher_repetition_filter(text_doc(spam))
 
 
 def test_gopher_quality_filter():
-    assert data.gopher_quality_filter(doc(PROSE)) is None
-    assert "words" in data.gopher_quality_filter(doc("Home. Shop. Cart. Help."))
-    assert "symbols" in data.gopher_quality_filter(doc(PROSE + " #tag" * 20))
-    assert "ellipsis" in data.gopher_quality_filter(doc("\n".join([PROSE[:120] + "..."] * 5)))
-    assert "stop words" in data.gopher_quality_filter(doc(" ".join(["lorem", "ipsum", "dolor", "amet"] * 20)))
+    assert data.gopher_quality_filter(text_doc(PROSE)) is None
+    assert "words" in data.gopher_quality_filter(text_doc("Home. Shop. Cart. Help."))
+    assert "symbols" in data.gopher_quality_filter(text_doc(PROSE + " #tag" * 20))
+    assert "ellipsis" in data.gopher_quality_filter(text_doc("\n".join([PROSE[:120] + "..."] * 5)))
+    assert "stop words" in data.gopher_quality_filter(text_doc(" ".join(["lorem", "ipsum", "dolor", "amet"] * 20)))
 
 
 def test_c4_filter_keeps_sentences_and_drops_code_and_placeholders():
-    d = doc(f"Home\nMenu | Shop | Cart\n{PROSE}\nClick here to accept our privacy policy.")
+    d = text_doc(f"Home\nMenu | Shop | Cart\n{PROSE}\nClick here to accept our privacy policy.")
     assert data.c4_filter(d) is None
     assert d["text"] == PROSE  # the navigation lines and the policy line are gone
-    assert "lorem" in data.c4_filter(doc(PROSE + "\nLorem ipsum dolor sit amet, consectetur."))
-    assert "curly" in data.c4_filter(doc(PROSE + "\nfunction f() { return 1; }"))
-    assert "sentences" in data.c4_filter(doc("A short page. With two sentences."))
+    assert "lorem" in data.c4_filter(text_doc(PROSE + "\nLorem ipsum dolor sit amet, consectetur."))
+    assert "curly" in data.c4_filter(text_doc(PROSE + "\nfunction f() { return 1; }"))
+    assert "sentences" in data.c4_filter(text_doc("A short page. With two sentences."))
 
 
 def test_exclusion_filter_matches_whole_words_only(tmp_path):
     (tmp_path / "ex.txt").write_text("# topics we leave out\nMill\nold bridge\n")
     pattern = data.exclusion_pattern(data.load_list([str(tmp_path / "ex.txt")], "--exclude"))
-    assert data.exclusion_filter(doc(PROSE), pattern) == "contains the excluded phrase 'mill'"
-    assert data.exclusion_filter(doc("The miller's old bridges."), pattern) is None
-    assert data.exclusion_filter(doc(PROSE), None) is None
+    assert data.exclusion_filter(text_doc(PROSE), pattern) == "contains the excluded phrase 'mill'"
+    assert data.exclusion_filter(text_doc("The miller's old bridges."), pattern) is None
+    assert data.exclusion_filter(text_doc(PROSE), None) is None
 
 
 def shingles(text):
@@ -347,7 +347,7 @@ def test_pii_placeholders_replace_every_planted_item(items):
 
 
 def test_pii_filter_keeps_the_document():
-    d = doc("Write to ada@example.org from 10.0.0.1 or call 555-201-3344.")
+    d = text_doc("Write to ada@example.org from 10.0.0.1 or call 555-201-3344.")
     assert data.pii_filter(d) is None
     assert d["text"] == "Write to <EMAIL> from <IP_ADDRESS> or call <PHONE>."
 
@@ -434,12 +434,12 @@ def test_cli_error_has_no_traceback(tmp_path):
 # ----------------------------------------------------------------------------------------------------
 # Shards and the loader
 
-DOCS = [PROSE, FRENCH, GERMAN, "Short one.", PROSE.upper()]
+SHARD_DOCS = [PROSE, FRENCH, GERMAN, "Short one.", PROSE.upper()]
 
 
 def test_shards_hold_the_documents_each_after_endoftext(tiny_tokenizer, tmp_path):
     tok = Tokenizer.load(tiny_tokenizer)
-    meta = data.tokenize_to_shards({"train": DOCS}, "t", tiny_tokenizer, str(tmp_path), processes=2,
+    meta = data.tokenize_to_shards({"train": SHARD_DOCS}, "t", tiny_tokenizer, str(tmp_path), processes=2,
                                    shard_tokens=300)
     paths = sorted((tmp_path / "t").glob("t_train_*.bin"))
     assert meta["splits"]["train"]["shards"] == len(paths) > 1  # small shards: the stream spans several files
@@ -447,7 +447,7 @@ def test_shards_hold_the_documents_each_after_endoftext(tiny_tokenizer, tmp_path
     assert list(header[:3]) == [20240520, 1, 300] and not header[3:].any()
     stream = np.concatenate([data.read_shard(str(p)) for p in paths]).tolist()
     expected = []
-    for text in DOCS:
+    for text in SHARD_DOCS:
         expected += [tok.special_id("<|endoftext|>")] + tok.encode(text)
     assert stream == expected and meta["splits"]["train"]["tokens"] == len(expected)
 
@@ -464,7 +464,7 @@ def test_shard_stream_decodes_to_the_documents(tiny_tokenizer, tmp_path_factory,
 
 def test_one_and_two_processes_write_identical_shards(tiny_tokenizer, tmp_path):
     for processes in (1, 2):
-        data.tokenize_to_shards({"train": DOCS * 4}, f"p{processes}", tiny_tokenizer, str(tmp_path), processes)
+        data.tokenize_to_shards({"train": SHARD_DOCS * 4}, f"p{processes}", tiny_tokenizer, str(tmp_path), processes)
     one, two = (tmp_path / f"p{p}" / f"p{p}_train_000000.bin" for p in (1, 2))
     assert one.read_bytes() == two.read_bytes()
 
