@@ -535,8 +535,7 @@ FUNCTION_WORDS = {
 }
 # A word on two lists ("de", "in", "die"...) says nothing about which language it is: drop it from all.
 _word_counts = collections.Counter(w for words in FUNCTION_WORDS.values() for w in set(words.split()))
-LANGUAGE_WORDS = {lang: set(words.split()) - {w for w, c in _word_counts.items() if c > 1}
-                  for lang, words in FUNCTION_WORDS.items()}
+LANGUAGE_OF_WORD = {w: lang for lang, words in FUNCTION_WORDS.items() for w in words.split() if _word_counts[w] == 1}
 WORD = re.compile(r"[^\W\d_]+")
 # In running prose about a fifth of the words are on these lists; less means code, lists or another script.
 TYPICAL_FUNCTION_WORD_SHARE = 0.2
@@ -546,7 +545,8 @@ def language_score(text):
     """(language, score in [0, 1]). The score is the share of function words that belong to the winning
     language, scaled down when function words are rarer than in ordinary prose."""
     words = WORD.findall(text.lower())
-    hits = {lang: sum(w in vocab for w in words) for lang, vocab in LANGUAGE_WORDS.items()}
+    hits = collections.Counter(map(LANGUAGE_OF_WORD.get, words))
+    hits.pop(None, None)  # words on no list
     total = sum(hits.values())
     if total == 0:
         return "unknown", 0.0
@@ -580,22 +580,31 @@ def duplicate_lines(lines):
     return n, chars
 
 
-def top_ngram_char_fraction(words, n, total_chars):
-    """Characters covered by the single most frequent n-gram, counted every time it occurs."""
-    counts = collections.Counter(zip(*(words[i:] for i in range(n))))
-    gram, count = counts.most_common(1)[0]
-    return count * sum(map(len, gram)) / total_chars if count > 1 else 0.0
+def ngram_keys(word_ids, n):
+    """One number per n-gram of the text (a polynomial hash of its word ids, wrapping at 2^64), so that
+    counting n-grams is numpy work on integers instead of Python work on tuples of strings."""
+    keys = np.zeros(len(word_ids) - n + 1, dtype=np.uint64)
+    for k in range(n):
+        keys = keys * np.uint64(1_000_003) + word_ids[k:len(keys) + k]
+    return keys
 
 
-def duplicate_ngram_char_fraction(words, n, total_chars):
+def top_ngram_char_fraction(word_ids, word_lens, n, total_chars):
+    """Characters covered by the most frequent n-gram (the longest one among equally frequent ones),
+    counted every time it occurs."""
+    _, first, counts = np.unique(ngram_keys(word_ids, n), return_index=True, return_counts=True)
+    chars = np.convolve(word_lens, np.ones(n, dtype=int), "valid")[first]  # characters of each distinct n-gram
+    top = np.lexsort((chars, counts))[-1]
+    return counts[top] * chars[top] / total_chars if counts[top] > 1 else 0.0
+
+
+def duplicate_ngram_char_fraction(word_ids, word_lens, n, total_chars):
     """Characters of the words that sit inside some n-gram occurring more than once."""
-    grams = list(zip(*(words[i:] for i in range(n))))
-    counts = collections.Counter(grams)
-    covered = np.zeros(len(words), bool)
-    for start, gram in enumerate(grams):
-        if counts[gram] > 1:
-            covered[start:start + n] = True
-    return sum(len(w) for w, c in zip(words, covered) if c) / total_chars
+    _, inverse, counts = np.unique(ngram_keys(word_ids, n), return_inverse=True, return_counts=True)
+    repeated_start = counts[inverse] > 1
+    # word i is covered if a repeated n-gram starts anywhere in i-n+1 .. i
+    covered = np.convolve(repeated_start, np.ones(n, dtype=int))[:len(word_ids)] > 0
+    return word_lens[covered].sum() / total_chars
 
 
 def gopher_repetition_filter(doc):
@@ -607,12 +616,15 @@ def gopher_repetition_filter(doc):
     if dup_chars / len(doc["text"]) > MAX_DUPLICATE_LINE_CHAR_FRACTION:
         return f"{dup_chars / len(doc['text']):.0%} of characters are in repeated lines"
     words = doc["text"].split()
-    total_chars = sum(map(len, words))
+    vocab = {}
+    word_ids = np.array([vocab.setdefault(w, len(vocab)) for w in words], dtype=np.uint64)
+    word_lens = np.array([len(w) for w in words])
+    total_chars = word_lens.sum()
     for n, limit in MAX_TOP_NGRAM_CHAR_FRACTION.items():
-        if len(words) >= n and (frac := top_ngram_char_fraction(words, n, total_chars)) > limit:
+        if len(words) >= n and (frac := top_ngram_char_fraction(word_ids, word_lens, n, total_chars)) > limit:
             return f"the most frequent {n}-gram covers {frac:.0%} of the text"
     for n, limit in MAX_DUPLICATE_NGRAM_CHAR_FRACTION.items():
-        if len(words) >= n and (frac := duplicate_ngram_char_fraction(words, n, total_chars)) > limit:
+        if len(words) >= n and (frac := duplicate_ngram_char_fraction(word_ids, word_lens, n, total_chars)) > limit:
             return f"repeated {n}-grams cover {frac:.0%} of the text"
     return None
 

@@ -1,5 +1,6 @@
 """Tests of data.py: downloads against a local HTTP server, every filter, the funnel, shards, the loader,
 and the one-line errors. To be folded into test_all.py; everything below the imports is self-contained."""
+import collections
 import glob
 import hashlib
 import http.server
@@ -268,6 +269,32 @@ def test_gopher_repetition_filter():
     assert "lines are repeats" in data.gopher_repetition_filter(text_doc(PROSE + "\nBuy cheap watches now.\n" * 5))
     spam = " ".join(["cheap watches best price"] * 30)  # one line, so only the n-gram rules can catch it
     assert "gram" in data.gopher_repetition_filter(text_doc(spam))
+
+
+def repeated_ngram_fractions_by_hand(words, n):
+    """The Gopher n-gram statistics the slow, obvious way: tuples of words and a Counter."""
+    total = sum(map(len, words))
+    grams = list(zip(*(words[i:] for i in range(n))))
+    counts = collections.Counter(grams)
+    best = max(counts.values())
+    top = max(best * sum(map(len, g)) for g, c in counts.items() if c == best) / total if best > 1 else 0.0
+    covered = set()
+    for start, gram in enumerate(grams):
+        if counts[gram] > 1:
+            covered |= set(range(start, start + n))
+    return top, sum(len(words[i]) for i in covered) / total
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.sampled_from(["a", "bb", "ccc", "the", "river", "x"]), min_size=10, max_size=80),
+       st.integers(2, 10))
+def test_numpy_ngram_statistics_match_the_obvious_computation(words, n):
+    vocab = {}
+    ids = np.array([vocab.setdefault(w, len(vocab)) for w in words], dtype=np.uint64)
+    lens = np.array([len(w) for w in words])
+    top, duplicated = repeated_ngram_fractions_by_hand(words, n)
+    assert data.top_ngram_char_fraction(ids, lens, n, lens.sum()) == pytest.approx(top)
+    assert data.duplicate_ngram_char_fraction(ids, lens, n, lens.sum()) == pytest.approx(duplicated)
 
 
 def test_gopher_quality_filter():
