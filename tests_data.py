@@ -489,6 +489,18 @@ def test_shard_stream_decodes_to_the_documents(tiny_tokenizer, tmp_path_factory,
     assert decoded == "".join("<|endoftext|>" + t for t in texts)
 
 
+def test_tokenize_command_on_parquet_input(tiny_tokenizer, tmp_path, capsys):
+    write_parquet(tmp_path / "docs.parquet", [PROSE, FRENCH, GERMAN])
+    data.main(["tokenize", "--input", str(tmp_path / "docs.parquet"), "--name", "pq", "--out", str(tmp_path),
+               "--tokenizer", tiny_tokenizer, "--processes", "2"])
+    meta = json.loads((tmp_path / "pq" / "meta.json").read_text())
+    tok = Tokenizer.load(tiny_tokenizer)
+    assert meta["splits"]["val"]["tokens"] == 1 + len(tok.encode(PROSE))  # the first document is held out
+    assert meta["splits"]["train"]["tokens"] == 2 + len(tok.encode(FRENCH)) + len(tok.encode(GERMAN))
+    out = capsys.readouterr().out
+    assert "first 48 token ids: [" in out and "MB/s" in out
+
+
 def test_one_and_two_processes_write_identical_shards(tiny_tokenizer, tmp_path):
     for processes in (1, 2):
         data.tokenize_to_shards({"train": SHARD_DOCS * 4}, f"p{processes}", tiny_tokenizer, str(tmp_path), processes)
