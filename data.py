@@ -42,6 +42,7 @@ import json
 import lzma
 import os
 import re
+import signal
 import sys
 import tarfile
 import tempfile
@@ -1138,7 +1139,7 @@ def tokenize_command(args):
     for split, m in meta["splits"].items():
         print(f"{split}: {m['tokens']:,} tokens in {m['shards']} shard(s), {m['mb']:.2f} MB of text "
               f"in {m['seconds']:.1f}s = {m['mb'] / max(m['seconds'], 1e-9):.2f} MB/s "
-              f"on {args.processes or available_cpus()} processes")
+              f"on up to {args.processes or available_cpus()} processes")
     show_token_stream(shard_pattern(args.name, "train", args.out), tokenizer_path)
 
 
@@ -1215,4 +1216,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `python data.py ... | head` ends quietly, no traceback
     main()
