@@ -175,3 +175,226 @@ def test_cli_flags_come_from_the_dataclass_and_presets_apply():
         tg.parse_config(tg.TrainConfig, ["--preset", "huge"], tg.PRESETS)
     with pytest.raises(tg.UserError, match="--num-steps"):
         tg.parse_config(tg.TrainConfig, ["--num-steps", "many"], tg.PRESETS)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Training runs on a small text (a slice of the embedded validation split) with a 300-token tokenizer
+
+import data  # noqa: E402
+from tokenizer import Tokenizer  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """A text file and a small tokenizer trained on it: {"text": path, "tokenizer": path}."""
+    folder = tmp_path_factory.mktemp("corpus")
+    text_path, tok_path = folder / "text.txt", folder / "tokenizer.json"
+    text_path.write_text(next(data.embedded_documents("val"))[:60000], encoding="utf-8")
+    Tokenizer.train(str(text_path), 300).save(str(tok_path))
+    return {"text": str(text_path), "tokenizer": str(tok_path)}
+
+
+def run_cfg(corpus, out_dir, **over):
+    base = dict(input=(corpus["text"],), tokenizer=corpus["tokenizer"], out_dir=str(out_dir), depth=2, n_embd=32,
+                n_head=2, n_kv_head=1, seq_len=32, batch_size=4, total_batch_tokens=256, num_steps=8,
+                warmup_steps=2, eval_every=4, eval_tokens=512, sample_every=4, sample_tokens=8, device="cpu")
+    return tg.TrainConfig(**{**base, **over})
+
+
+def logged_losses(out_dir):
+    with open(os.path.join(out_dir, "log.jsonl")) as f:
+        return {row["step"]: row["loss"] for row in map(json.loads, f) if "loss" in row}
+
+
+def test_training_writes_checkpoint_metrics_log_and_curve(corpus, tmp_path, capsys):
+    metrics = tg.train(run_cfg(corpus, tmp_path))
+    out = capsys.readouterr().out
+    assert "plan: 8 steps x 256 tokens/step = 2,048 tokens" in out and "GPT-2 (2019)" in out
+    assert "step 8/8 | loss" in out and "| grad norm" in out and "| eta" in out
+    assert "generating:" in out and "val bpb" in out
+    with open(tmp_path / "metrics.json") as f:
+        saved = json.load(f)
+    assert {"val_bpb", "params", "tokens", "train_seconds"} <= set(saved) and saved["tokens"] == 2048
+    assert 0 < saved["val_bpb"] < 10 and saved == pytest.approx(metrics)
+    assert sorted(logged_losses(tmp_path)) == list(range(1, 9))
+    assert (tmp_path / "loss_curve.txt").read_text().count("*") >= 8
+    model, tok, meta = tg.load_checkpoint(str(tmp_path))
+    assert meta["step"] == 8 and meta["metrics"]["val_bpb"] == saved["val_bpb"]
+    assert tok.hash() == Tokenizer.load(corpus["tokenizer"]).hash()
+    assert len(list(model.generate([1], 5, seed=0))) == 5
+
+
+def test_loss_goes_down(corpus, tmp_path):
+    tg.train(run_cfg(corpus, tmp_path, num_steps=30, eval_every=0, sample_every=0, warmdown_frac=0.2))
+    losses = logged_losses(tmp_path)
+    assert sum(losses[k] for k in range(26, 31)) < sum(losses[k] for k in range(1, 6)) - 5 * 0.5
+
+
+def test_same_seed_same_losses_and_resume_after_a_kill_is_bit_identical(corpus, tmp_path, monkeypatch):
+    cfg = dict(num_steps=8, save_every=2, eval_every=0, sample_every=0)
+    tg.train(run_cfg(corpus, tmp_path / "straight", **cfg))
+    tg.train(run_cfg(corpus, tmp_path / "again", **cfg))
+    straight = logged_losses(tmp_path / "straight")
+    assert logged_losses(tmp_path / "again") == straight
+
+    # "Kill" the run inside step 6 (2 micro-batches per step: the loader fails on its 11th batch); the last
+    # checkpoint is from step 4
+    calls, real_next = [0], data.DataLoader.next_batch
+
+    def dying_next(self):
+        calls[0] += 1
+        if calls[0] == 11:
+            raise KeyboardInterrupt
+        return real_next(self)
+
+    monkeypatch.setattr(data.DataLoader, "next_batch", dying_next)
+    with pytest.raises(KeyboardInterrupt):
+        tg.train(run_cfg(corpus, tmp_path / "killed", **cfg))
+    monkeypatch.setattr(data.DataLoader, "next_batch", real_next)
+    assert tg.load_checkpoint(str(tmp_path / "killed"))[2]["step"] == 4
+    tg.train(run_cfg(corpus, tmp_path / "killed", resume=True, **cfg))
+    resumed = logged_losses(tmp_path / "killed")
+    assert [resumed[k] for k in range(5, 9)] == [straight[k] for k in range(5, 9)]  # exact equality
+
+
+def test_diverging_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(corpus, tmp_path):
+    tg.train(run_cfg(corpus, tmp_path, num_steps=2, eval_every=0, sample_every=0))
+    good = tg.load_checkpoint(str(tmp_path))[2]
+    with pytest.raises(tg.UserError, match="diverged"):
+        tg.train(run_cfg(corpus, tmp_path, embed_lr=1e20, matrix_lr=1e20, head_lr=1e20, num_steps=20,
+                         eval_every=0, sample_every=0, warmup_steps=0))
+    assert tg.load_checkpoint(str(tmp_path))[2]["step"] == good["step"] == 2
+
+
+def run_main(argv, capsys):
+    """Run the CLI in-process -> (exit code, stdout, stderr)."""
+    try:
+        tg.run_cli(tg.main, argv)
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line_error(result, *fragments):
+    code, _, err = result
+    assert code == 2, result
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+
+
+def test_user_mistakes_end_with_one_line_and_exit_code_2(corpus, tmp_path, capsys):
+    assert_one_line_error(run_main(["--preset", "huge"], capsys), "unknown preset 'huge'", "tiny, d12, d20, d26")
+    assert_one_line_error(run_main(["--depth", "four"], capsys), "--depth", "invalid int value")
+    assert_one_line_error(run_main(["--batch-size", "3", "--total-batch-tokens", "1000", "--input", corpus["text"],
+                                    "--tokenizer", corpus["tokenizer"], "--out-dir", str(tmp_path)], capsys),
+                          "--total-batch-tokens 1000 is not a multiple", "3 x 256 x 1 = 768")
+    assert_one_line_error(run_main(["eval", "--checkpoint", str(tmp_path / "nowhere"), "--text", corpus["text"]],
+                                   capsys), "no checkpoint at")
+    assert_one_line_error(run_main(["--input", str(tmp_path / "missing.txt")], capsys), "missing.txt")
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    assert_one_line_error(run_main(["eval", "--checkpoint", str(tmp_path / "junk.pt"), "--text", corpus["text"]],
+                                   capsys), "not a readable scratchgpt checkpoint")
+
+
+def test_mismatched_tokenizer_or_config_is_refused(corpus, tmp_path, capsys):
+    tg.train(run_cfg(corpus, tmp_path, num_steps=2, eval_every=0, sample_every=0))
+    other = Tokenizer.train(corpus["text"], 280)
+    with pytest.raises(tg.UserError, match="trained with tokenizer .*vocab 280 vs model's 300"):
+        tg.load_checkpoint(str(tmp_path), tokenizer=other)
+    with pytest.raises(tg.UserError, match="cannot resume"):
+        tg.train(run_cfg(corpus, tmp_path, n_embd=64, resume=True))
+    # a checkpoint whose stored tokenizer disagrees with its model's vocab
+    state = torch.load(tmp_path / "model.pt", weights_only=True)
+    state["model_config"]["vocab_size"] = 299
+    torch.save(state, tmp_path / "bad.pt")
+    assert_one_line_error(run_main(["eval", "--checkpoint", str(tmp_path / "bad.pt"), "--text", corpus["text"]],
+                                   capsys), "tokenizer vocab 300 differs from the model's 299")
+
+
+def test_eval_command_prints_bits_per_byte_of_a_text_file(corpus, tmp_path, capsys):
+    tg.train(run_cfg(corpus, tmp_path, num_steps=4, eval_every=0, sample_every=0))
+    code, out, _ = run_main(["eval", "--checkpoint", str(tmp_path), "--text", corpus["text"]], capsys)
+    assert code is None or code == 0
+    bpb = float(out.split(" bits per byte")[0].split()[-1])
+    assert 1 < bpb < 9
+
+
+def test_text_bpb_counts_every_byte_once(corpus):
+    tok = Tokenizer.load(corpus["tokenizer"])
+    model = small_model(vocab_size=tok.vocab_size)
+    text = open(corpus["text"], encoding="utf-8").read()[:1500]
+    ids = tok.encode(text)
+    rt = tg.Runtime(torch.device("cpu"), None)
+    res = tg.text_bpb(model, tok, text, 3, rt)
+    # the same figure computed directly, one window at a time: loss summed over predicted tokens / bytes
+    nats = 0.0
+    for s in range(0, len(ids) - 1, 32):
+        w = torch.tensor([ids[s:s + 33]])
+        logits = model(w[:, :-1])[0]
+        nats += torch.nn.functional.cross_entropy(logits[0], w[0, 1:], reduction="sum").item()
+    predicted_bytes = len(tok.decode_bytes(ids[1:]))
+    assert res["bpb"] == pytest.approx(nats / predicted_bytes / 0.6931471805599453, rel=1e-5)
+
+
+def test_demo_shows_the_true_token_gaining_probability(corpus, tmp_path, capsys):
+    tg.train(run_cfg(corpus, tmp_path, num_steps=4, eval_every=0, sample_every=0))
+    code, out, _ = run_main(["demo", "--checkpoint", str(tmp_path), "--text", "the king and the queen"], capsys)
+    line = next(l for l in out.splitlines() if "<- the true next token" in l)
+    before, after = [float(v.rstrip("%")) for v in line.split("<-")[0].split()[-3::2]]
+    assert after > before
+
+
+def cli_flags(cfg):
+    """The command line that reproduces a TrainConfig (the inverse of parse_config, for subprocess runs)."""
+    flags = []
+    for name, value in vars(cfg).items():
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, bool):
+            flags.append(flag if value else "--no-" + flag[2:])
+        elif isinstance(value, tuple):
+            flags += [flag, *value]
+        else:
+            flags += [flag, str(value)]
+    return flags
+
+
+@pytest.mark.slow
+def test_two_processes_with_gloo_match_one_process_with_the_same_global_batch(corpus, tmp_path):
+    common = dict(num_steps=5, eval_every=0, sample_every=0, total_batch_tokens=256)
+    one = run_cfg(corpus, tmp_path / "one", batch_size=8, **common)  # 1 process x 8 windows
+    two = run_cfg(corpus, tmp_path / "two", batch_size=4, **common)  # 2 processes x 4 windows
+    tg.train(one)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                    os.path.join(HERE, "train_gpt.py"), *cli_flags(two)], check=True, cwd=HERE, env=env,
+                   capture_output=True, timeout=300)
+    a, b = logged_losses(tmp_path / "one"), logged_losses(tmp_path / "two")
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4, 5]
+    assert all(abs(a[k] - b[k]) < 1e-5 for k in a), (a, b)
+    assert a[5] < a[1] - 0.05  # and it is really training
+
+
+@pytest.mark.slow
+def test_torch_compile_on_cpu_gives_the_eager_losses(corpus, tmp_path):
+    common = dict(num_steps=3, eval_every=0, sample_every=0)
+    eager = tg.train(run_cfg(corpus, tmp_path / "eager", compile="off", **common))
+    compiled = tg.train(run_cfg(corpus, tmp_path / "compiled", compile="on", **common))
+    a, b = logged_losses(tmp_path / "eager"), logged_losses(tmp_path / "compiled")
+    assert all(abs(a[k] - b[k]) < 1e-4 for k in a), (a, b)
+    assert compiled["val_bpb"] == pytest.approx(eager["val_bpb"], abs=1e-3)
+
+
+@pytest.mark.slow
+def test_bench_train_reports_throughput_memory_and_time_to_target(corpus, tmp_path):
+    sys.path.insert(0, HERE)
+    from bench_train_part import bench_train
+    res = bench_train("tiny", target_bpb=9.0, out_dir=str(tmp_path), **{
+        k: v for k, v in vars(run_cfg(corpus, tmp_path, num_steps=4)).items()
+        if k not in ("out_dir", "sample_every")})
+    assert res["tokens_per_second"] > 0 and res["peak_memory_mb"] > 0 and res["mfu"] is None  # no MFU on CPU
+    assert res["seconds_to_target"] is not None and 0 < res["seconds_to_target"] <= res["wall_seconds"]
+    assert res["tokens"] == 4 * 256

@@ -76,7 +76,9 @@ def rotary_tables(seq_len, head_dim, base):
 def apply_rotary(x, cos, sin):
     """Rotate x (B, T, heads, head_dim): channel i and channel i + head_dim/2 form one 2-D pair."""
     x1, x2 = x.chunk(2, dim=-1)
-    cos, sin = cos[None, :, None, :], sin[None, :, None, :]  # broadcast over batch and heads
+    if cos.dim() == 2:  # one table (T, head_dim/2) for every row, or one per row (B, T, head_dim/2)
+        cos, sin = cos[None], sin[None]
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]  # broadcast over heads
     return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1).type_as(x)
 
 
@@ -85,12 +87,24 @@ class KVCache:
     tokens before it; recomputing them every step would cost O(T^2). The cache keeps each layer's keys and
     values, so each new token costs one small forward pass."""
 
-    def __init__(self, config, batch_size, device, dtype=torch.float32):
+    def __init__(self, config, batch_size, device, dtype=torch.float32, pad=None):
         head_dim = config.n_embd // config.n_head
         shape = (config.n_layer, batch_size, config.n_kv_head, config.seq_len, head_dim)
         self.keys = torch.zeros(shape, device=device, dtype=dtype)
         self.values = torch.zeros(shape, device=device, dtype=dtype)
         self.pos = 0  # how many tokens are stored; also the position of the next token
+        # Prompts of different lengths in one batch are left-padded: row b starts with pad[b] filler
+        # tokens that nothing attends to and that take no position, so each row computes exactly what it
+        # would alone. None = no padding.
+        self.pad = None if pad is None else torch.as_tensor(pad, dtype=torch.long, device=device)
+
+    def repeat_rows(self, n):
+        """Each row n times over (row b becomes rows b*n .. b*n+n-1): prefill a prompt once, then sample
+        n different continuations of it."""
+        self.keys = self.keys.repeat_interleave(n, dim=1)
+        self.values = self.values.repeat_interleave(n, dim=1)
+        if self.pad is not None:
+            self.pad = self.pad.repeat_interleave(n)
 
     def store(self, layer, k, v):
         """Append this step's keys/values (B, kv_heads, T, head_dim) for one layer; return everything
@@ -129,11 +143,17 @@ class CausalSelfAttention(nn.Module):
         if kv_cache is not None:
             k, v = kv_cache.store(self.layer_idx, k, v)
         gqa = self.n_kv_head != self.n_head  # several query heads share one key/value head
-        if k.size(2) == T:  # no earlier tokens: the plain causal (lower-triangular) mask
+        pad = kv_cache.pad if kv_cache is not None else None
+        if k.size(2) == T and pad is None:  # no earlier tokens: the plain causal (lower-triangular) mask
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         else:  # T new tokens after `past` cached ones: new token i sees keys 0 .. past + i
             past = k.size(2) - T
             mask = torch.ones(T, k.size(2), dtype=torch.bool, device=x.device).tril(diagonal=past)
+            if pad is not None:  # filler keys are invisible; a filler query sees itself (no empty softmax)
+                slots = torch.arange(k.size(2), device=x.device)
+                own = slots[None, :] == (past + torch.arange(T, device=x.device))[:, None]
+                mask = (mask & (slots >= pad[:, None, None])) | own  # (B, T, keys)
+                mask = mask[:, None]  # the same for every head
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         return self.proj(y.transpose(1, 2).reshape(B, T, -1))
 
@@ -203,7 +223,11 @@ class GPT(nn.Module):
         start = kv_cache.pos if kv_cache is not None else 0
         if start + T > self.config.seq_len:
             raise ValueError(f"{start + T} tokens exceed the context window of {self.config.seq_len}")
-        cos, sin = self.cos[start:start + T], self.sin[start:start + T]
+        if kv_cache is not None and kv_cache.pad is not None:  # row b's cache slot s is position s - pad[b]
+            positions = (torch.arange(start, start + T, device=idx.device)[None] - kv_cache.pad[:, None]).clamp(min=0)
+            cos, sin = self.cos[positions], self.sin[positions]
+        else:
+            cos, sin = self.cos[start:start + T], self.sin[start:start + T]
         x = rms_norm(self.wte(idx))
         for block in self.blocks:
             x = block(x, cos, sin, kv_cache)
@@ -361,7 +385,7 @@ def run_cli(main_fn, argv=None):
     """Run a stage's main; turn UserError into one clear line on stderr and exit code 2."""
     try:
         main_fn(sys.argv[1:] if argv is None else argv)
-    except UserError as e:
+    except (UserError, data.DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 
@@ -376,21 +400,24 @@ class _Parser(argparse.ArgumentParser):
         raise UserError(f"{self.prog}: {message} (see --help)")
 
 
-def parse_config(cls, argv, presets=None, prog=None, description=None):
+def parse_config(cls, argv, presets=None, prog=None, description=None, aliases=None):
     """Build the CLI from a config dataclass: one --flag per field (bools get --flag/--no-flag), plus
-    --preset NAME when presets are given. Precedence: dataclass defaults < preset < explicit flags."""
+    --preset NAME when presets are given, plus short `aliases` ({"prompt": "-p"}). Precedence: dataclass
+    defaults < preset < explicit flags."""
     parser = _Parser(prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     if presets:
         parser.add_argument("--preset", help=f"named configuration: {', '.join(presets)}")
     for f in fields(cls):
-        flag, help = "--" + f.name.replace("_", "-"), f"{f.metadata.get('help', '')} (default: {f.default})"
+        flags = ["--" + f.name.replace("_", "-")] + ([aliases[f.name]] if aliases and f.name in aliases else [])
+        help = f"{f.metadata.get('help', '')} (default: {f.default})"
         if isinstance(f.default, bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help)
+            parser.add_argument(*flags, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help)
         elif isinstance(f.default, tuple):
-            parser.add_argument(flag, nargs="*", default=argparse.SUPPRESS, metavar="X", help=help)
+            parser.add_argument(*flags, nargs="*", default=argparse.SUPPRESS, metavar="X", help=help)
         else:
             kind = str if f.default is None else type(f.default)
-            parser.add_argument(flag, type=kind, default=argparse.SUPPRESS, metavar=kind.__name__.upper(), help=help)
+            parser.add_argument(*flags, type=kind, default=argparse.SUPPRESS, metavar=kind.__name__.upper(),
+                                help=help)
     args = vars(parser.parse_args(argv))
     preset = args.pop("preset", None)
     if preset is not None and preset not in presets:
@@ -530,7 +557,8 @@ def load_checkpoint(path, device="cpu", tokenizer=None):
         model_state, model_config = meta.pop("model"), GPTConfig(**meta["model_config"])
         saved = meta["tokenizer"]
     except Exception as e:  # a truncated file, another program's .pt, an older layout
-        raise UserError(f"{path} is not a readable scratchgpt checkpoint ({type(e).__name__}: {e})") from None
+        first_line = (str(e).strip().splitlines() or [""])[0]
+        raise UserError(f"{path} is not a readable scratchgpt checkpoint ({type(e).__name__}: {first_line})") from None
     if tokenizer is None:
         names = sorted(saved["special_tokens"], key=saved["special_tokens"].get)
         tokenizer = Tokenizer(saved["merges"], saved["pattern"], names)
@@ -561,7 +589,7 @@ class TrainConfig:
     seq_len: int = opt(256, "context window in tokens")
     # the data
     input: tuple = opt((), "train on these text files instead of the embedded corpus")
-    val_input: tuple = opt((), "held-out text files for --input (default: the last 5%% of --input)")
+    val_input: tuple = opt((), "held-out text files for --input (default: the last 10%% of each --input file)")
     tokenizer: str = opt("", "tokenizer.json to use (default: the one data.py prepares)")
     out_dir: str = opt(os.path.join("out", "base"), "where the checkpoint, logs and metrics go")
     # the batch: batch_size windows of seq_len tokens per process per micro-step; micro-steps are
@@ -616,18 +644,37 @@ GPT2_FACTS = ("GPT-2 (2019): 1.6B parameters, 1024-token context, ~100B training
               "in about a day for about $600 on 8xH100 (vs ~$40k in 2019)")
 
 
-def open_data(cfg):
-    """-> (tokenizer, train shard pattern, val shard pattern). data.py does the work: the embedded corpus
-    by default (tokenizer trained and shards written on first use), or any text files given by --input."""
-    if cfg.input:
-        paths = data.prepare_files(cfg.input, cfg.val_input, tokenizer=cfg.tokenizer or None)
-    else:
+def prepare_data(cfg):
+    """-> {"tokenizer", "train", "val"}: a tokenizer path and two shard patterns. data.py does the work:
+    the embedded corpus by default (tokenizer trained and shards written on first use), or any text files
+    given by --input, tokenized afresh with the default (or --tokenizer) tokenizer."""
+    if not cfg.input:
         paths = data.prepare_default()
-    tok_path = cfg.tokenizer or paths["tokenizer"]
-    if not os.path.exists(tok_path):
-        raise UserError(f"no tokenizer at {tok_path}")
+        return {**paths, "tokenizer": cfg.tokenizer or paths["tokenizer"]}
+    tokenizer_path = cfg.tokenizer or data.prepare_tokenizer()
+    train_docs = [d["text"] for d in data.read_documents(data.expand_inputs(cfg.input)) if "text" in d]
+    if cfg.val_input:
+        val_docs = [d["text"] for d in data.read_documents(data.expand_inputs(cfg.val_input)) if "text" in d]
+    else:  # hold out the last 10% of every document (nanoGPT's split of its Shakespeare file)
+        cuts = [int(len(t) * 0.9) for t in train_docs]
+        val_docs = [t[c:] for t, c in zip(train_docs, cuts)]
+        train_docs = [t[:c] for t, c in zip(train_docs, cuts)]
+    shards_dir = os.path.join(cfg.out_dir, "shards")
+    data.tokenize_to_shards({"train": train_docs, "val": val_docs}, "input", tokenizer_path, shards_dir)
+    return {"tokenizer": tokenizer_path, **{s: data.shard_pattern("input", s, shards_dir) for s in ("train", "val")}}
+
+
+def open_data(cfg, rt):
+    """The master process prepares the data (once), the others wait and get the paths from it.
+    -> (tokenizer, train shard pattern, val shard pattern)."""
+    paths = [prepare_data(cfg) if rt.master else None]
+    if rt.world > 1:
+        dist.broadcast_object_list(paths, src=0)
+    paths = paths[0]
+    if not os.path.exists(paths["tokenizer"]):
+        raise UserError(f"no tokenizer at {paths['tokenizer']}")
     try:
-        tokenizer = Tokenizer.load(tok_path)
+        tokenizer = Tokenizer.load(paths["tokenizer"])
     except ValueError as e:
         raise UserError(str(e)) from None
     return tokenizer, paths["train"], paths["val"]
@@ -637,8 +684,8 @@ def val_batches(pattern, cfg, rt, max_tokens):
     """Batches of the validation split, always from its start, so every evaluation sees the same text.
     max_tokens < 0 means the whole split."""
     loader = data.DataLoader(pattern, cfg.batch_size, cfg.seq_len, rt.rank, rt.world)
-    total = data.count_tokens(pattern) if max_tokens < 0 else max_tokens
-    for _ in range(max(1, total // (cfg.batch_size * cfg.seq_len * rt.world))):
+    total = loader.total - 1 if max_tokens < 0 else min(max_tokens, loader.total - 1)
+    for _ in range(max(1, total // loader.step_tokens)):
         yield loader.next_batch()
 
 
@@ -646,7 +693,8 @@ def ascii_curve(values, width=60, height=12):
     """A loss curve as text, so it shows in any terminal and any log file."""
     if not values:
         return ""
-    cols = [values[min(len(values) - 1, i * len(values) // width)] for i in range(min(width, len(values)))]
+    n = min(width, len(values))
+    cols = [values[i * len(values) // n] for i in range(n)]
     lo, hi = min(cols), max(cols)
     rows = []
     for r in range(height, -1, -1):
@@ -720,7 +768,7 @@ def train(cfg):
     rt = setup_runtime(cfg.device, cfg.dtype)
     torch.manual_seed(cfg.seed)
     log = print if rt.master else (lambda *a, **k: None)
-    tokenizer, train_pattern, val_pattern = open_data(cfg)
+    tokenizer, train_pattern, val_pattern = open_data(cfg, rt)
     micro_tokens = cfg.batch_size * cfg.seq_len * rt.world
     if cfg.total_batch_tokens % micro_tokens:
         raise UserError(f"--total-batch-tokens {cfg.total_batch_tokens} is not a multiple of batch_size x seq_len "
@@ -749,7 +797,7 @@ def train(cfg):
 
     def record(row):
         if log_file:
-            log_file.write(json.dumps(row) + "\n")
+            log_file.write(json.dumps({**row, "elapsed": time.time() - started}) + "\n")
             log_file.flush()
 
     def save(metrics=None):
