@@ -3,6 +3,7 @@ bench.py -- measured speed and quality, side by side with the peers, in one run 
 
     python bench.py tokenizer   # train time, encode MB/s, bytes/token vs rustbpe, HF tokenizers, tiktoken
     python bench.py digits      # how the digit grouping of the split regex was chosen
+    python bench.py infer       # KV-cache decoding vs recomputing the whole sequence, prefill speed
 
 Each benchmark prints a table and one JSON line, and rewrites its own section of BENCHMARKS.md (with the
 command and the machine), leaving the other sections alone. Peers are benchmark-only dependencies: the
@@ -234,6 +235,71 @@ Chosen: single digits (see the docstring of tokenizer.py).
 """)
 
 
+# ----------------------------------------------------------------------------------------------------
+# bench.py infer
+
+def decode_with_cache(model, batch, prompt_len, steps):
+    """Greedy decoding the way the engine does it: prefill once, then one token per forward pass.
+    -> (prefill seconds, decode seconds)."""
+    import torch
+    from train_gpt import KVCache
+    cache = KVCache(model.config, batch, "cpu")
+    prompt = torch.randint(0, model.config.vocab_size, (batch, prompt_len))
+    started = time.perf_counter()
+    logits = model(prompt, kv_cache=cache)[0][:, -1]
+    prefilled = time.perf_counter()
+    for _ in range(steps):
+        logits = model(logits.argmax(-1, keepdim=True), kv_cache=cache)[0][:, -1]
+    return prefilled - started, time.perf_counter() - prefilled
+
+
+def decode_by_recompute(model, batch, prompt_len, steps):
+    """The naive loop: the whole sequence goes through the model again for every new token."""
+    import torch
+    sequence = torch.randint(0, model.config.vocab_size, (batch, prompt_len))
+    started = time.perf_counter()
+    for _ in range(steps):
+        next_ids = model(sequence)[0][:, -1].argmax(-1, keepdim=True)
+        sequence = torch.cat([sequence, next_ids], dim=1)
+    return time.perf_counter() - started
+
+
+def bench_infer(args):
+    import torch
+    from train_gpt import GPT, GPTConfig
+    torch.manual_seed(0)
+    # the tiny preset's shape, with a context long enough for the prompt and all generated tokens
+    config = GPTConfig(seq_len=args.prompt + args.tokens)
+    model = GPT(config).eval()
+    print(f"model: {config} ({model.num_params():,} parameters); machine: {machine()}")
+    header = ["batch", "prefill tok/s", "decode tok/s, KV cache", "decode tok/s, recompute", "speed-up"]
+    rows, figures = [], {}
+    with torch.no_grad():
+        decode_with_cache(model, 1, args.prompt, 8)  # warm-up: first calls pay for allocation
+        for batch in (1, 32):
+            prefill_s, cached_s = min((decode_with_cache(model, batch, args.prompt, args.tokens) for _ in range(2)),
+                                      key=lambda pair: pair[1])
+            recompute_s = decode_by_recompute(model, batch, args.prompt, args.tokens)
+            cached, recomputed = batch * args.tokens / cached_s, batch * args.tokens / recompute_s
+            rows.append([batch, f"{batch * args.prompt / prefill_s:,.0f}", f"{cached:,.0f}", f"{recomputed:,.0f}",
+                         f"{cached / recomputed:.1f}x"])
+            figures[f"batch_{batch}"] = {"prefill_tok_s": round(batch * args.prompt / prefill_s),
+                                         "cached_tok_s": round(cached), "recompute_tok_s": round(recomputed)}
+    print_table(header, rows)
+    print(json.dumps({"bench": "infer", **figures}))
+    write_section("infer", f"""
+## Inference: KV cache vs recompute
+
+`python bench.py infer --prompt {args.prompt} --tokens {args.tokens}` — {machine()}, float32, torch threads:
+{torch.get_num_threads()}. Model: the `tiny` shape ({config.n_layer} layers × {config.n_embd}, vocab
+{config.vocab_size}, {model.num_params():,} parameters, random weights: speed does not depend on them) with a
+{config.seq_len}-token context. Greedy decoding of {args.tokens} tokens after a {args.prompt}-token prompt;
+"recompute" runs the whole sequence through the model for every new token, the KV cache one token.
+
+{markdown_table(header, rows)}
+""")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -245,6 +311,10 @@ def main():
     digits = sub.add_parser("digits", help="compare digit groupings of the split regex")
     digits.add_argument("--vocab-size", type=int, default=4096)
     digits.set_defaults(run=bench_digits)
+    infer = sub.add_parser("infer", help="KV-cache decoding against recompute")
+    infer.add_argument("--prompt", type=int, default=32, help="prompt tokens")
+    infer.add_argument("--tokens", type=int, default=512, help="generated tokens")
+    infer.set_defaults(run=bench_infer)
     args = parser.parse_args()
     for name in ("corpus", "heldout"):
         path = getattr(args, name, None)

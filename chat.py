@@ -524,15 +524,24 @@ def assistant_content(tok, completion):
     return tok.decode(tokens)
 
 
+MIN_REPLY_TOKENS = 16
+
+
 def fit_history(tok, messages, room, capacity):
     """Drop the oldest user/assistant exchanges (never the system message) until the prompt plus `room`
-    tokens for the reply fit the context window. Returns (messages, how many were dropped)."""
+    tokens for the reply fit the context window. Returns (messages, prompt ids, how many were dropped);
+    raises ValueError when even the newest message alone leaves no room for a reply."""
     messages, dropped = list(messages), 0
     keep = 1 if messages and messages[0]["role"] == "system" else 0
-    while len(render_for_completion(tok, messages)) + room > capacity and len(messages) - keep > 1:
+    prompt = render_for_completion(tok, messages)
+    while len(prompt) + room > capacity and len(messages) - keep > 1:
         del messages[keep:keep + 2]
         dropped += 2
-    return messages, dropped
+        prompt = render_for_completion(tok, messages)
+    if len(prompt) + MIN_REPLY_TOKENS > capacity:
+        raise ValueError(f"the conversation needs {len(prompt)} tokens but the context window holds {capacity}, "
+                         f"with room for at least {MIN_REPLY_TOKENS} more for the reply: ask something shorter")
+    return messages, prompt, dropped
 
 
 # ====================================================================================================
@@ -582,9 +591,8 @@ class Terminal:
             print(self.dim(f" [Result: {event['text']}]\n"), end="", flush=True)
 
 
-def reply(engine, messages, cfg, out, seed=None):
-    """Sample one assistant turn for `messages`, streaming it to the terminal; returns the Completion."""
-    prompt = render_for_completion(engine.tok, messages)
+def reply(engine, prompt, cfg, out, seed=None):
+    """Sample one assistant turn after `prompt`, streaming it to the terminal; returns the Completion."""
     completion = None
     for event in engine.stream(prompt, cfg.max_tokens, **sampling_args(cfg, seed)):
         out.show(event)
@@ -638,15 +646,16 @@ def chat_loop(engine, cfg):
             elif command == "/resample" and messages and messages[-1]["role"] == "assistant":
                 messages.pop()
                 print("assistant> ", end="")
-                completion = reply(engine, messages, cfg, out, seed=int(time.time() * 1000) % 2**31)
+                prompt = render_for_completion(engine.tok, messages)
+                completion = reply(engine, prompt, cfg, out, seed=int(time.time() * 1000) % 2**31)
                 messages.append({"role": "assistant", "content": assistant_content(engine.tok, completion)})
             else:
                 print(HELP)
             continue
         try:
             candidate = messages + [{"role": "user", "content": line}]
-            candidate, dropped = fit_history(engine.tok, candidate, cfg.max_tokens, engine.model.config.seq_len)
-            render_for_completion(engine.tok, candidate)
+            candidate, prompt, dropped = fit_history(engine.tok, candidate, cfg.max_tokens,
+                                                     engine.model.config.seq_len)
         except ValueError as e:
             print(f"(cannot send that: {e})")
             continue
@@ -654,7 +663,7 @@ def chat_loop(engine, cfg):
             print(out.dim(f"[the oldest {dropped} messages no longer fit the context window and were dropped]"))
         messages = candidate
         print("assistant> ", end="")
-        completion = reply(engine, messages, cfg, out)
+        completion = reply(engine, prompt, cfg, out)
         messages.append({"role": "assistant", "content": assistant_content(engine.tok, completion)})
 
 
@@ -998,7 +1007,11 @@ def main(argv):
     if cfg.prompt:
         messages = ([{"role": "system", "content": cfg.system}] if cfg.system else []) + \
             [{"role": "user", "content": cfg.prompt}]
-        reply(engine, messages, cfg, Terminal())
+        try:
+            _, prompt, _ = fit_history(tok, messages, cfg.max_tokens, model.config.seq_len)
+        except ValueError as e:
+            raise UserError(f"-p: {e}") from None
+        reply(engine, prompt, cfg, Terminal())
         return
     chat_loop(engine, cfg)
 

@@ -546,3 +546,36 @@ def test_chat_cli_without_a_checkpoint_says_what_to_run(tmp_path):
     result = run_cli(os.path.join(HERE, "chat.py"), "--checkpoint", str(broken), "-p", "hi", cwd=tmp_path)
     assert result.returncode == 2 and "not a readable scratchgpt checkpoint" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.fixture(scope="module")
+def chat_checkpoint(tmp_path_factory):
+    """A random tiny model saved as out/sft/model.pt in a scratch folder (the CLI finds it there)."""
+    folder = tmp_path_factory.mktemp("chatcli")
+    tok = byte_tok()
+    train_gpt.save_checkpoint(str(folder / "out" / "sft" / "model.pt"), tiny_model(tok.vocab_size, seq_len=128), tok,
+                              step=0, config={}, stage="sft")
+    return folder
+
+
+def test_chat_cli_answers_once_and_chats(chat_checkpoint):
+    once = run_cli(os.path.join(HERE, "chat.py"), "-p", "What is 2+2?", "--max-tokens", "8", "--seed", "1",
+                   "--system", "Be brief.", cwd=chat_checkpoint)
+    assert once.returncode == 0, once.stderr
+    session = subprocess.run([sys.executable, os.path.join(HERE, "chat.py"), "--max-tokens", "5", "--system", "Be brief."],
+                             input="hi\n/tokens\n/temp 0\n/resample\n/clear\n/quit\n", cwd=chat_checkpoint,
+                             capture_output=True, text=True, timeout=120)
+    assert session.returncode == 0, session.stderr
+    assert "Token count" in session.stdout and "<|im_start|>" in session.stdout and "commands:" in session.stdout
+    too_long = run_cli(os.path.join(HERE, "chat.py"), "-p", "why " * 200, cwd=chat_checkpoint)
+    assert too_long.returncode == 2 and "context window holds 128" in too_long.stderr
+
+
+def test_chat_cli_base_mode_samples_and_traces(chat_checkpoint):
+    path = str(chat_checkpoint / "out" / "sft" / "model.pt")
+    samples = run_cli(os.path.join(HERE, "chat.py"), "--checkpoint", path, "--base", "Once upon", "-n", "2",
+                      "--max-tokens", "6")
+    assert samples.returncode == 0, samples.stderr
+    assert "--- sample 2 of 2 ---" in samples.stdout and samples.stdout.count("Once upon") == 2
+    trace = run_cli(os.path.join(HERE, "chat.py"), "--checkpoint", path, "--base", "The", "--probs", "--max-tokens", "3")
+    assert trace.returncode == 0 and trace.stdout.count("-> picked") == 3 and "%" in trace.stdout
