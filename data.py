@@ -315,8 +315,14 @@ def download_many(urls, out_dir, workers=4, **download_kwargs):
         progress.file_done()
 
     with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-        for future in [pool.submit(one, u, d) for u, d in zip(urls, dests)]:
-            future.result()  # re-raises the first failure
+        futures = [pool.submit(one, u, d) for u, d in zip(urls, dests)]
+        try:
+            for future in futures:
+                future.result()  # re-raises the first failure...
+        except BaseException:
+            for future in futures:
+                future.cancel()  # ...after which the downloads not yet started never start
+            raise
     progress.show(end="\n")
     return dests
 

@@ -95,7 +95,7 @@ def server(tmp_path):
     write_parquet(root / "docs.parquet", [f"document number {i} " * 20 for i in range(30)])
     handler = type("Handler", (FaultyFileHandler,), {"root": str(root), "log": [], "gets": {}})
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     yield f"http://127.0.0.1:{httpd.server_address[1]}", root, handler.log
     httpd.shutdown()
@@ -165,6 +165,14 @@ def test_download_many_in_parallel(server, tmp_path):
                                backoff=0.01, timeout=5)
     for name, path in zip(names, paths):
         assert open(path, "rb").read() == (root / name).read_bytes()
+
+
+def test_download_many_stops_starting_downloads_after_a_failure(server, tmp_path):
+    base, root, log = server
+    urls = [f"{base}/ok/missing.bin"] + [f"{base}/ok/shard.bin?copy={i}" for i in range(5)]
+    with pytest.raises(data.DataError, match="HTTP 404"):
+        data.download_many(urls, str(tmp_path / "dl"), workers=1, backoff=0.01, timeout=5)
+    assert len(log) <= 2  # the failing one, and at most the one already running
 
 
 def test_download_cli_404_exits_2_with_one_line(server, tmp_path):
