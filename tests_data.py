@@ -10,6 +10,7 @@ import re
 import subprocess
 import sys
 import threading
+import time
 
 import numpy as np
 import pyarrow as pa
@@ -31,6 +32,7 @@ REPO = os.path.dirname(os.path.abspath(__file__))
 #   /cut-once/NAME    first GET: no Content-Length, half the body, then EOF (looks complete on the wire)
 #   /cut/NAME         every GET does that
 #   /corrupt-once/NAME  first GET: right length, wrong bytes
+#   /slow-once/NAME   first GET: says nothing for a second
 #   anything missing  404
 
 
@@ -52,6 +54,8 @@ class FaultyFileHandler(http.server.BaseHTTPRequestHandler):
             return self.reply_status(404)
         if fault == "busy" and n <= 3:
             return self.reply_status(503)
+        if fault == "slow-once" and n == 1:
+            time.sleep(1.0)  # longer than the client's timeout
         with open(path, "rb") as f:
             body = f.read()
         start = int(re.match(r"bytes=(\d+)-", self.headers["Range"]).group(1)) if self.headers.get("Range") else 0
@@ -134,6 +138,13 @@ def test_download_retries_a_burst_of_503(server, tmp_path):
     dest = fast_download(f"{base}/busy/stories.txt", tmp_path / "stories.txt")
     assert open(dest, "rb").read() == (root / "stories.txt").read_bytes()
     assert len(log) == 4
+
+
+def test_download_retries_after_a_timeout(server, tmp_path):
+    base, root, log = server
+    dest = data.download(f"{base}/slow-once/stories.txt", str(tmp_path / "stories.txt"), backoff=0.01, timeout=0.3)
+    assert open(dest, "rb").read() == (root / "stories.txt").read_bytes()
+    assert len(log) == 2
 
 
 def test_download_throws_away_bytes_with_a_wrong_checksum(server, tmp_path):
