@@ -206,10 +206,27 @@ def logged_losses(out_dir):
         return {row["step"]: row["loss"] for row in map(json.loads, f) if "loss" in row}
 
 
+def test_random_windows_split_across_processes_exactly_and_resume(corpus, tmp_path):
+    paths = tg.prepare_data(run_cfg(corpus, tmp_path))
+    one = tg.RandomWindows(paths["train"], 6, 16, 0, 1, seed=3)
+    ranks = [tg.RandomWindows(paths["train"], 3, 16, r, 2, seed=3) for r in (0, 1)]
+    for _ in range(3):
+        x, y = one.next_batch()
+        parts = [r.next_batch() for r in ranks]
+        assert torch.equal(x, torch.cat([p[0] for p in parts])) and torch.equal(y, torch.cat([p[1] for p in parts]))
+        assert torch.equal(x[:, 1:], y[:, :-1])  # targets are the inputs shifted by one
+    later = tg.RandomWindows(paths["train"], 6, 16, 0, 1, seed=3)
+    later.load_state_dict(one.state_dict())
+    assert torch.equal(later.next_batch()[0], one.next_batch()[0])
+    starts = {tuple(one.next_batch()[0][:, 0].tolist()) for _ in range(3)}
+    assert len(starts) == 3  # different windows every draw
+
+
 def test_training_writes_checkpoint_metrics_log_and_curve(corpus, tmp_path, capsys):
     metrics = tg.train(run_cfg(corpus, tmp_path))
     out = capsys.readouterr().out
     assert "plan: 8 steps x 256 tokens/step = 2,048 tokens" in out and "GPT-2 (2019)" in out
+    assert "passes over the" in out
     assert "step 8/8 | loss" in out and "| grad norm" in out and "| eta" in out
     assert "generating:" in out and "val bpb" in out
     with open(tmp_path / "metrics.json") as f:
@@ -239,7 +256,7 @@ def test_same_seed_same_losses_and_resume_after_a_kill_is_bit_identical(corpus, 
 
     # "Kill" the run inside step 6 (2 micro-batches per step: the loader fails on its 11th batch); the last
     # checkpoint is from step 4
-    calls, real_next = [0], data.DataLoader.next_batch
+    calls, real_next = [0], tg.RandomWindows.next_batch
 
     def dying_next(self):
         calls[0] += 1
@@ -247,10 +264,10 @@ def test_same_seed_same_losses_and_resume_after_a_kill_is_bit_identical(corpus, 
             raise KeyboardInterrupt
         return real_next(self)
 
-    monkeypatch.setattr(data.DataLoader, "next_batch", dying_next)
+    monkeypatch.setattr(tg.RandomWindows, "next_batch", dying_next)
     with pytest.raises(KeyboardInterrupt):
         tg.train(run_cfg(corpus, tmp_path / "killed", **cfg))
-    monkeypatch.setattr(data.DataLoader, "next_batch", real_next)
+    monkeypatch.setattr(tg.RandomWindows, "next_batch", real_next)
     assert tg.load_checkpoint(str(tmp_path / "killed"))[2]["step"] == 4
     tg.train(run_cfg(corpus, tmp_path / "killed", resume=True, **cfg))
     resumed = logged_losses(tmp_path / "killed")
