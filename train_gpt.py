@@ -797,6 +797,52 @@ def gather_loader_states(loader, rt):
     return states
 
 
+def build_model(cfg, vocab_size):
+    """A freshly initialised GPT of the shape cfg asks for."""
+    if cfg.n_embd % cfg.n_head or cfg.n_head % cfg.n_kv_head or (cfg.n_embd // cfg.n_head) % 2:
+        raise UserError(f"n_embd {cfg.n_embd} must split into n_head {cfg.n_head} heads of even size, and n_head "
+                        f"into n_kv_head {cfg.n_kv_head} groups")
+    return GPT(GPTConfig(vocab_size=vocab_size, seq_len=cfg.seq_len, n_layer=cfg.depth, n_embd=cfg.n_embd,
+                         n_head=cfg.n_head, n_kv_head=cfg.n_kv_head))
+
+
+def train_step(model, train_model, optimizers, loader, accum, lr_mult, cfg, rt):
+    """One optimizer step on total_batch_tokens tokens -> (mean loss, gradient norm) before the update.
+    The batch is processed in `accum` micro-batches per process (what fits in memory); their gradients add
+    up, then all processes average theirs, so the step is the same as one on the whole batch at once.
+    The update is skipped if the loss is not finite: the caller stops the run."""
+    for opt_ in optimizers:
+        for group in opt_.param_groups:
+            group["lr"] = group["base_lr"] * lr_mult
+    loss = torch.zeros((), device=rt.device)
+    for _ in range(accum):
+        x, y = loader.next_batch()
+        with rt.autocast():
+            _, micro_loss = train_model(x.to(rt.device), y.to(rt.device))
+        (micro_loss / accum).backward()  # gradients add up over micro-steps: divide to get the mean
+        loss += micro_loss.detach() / accum
+    all_reduce_mean([p.grad for p in model.parameters()] + [loss], rt)
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf")).item()
+    loss = loss.item()
+    if math.isfinite(loss) and math.isfinite(grad_norm):
+        for opt_ in optimizers:
+            opt_.step()
+    model.zero_grad(set_to_none=True)
+    return loss, grad_norm
+
+
+def write_results(cfg, metrics, losses):
+    """metrics.json (the report card reads it) and the loss curve, as a file and on screen."""
+    curve = ascii_curve(losses)
+    with open(os.path.join(cfg.out_dir, "loss_curve.txt"), "w") as f:
+        f.write(curve + "\n")
+    with open(os.path.join(cfg.out_dir, "metrics.json"), "w") as f:
+        json.dump(metrics, f, indent=1)
+    print(f"training loss over this run:\n{curve}")
+    print(f"final: val bpb {metrics['val_bpb']:.4f} (val loss {metrics['val_loss']:.4f}) after "
+          f"{metrics['tokens']:,} tokens; {fmt_time(metrics['wall_seconds'])} wall -> {cfg.out_dir}")
+
+
 def train(cfg):
     """Pretrain a GPT as cfg says -> the final metrics. Writes to cfg.out_dir: model.pt (checkpoint),
     log.jsonl (one row per step and per evaluation), loss_curve.txt and metrics.json."""
@@ -810,12 +856,7 @@ def train(cfg):
         raise UserError(f"--total-batch-tokens {cfg.total_batch_tokens} is not a multiple of batch_size x seq_len "
                         f"x processes = {cfg.batch_size} x {cfg.seq_len} x {rt.world} = {micro_tokens}")
     accum = cfg.total_batch_tokens // micro_tokens
-    model_config = GPTConfig(vocab_size=tokenizer.vocab_size, seq_len=cfg.seq_len, n_layer=cfg.depth,
-                             n_embd=cfg.n_embd, n_head=cfg.n_head, n_kv_head=cfg.n_kv_head)
-    if cfg.n_embd % cfg.n_head or cfg.n_head % cfg.n_kv_head or (cfg.n_embd // cfg.n_head) % 2:
-        raise UserError(f"n_embd {cfg.n_embd} must split into n_head {cfg.n_head} heads of even size, and n_head "
-                        f"into n_kv_head {cfg.n_kv_head} groups")
-    model = GPT(model_config).to(rt.device)
+    model = build_model(cfg, tokenizer.vocab_size).to(rt.device)
     optimizers = build_optimizers(model, cfg, rt.device.type)
     loader = RandomWindows(train_pattern, cfg.batch_size, cfg.seq_len, rt.rank, rt.world, cfg.seed)
     ckpt_path = os.path.join(cfg.out_dir, "model.pt")
@@ -853,25 +894,10 @@ def train(cfg):
             print(f"generating:\n{tokenizer.decode(list(sample))}\n" + "-" * 40)
         t0 = time.time()
         mult = lr_multiplier(step, cfg.num_steps, cfg.warmup_steps, cfg.warmdown_frac, cfg.final_lr_frac)
-        for opt_ in optimizers:
-            for group in opt_.param_groups:
-                group["lr"] = group["base_lr"] * mult
-        loss = torch.zeros((), device=rt.device)
-        for _ in range(accum):
-            x, y = loader.next_batch()
-            with rt.autocast():
-                _, micro_loss = train_model(x.to(rt.device), y.to(rt.device))
-            (micro_loss / accum).backward()  # gradients add up over micro-steps: divide to get the mean
-            loss += micro_loss.detach() / accum
-        all_reduce_mean([p.grad for p in model.parameters()] + [loss], rt)
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
-        loss_value = loss.item()
-        if not math.isfinite(loss_value) or not math.isfinite(grad_norm.item()):
-            raise UserError(f"loss {loss_value} / grad norm {grad_norm.item()} at step {step}: training diverged "
+        loss_value, grad_norm = train_step(model, train_model, optimizers, loader, accum, mult, cfg, rt)
+        if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
+            raise UserError(f"loss {loss_value} / grad norm {grad_norm} at step {step}: training diverged "
                             f"(try a lower learning rate); the last good checkpoint, if any, is kept at {ckpt_path}")
-        for opt_ in optimizers:
-            opt_.step()
-        model.zero_grad(set_to_none=True)
         if rt.device.type == "cuda":
             torch.cuda.synchronize()
         dt = time.time() - t0
@@ -883,9 +909,9 @@ def train(cfg):
         mfu = f"{100 * flops_per_step / dt / (peak * rt.world):.1f}%" if peak else "-"
         eta = timed_seconds / max(steps_timed, 1) * (cfg.num_steps - step)
         log(f"step {step}/{cfg.num_steps} | loss {loss_value:.4f} | lr {mult:.3f}x | grad norm "
-            f"{grad_norm.item():.3f} | {tok_per_s:,.0f} tok/s | mfu {mfu} | elapsed {fmt_time(time.time() - started)} "
+            f"{grad_norm:.3f} | {tok_per_s:,.0f} tok/s | mfu {mfu} | elapsed {fmt_time(time.time() - started)} "
             f"| eta {fmt_time(eta)}")
-        record(dict(step=step, loss=loss_value, lr_mult=mult, grad_norm=grad_norm.item(), dt=dt))
+        record(dict(step=step, loss=loss_value, lr_mult=mult, grad_norm=grad_norm, dt=dt))
         if cfg.save_every and step % cfg.save_every == 0 and step < cfg.num_steps:
             save()
 
@@ -900,14 +926,7 @@ def train(cfg):
     save(metrics)
     if rt.master:
         log_file.close()
-        curve = ascii_curve(losses)
-        with open(os.path.join(cfg.out_dir, "loss_curve.txt"), "w") as f:
-            f.write(curve + "\n")
-        with open(os.path.join(cfg.out_dir, "metrics.json"), "w") as f:
-            json.dump(metrics, f, indent=1)
-        print(f"training loss over this run:\n{curve}")
-        print(f"final: val bpb {res['bpb']:.4f} (val loss {res['loss']:.4f}) after {metrics['tokens']:,} tokens; "
-              f"{fmt_time(metrics['wall_seconds'])} wall -> {ckpt_path}")
+        write_results(cfg, metrics, losses)
     return metrics
 
 
