@@ -56,7 +56,7 @@ import numpy as np
 import requests
 import torch
 
-from tokenizer import Tokenizer, available_cpus, batched_texts
+from tokenizer import Tokenizer, available_cpus, batched_texts, train_and_save
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 EMBEDDED_DIR = os.path.join(HERE, "data")
@@ -1054,10 +1054,9 @@ def prepare_tokenizer(path=TOKENIZER_PATH, vocab_size=DEFAULT_VOCAB_SIZE):
     if not os.path.exists(path):
         print(f"training a {vocab_size}-token BPE tokenizer on the embedded corpus -> {path}")
         try:  # a generator, not a list: Tokenizer.train reads a list of strings as a list of file names
-            tok = Tokenizer.train(embedded_documents("train"), vocab_size)
+            train_and_save(embedded_documents("train"), vocab_size, path, "".join(embedded_documents("val")))
         except ValueError as e:  # e.g. a vocab size too small for the bytes and special tokens
             raise DataError(f"--vocab-size {vocab_size}: {e}") from None
-        tok.save(path)  # save() is atomic
     return path
 
 

@@ -47,6 +47,7 @@ import json
 import multiprocessing
 import os
 import sys
+import time
 from collections import Counter, defaultdict
 from itertools import chain
 
@@ -129,7 +130,8 @@ def iter_texts(texts):
         try:
             yield from read_text_blocks(path)
         except (OSError, UnicodeDecodeError, TypeError) as e:
-            raise ValueError(f"cannot read training text {path!r}: {e}") from None
+            shown = repr(path) if len(repr(path)) < 80 else repr(path)[:60] + "...' (a text, not a path? pass an iterator)"
+            raise ValueError(f"cannot read training text {shown}: {e}") from None
 
 
 def _count_chunks_in(args):
@@ -705,15 +707,36 @@ COMPARE_SAMPLE = ("Text is a one-dimensional sequence of symbols. The network ne
                   "bits are too long a sequence, bytes are shorter, and tokens shorter still.")
 
 
-def cmd_train(args):
-    import time
+def train_and_save(texts, vocab_size, path, heldout_text, **train_kwargs):
+    """Train a tokenizer, save it to `path`, and write the stage's report-card figures next to it
+    (metrics.json: vocab size, bytes per token on `heldout_text`, training seconds)."""
     started = time.time()
-    tok = Tokenizer.train(args.input, args.vocab_size, pattern=split_pattern(args.digit_group),
-                          verbose=True)
-    path = os.path.join(args.out, "tokenizer.json")
+    tok = Tokenizer.train(texts, vocab_size, **train_kwargs)
+    seconds = time.time() - started
     tok.save(path)
-    print(f"trained vocab {tok.vocab_size:,} (GPT-4: {GPT4_VOCAB_SIZE:,}) in {time.time() - started:.1f}s "
-          f"-> {path}")
+    n_bytes = len(heldout_text.encode("utf-8"))
+    metrics = {"vocab_size": tok.vocab_size, "bytes_per_token": round(n_bytes / max(1, len(tok.encode_ordinary(heldout_text))), 4),
+               "train_seconds": round(seconds, 2), "gpt4_vocab_size": GPT4_VOCAB_SIZE}
+    metrics_path = os.path.join(os.path.dirname(os.path.abspath(path)), "metrics.json")
+    with open(metrics_path + ".tmp", "w") as f:
+        json.dump(metrics, f, indent=1)
+    os.replace(metrics_path + ".tmp", metrics_path)
+    print(f"trained vocab {tok.vocab_size:,} (GPT-4: {GPT4_VOCAB_SIZE:,}) in {seconds:.1f}s, "
+          f"{metrics['bytes_per_token']} bytes/token on held-out text -> {path}")
+    return tok
+
+
+def cmd_train(args):
+    if args.heldout:
+        try:
+            with open(args.heldout, encoding="utf-8") as f:
+                heldout = f.read()
+        except (OSError, UnicodeDecodeError) as e:
+            fail(f"cannot read --heldout {args.heldout}: {e}")
+    else:  # no held-out text given: measure compression on the start of the training text instead
+        heldout = next(iter_texts(args.input), "")
+    train_and_save(args.input, args.vocab_size, os.path.join(args.out, "tokenizer.json"), heldout,
+                   pattern=split_pattern(args.digit_group), verbose=True)
 
 
 def load_for_cli(path, required=True):
@@ -743,6 +766,7 @@ def main(argv=None):
     train.add_argument("--input", nargs="+", required=True, help="text files (UTF-8)")
     train.add_argument("--vocab-size", type=int, required=True, help="bytes + merges + special tokens")
     train.add_argument("--out", default=os.path.dirname(default_tok), help="folder for tokenizer.json")
+    train.add_argument("--heldout", help="text file to measure bytes/token on (default: the training text)")
     train.add_argument("--digit-group", type=int, default=DIGIT_GROUP, choices=(1, 2, 3),
                        help="at most this many digits per chunk")
     train.set_defaults(run=cmd_train)
