@@ -40,7 +40,9 @@ import html.parser
 import itertools
 import json
 import lzma
+import operator
 import os
+import random
 import re
 import signal
 import sys
@@ -1112,6 +1114,171 @@ def prepare_default(out_dir=OUT_DIR, vocab_size=DEFAULT_VOCAB_SIZE, processes=No
         tokenize_to_shards({s: embedded_documents(s) for s in EMBEDDED_SPLITS}, "embedded", tokenizer_path,
                            shards_dir, processes)
     return {"tokenizer": tokenizer_path, **{s: shard_pattern("embedded", s, shards_dir) for s in EMBEDDED_SPLITS}}
+
+
+# ====================================================================================================
+# Post-training datasets: conversations, worked problems and practice problems
+# ====================================================================================================
+# Pretraining reads documents; post-training reads conversations (lists of {"role", "content"} messages,
+# rendered by tokenizer.render_conversation). Everything below is generated from a seed, so the same
+# seed gives the same data, and every question is assigned once and for all to "train" or "heldout" by a
+# hash of its text: no seed can leak an evaluation question into training.
+
+HELDOUT_PERCENT = 10
+
+
+def split_of(question):
+    """"train" or "heldout", decided by the question's text alone (a hash), never by a seed or a position:
+    whatever generated it, the same question always lands on the same side."""
+    bucket = int.from_bytes(hashlib.sha256(question.strip().lower().encode()).digest()[:4], "big") % 100
+    return "heldout" if bucket < HELDOUT_PERCENT else "train"
+
+
+def check_split(split):
+    if split not in ("train", "heldout"):
+        raise DataError(f"split must be 'train' or 'heldout', not {split!r}")
+
+
+# -- word problems (the lecture's "Emily buys apples and oranges") ------------------------------------
+# A worked solution spends tokens on every intermediate number ("models need tokens to think"): one
+# small calculation per line, then a fixed final line that a program can check. The same problems,
+# without their solutions, are RL's practice set.
+
+ANSWER_PREFIX = "The answer is"
+DEFAULT_DIFFICULTY = 1
+NAMES = ("Emily", "Liam", "Sofia", "Noah", "Ava", "Omar", "Mia", "Kenji", "Zara", "Lucas", "Priya", "Jonas")
+ITEMS = (("apple", "apples"), ("orange", "oranges"), ("pear", "pears"), ("pencil", "pencils"),
+         ("notebook", "notebooks"), ("cookie", "cookies"), ("lemon", "lemons"), ("candle", "candles"),
+         ("marble", "marbles"), ("stamp", "stamps"), ("ticket", "tickets"), ("muffin", "muffins"))
+ARITHMETIC = {"+": operator.add, "-": operator.sub, "*": operator.mul, "/": operator.truediv}
+
+
+def number_range(difficulty):
+    """Quantities and prices drawn for a difficulty: 2..5 at difficulty 1, growing by 3 per level, so that
+    harder problems carry bigger products through more digits."""
+    if not isinstance(difficulty, int) or difficulty < 1:
+        raise DataError(f"difficulty must be a whole number >= 1, not {difficulty!r}")
+    return 2, 2 + 3 * difficulty
+
+
+def emily_problem(rng, low, high):
+    """Buy two kinds of item, know one price and the total; find the other price (the lecture's example)."""
+    name = rng.choice(NAMES)
+    (one, many), (other, others) = rng.sample(ITEMS, 2)
+    a, b, price, other_price = (rng.randint(low, high) for _ in range(4))
+    total = a * price + b * other_price
+    question = (f"{name} buys {a} {many} and {b} {others}. Each {other} costs ${other_price}. "
+                f"The total cost is ${total}. What is the cost of each {one}?")
+    steps = [(f"The {b} {others} cost {{}} dollars.", b, "*", other_price),
+             (f"That leaves {{}} dollars for the {a} {many}.", total, "-", b * other_price),
+             (f"Each {one} costs {{}} dollars.", total - b * other_price, "/", a)]
+    return question, steps, price
+
+
+def total_cost_problem(rng, low, high):
+    """Two purchases at known prices; find what was spent."""
+    name = rng.choice(NAMES)
+    (one, many), (other, others) = rng.sample(ITEMS, 2)
+    a, b, price, other_price = (rng.randint(low, high) for _ in range(4))
+    question = (f"{name} buys {a} {many} at ${price} each and {b} {others} at ${other_price} each. "
+                f"How many dollars does {name} spend in total?")
+    steps = [(f"The {many} cost {{}} dollars.", a, "*", price),
+             (f"The {others} cost {{}} dollars.", b, "*", other_price),
+             ("Together that is {} dollars.", a * price, "+", b * other_price)]
+    return question, steps, a * price + b * other_price
+
+
+def change_problem(rng, low, high):
+    """Money in the pocket, a purchase; find what is left."""
+    name = rng.choice(NAMES)
+    one, many = rng.choice(ITEMS)
+    a, price = rng.randint(low, high), rng.randint(low, high)
+    money = a * price + rng.randint(low, high * 2)
+    question = (f"{name} has ${money} and buys {a} {many} at ${price} each. "
+                f"How many dollars does {name} have left?")
+    steps = [(f"The {many} cost {{}} dollars.", a, "*", price),
+             (f"{name} has {{}} dollars left.", money, "-", a * price)]
+    return question, steps, money - a * price
+
+
+def boxes_problem(rng, low, high):
+    """Equal boxes, some given away; find how many remain."""
+    name = rng.choice(NAMES)
+    one, many = rng.choice(ITEMS)
+    boxes, per_box = rng.randint(low, high), rng.randint(low, high)
+    given = rng.randint(1, boxes * per_box - 1)
+    question = (f"{name} has {boxes} boxes with {per_box} {many} in each box and gives away {given} {many}. "
+                f"How many {many} does {name} have now?")
+    steps = [(f"{name} starts with {{}} {many}.", boxes, "*", per_box),
+             (f"After giving some away, {name} has {{}} {many}.", boxes * per_box, "-", given)]
+    return question, steps, boxes * per_box - given
+
+
+WORD_PROBLEM_TEMPLATES = (emily_problem, total_cost_problem, change_problem, boxes_problem)
+
+
+def plain_number(value):
+    """3.0 -> 3: the solutions only ever divide exactly, and people write whole numbers without ".0"."""
+    return int(value) if float(value).is_integer() else value
+
+
+def code_call(expression, value):
+    """A calculation done with the code tool, as the assistant turn holds it: the call it writes, then the
+    answer the engine pastes in (Python's repr, what chat.run_code returns: 9/3 -> 3.0)."""
+    return f"<|code_start|>{expression}<|code_end|><|output_start|>{value!r}<|output_end|>"
+
+
+def worked_solution(steps, answer, use_tool):
+    """One line per step; each line shows its arithmetic (or a code call doing it); then the answer line."""
+    lines = []
+    for sentence, left, op, right in steps:
+        expression = f"{left} {op} {right}"
+        value = ARITHMETIC[op](left, right)
+        shown = code_call(expression, value) if use_tool else f"{expression} = {plain_number(value)}"
+        lines.append(sentence.format(shown))
+    lines.append(f"{ANSWER_PREFIX} {answer}.")
+    return "\n".join(lines)
+
+
+def word_problem(rng, difficulty=DEFAULT_DIFFICULTY):
+    """A random word problem: {"question", "answer" (int), "solution" (step by step, ending with
+    "The answer is N."), "tool_solution" (the same steps computed through the code tool)}."""
+    low, high = number_range(difficulty)
+    question, steps, answer = rng.choice(WORD_PROBLEM_TEMPLATES)(rng, low, high)
+    return {"question": question, "answer": answer, "solution": worked_solution(steps, answer, False),
+            "tool_solution": worked_solution(steps, answer, True)}
+
+
+ANSWER_LINE = re.compile(re.escape(ANSWER_PREFIX) + r"(.*)", re.I)
+NUMBER = re.compile(r"(-)?\s*\$?\s*(-)?\s*(\d[\d,]*(?:\.\d+)?|\.\d+)")
+
+
+def extract_answer(text):
+    """The number on the last "The answer is ..." line of a reply (int, or float when written with a
+    decimal point), or None. Forgiving about "$", thousands commas, a final period and extra words:
+    "The answer is $1,234." -> 1234; "the answer is -3 dollars" -> -3."""
+    lines = [m.group(1) for m in map(ANSWER_LINE.search, str(text).splitlines()) if m]
+    if not lines or not (number := NUMBER.search(lines[-1])):
+        return None
+    sign = -1 if (number.group(1) or number.group(2)) else 1
+    digits = number.group(3).replace(",", "")
+    return sign * (float(digits) if "." in digits else int(digits))
+
+
+def practice_problems(n, seed, difficulty=DEFAULT_DIFFICULTY, split="train"):
+    """n distinct word problems of one split, the same for the same (seed, difficulty, split). Problems
+    are drawn and sorted into splits by split_of(question), so train and heldout never share one."""
+    check_split(split)
+    rng = random.Random(f"practice:{seed}:{difficulty}:{split}")
+    problems, seen = [], set()
+    for _ in range(n * (100 // HELDOUT_PERCENT) * 20 + 100):  # room for the hash to reject most draws
+        if len(problems) == n:
+            return problems
+        problem = word_problem(rng, difficulty)
+        if problem["question"] not in seen and split_of(problem["question"]) == split:
+            seen.add(problem["question"])
+            problems.append(problem)
+    raise DataError(f"could not draw {n} distinct {split} problems at difficulty {difficulty}")
 
 
 def show_token_stream(pattern, tokenizer_path, n=48):
