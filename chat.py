@@ -365,6 +365,11 @@ class Engine:
         self.tool_names = {tokenizer.special_id(end): end.strip("<|>").removesuffix("_end")  # -> "code"
                            for end in TOOL_CALLS.values()}
         self.output_ids = [tokenizer.special_id(name) for name in TOOL_OUTPUT]
+        # Tokens the model may never sample at a given point: only the engine writes tool outputs, a turn
+        # never opens inside a reply, and tool markup must nest (no call inside a call, no stray ends).
+        never = self.output_ids + [tokenizer.special_id(n) for n in ("<|im_start|>", "<|im_sep|>")]
+        self.banned_outside_call = never + list(self.call_ends.values())
+        self.banned_inside_call = never + list(self.call_ends) + list(self.end_ids)
 
     # -- tools -------------------------------------------------------------------------------------
 
@@ -401,6 +406,17 @@ class Engine:
             return "end"
         return "text"
 
+    def ban_invalid_tokens(self, logits, rows):
+        """Constrained decoding: give -inf to the tokens that would break the protocol for each row, so
+        every reply renders back into exactly the tokens the model saw."""
+        for r, row in enumerate(rows):
+            if row.tool is None:
+                logits[r, self.banned_outside_call] = float("-inf")
+            else:  # inside a call only its own end token may close it
+                logits[r, self.banned_inside_call] = float("-inf")
+                logits[r, [end for end in self.call_ends.values() if end != row.tool]] = float("-inf")
+        return logits
+
     # -- the decoding loop -------------------------------------------------------------------------
 
     @torch.no_grad()
@@ -429,6 +445,7 @@ class Engine:
         rows = [Row(i // n) for i in range(len(prompts) * n)]
         idle_token = min(self.end_ids)  # what finished rows are fed, to keep the batch rectangular
         while True:
+            logits = self.ban_invalid_tokens(logits, rows)
             choices = sample_next(logits, temperature, top_k, top_p, generator)[:, 0].tolist()
             feed, events = [], []
             for r, (row, choice) in enumerate(zip(rows, choices)):
@@ -519,8 +536,14 @@ def find_checkpoint(explicit, base, out_dir="out"):
 
 def assistant_content(tok, completion):
     """A reply as the conversation stores it: text with the tool markup kept, so that rendering the
-    history again reproduces exactly the tokens the model saw (the closing <|im_end|> is dropped)."""
-    tokens = completion.tokens[:-1] if completion.finish == "stop" else completion.tokens
+    history again reproduces exactly the tokens the model saw (the closing <|im_end|> is dropped). A reply
+    cut off by max_tokens inside a tool call or its output loses that unfinished piece."""
+    tokens = completion.tokens[:-1] if completion.finish == "stop" else list(completion.tokens)
+    openers = {tok.special_id(name) for name in (*TOOL_CALLS, TOOL_OUTPUT[0])}
+    closers = {tok.special_id(name) for name in (*TOOL_CALLS.values(), TOOL_OUTPUT[1])}
+    last_open = max((i for i, t in enumerate(tokens) if t in openers), default=-1)
+    if last_open >= 0 and not any(t in closers for t in tokens[last_open:]):
+        tokens = tokens[:last_open]
     return tok.decode(tokens)
 
 

@@ -542,7 +542,7 @@ def _assistant_segments(tok, content, where):
     (trained on); tool outputs are pasted in by the engine (never trained on). The markup must be
     well formed: every call closed, and an output only right after a call."""
     pieces = regex.split("(" + "|".join(regex.escape(t) for t in TOOL_TOKENS) + ")", content)
-    segments, open_call, last_closed_call = [], None, False
+    segments, last_closed_call = [], False
     k = 0
     while k < len(pieces):
         piece = pieces[k]
