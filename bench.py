@@ -3,6 +3,7 @@ bench.py -- measured speed and quality, side by side with the peers, in one run 
 
     python bench.py tokenizer   # train time, encode MB/s, bytes/token vs rustbpe, HF tokenizers, tiktoken
     python bench.py digits      # how the digit grouping of the split regex was chosen
+    python bench.py data        # tokenizing the embedded corpus into shards on 1 and 2 processes
     python bench.py infer       # KV-cache decoding vs recomputing the whole sequence, prefill speed
 
 Each benchmark prints a table and one JSON line, and rewrites its own section of BENCHMARKS.md (with the
@@ -14,7 +15,9 @@ import json
 import os
 import platform
 import random
+import resource
 import subprocess
+import tempfile
 import sys
 import time
 
@@ -236,6 +239,65 @@ Chosen: single digits (see the docstring of tokenizer.py).
 
 
 # ----------------------------------------------------------------------------------------------------
+# bench.py data
+
+def cpu_seconds():
+    """CPU time used so far by this process and its finished children (the tokenizer's worker pools)."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def measure_data(repeats=3):
+    """Tokenize the embedded training split into .bin shards with 1 and with 2 worker processes (the
+    fastest of `repeats` runs each, the text already in memory) and check both give the same bytes.
+    Returns the figures as a flat dict."""
+    tokenizer_path = data.prepare_tokenizer()
+    texts = list(data.embedded_documents("train"))
+    mb = sum(len(t.encode("utf-8")) for t in texts) / 1e6
+    figures, shard_bytes = {"data_text_mb": round(mb, 3)}, {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for processes in (1, 2):
+            name = f"bench{processes}"
+            cpu_before = cpu_seconds()
+            seconds, meta = best_time(lambda: data.tokenize_to_shards({"train": texts}, name, tokenizer_path, tmp,
+                                                                      processes), repeats)
+            figures[f"data_tokenize_mb_s_{processes}proc"] = round(mb / seconds, 2)
+            # CPU time over the best wall time: how many cores were actually busy (the machine may be shared)
+            figures[f"data_tokenize_cores_busy_{processes}proc"] = round((cpu_seconds() - cpu_before) / repeats
+                                                                         / seconds, 2)
+            figures["data_tokens"] = meta["splits"]["train"]["tokens"]
+            with open(os.path.join(tmp, name, f"{name}_train_000000.bin"), "rb") as f:
+                shard_bytes[processes] = f.read()
+    if shard_bytes[1] != shard_bytes[2]:
+        raise AssertionError("1 and 2 processes wrote different shards")
+    figures["data_tokenize_speedup_2proc"] = round(figures["data_tokenize_mb_s_2proc"]
+                                                   / figures["data_tokenize_mb_s_1proc"], 2)
+    print_table(["processes", "MB of text", "tokens", "MB/s", "cores busy"],
+                [[p, f"{mb:.2f}", f"{figures['data_tokens']:,}", figures[f"data_tokenize_mb_s_{p}proc"],
+                  figures[f"data_tokenize_cores_busy_{p}proc"]] for p in (1, 2)])
+    return figures
+
+
+def bench_data(args):
+    figures = measure_data(args.repeats)
+    print(json.dumps({"bench": "data", **figures}))
+    rows = [[p, f"{figures['data_tokenize_mb_s_' + str(p) + 'proc']}", figures[f"data_tokenize_cores_busy_{p}proc"]]
+            for p in (1, 2)]
+    write_section("data", f"""
+## Data: tokenizing the embedded corpus into shards
+
+`python bench.py data --repeats {args.repeats}` — {machine()}. {figures['data_text_mb']} MB of text,
+{figures['data_tokens']:,} tokens, written as `.bin` shards by `data.tokenize_to_shards` (both process counts
+write identical bytes, checked). "Cores busy" is CPU time over wall time: below 2 with 2 processes means the
+machine was shared or the work did not split evenly.
+
+{markdown_table(["processes", "MB/s", "cores busy"], rows)}
+
+Speed-up with 2 processes: {figures['data_tokenize_speedup_2proc']}x.
+""")
+
+
+# ----------------------------------------------------------------------------------------------------
 # bench.py infer
 
 def decode_with_cache(model, batch, prompt_len, steps):
@@ -311,6 +373,9 @@ def main():
     digits = sub.add_parser("digits", help="compare digit groupings of the split regex")
     digits.add_argument("--vocab-size", type=int, default=4096)
     digits.set_defaults(run=bench_digits)
+    data_bench = sub.add_parser("data", help="tokenizing the embedded corpus into shards, 1 vs 2 processes")
+    data_bench.add_argument("--repeats", type=int, default=3)
+    data_bench.set_defaults(run=bench_data)
     infer = sub.add_parser("infer", help="KV-cache decoding against recompute")
     infer.add_argument("--prompt", type=int, default=32, help="prompt tokens")
     infer.add_argument("--tokens", type=int, default=512, help="generated tokens")
