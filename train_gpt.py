@@ -15,8 +15,9 @@ This file, top to bottom:
   4. the pretraining main, plus `eval` (bits per byte of any text file) and `demo` (the "nudge").
 
     python train_gpt.py                                  # embedded corpus, tiny preset, CPU, a few minutes
-    python train_gpt.py --preset d12                     # GPT-2-small class, one GPU
-    torchrun --standalone --nproc_per_node=8 train_gpt.py --preset d20
+    python train_gpt.py --input shakespeare.txt          # any text files (the last 10% of each held out)
+    python train_gpt.py --preset d12 --shards fineweb    # GPT-2-small class, one GPU, on `data.py tokenize` shards
+    torchrun --standalone --nproc_per_node=8 train_gpt.py --preset d20 --shards fineweb
     python train_gpt.py eval --checkpoint out/base --text some.txt
     python train_gpt.py demo                             # next-token probabilities before/after one step
 """
@@ -598,11 +599,11 @@ class TrainConfig:
     # accumulated until total_batch_tokens tokens have been seen, then the optimizer steps once
     batch_size: int = opt(32, "windows per process per micro-step")
     total_batch_tokens: int = opt(8192, "tokens per optimizer step, over all processes and micro-steps")
-    num_steps: int = opt(600, "optimizer steps")
+    num_steps: int = opt(220, "optimizer steps")
     # the optimizer
-    matrix_lr: float = opt(0.02, "Muon learning rate for the matrices inside the blocks")
-    embed_lr: float = opt(0.2, "AdamW learning rate for the token embedding")
-    head_lr: float = opt(0.004, "AdamW learning rate for the output head")
+    matrix_lr: float = opt(0.04, "Muon learning rate for the matrices inside the blocks")
+    embed_lr: float = opt(0.3, "AdamW learning rate for the token embedding")
+    head_lr: float = opt(0.008, "AdamW learning rate for the output head")
     muon_momentum: float = opt(0.95, "Muon momentum")
     adam_beta1: float = opt(0.8, "AdamW beta1")
     adam_beta2: float = opt(0.95, "AdamW beta2")
@@ -611,9 +612,9 @@ class TrainConfig:
     final_lr_frac: float = opt(0.0, "learning rate at the last step, as a fraction of the peak")
     grad_clip: float = opt(0.0, "clip the gradient norm to this (0 = no clipping)")
     # watching it learn
-    eval_every: int = opt(200, "steps between validation evaluations (0 = only at the end)")
-    eval_tokens: int = opt(65536, "validation tokens per intermediate evaluation (the final one reads all)")
-    sample_every: int = opt(200, "steps between generated samples (0 = never)")
+    eval_every: int = opt(50, "steps between validation evaluations (0 = only at the end)")
+    eval_tokens: int = opt(32768, "validation tokens per intermediate evaluation (the final one reads all)")
+    sample_every: int = opt(50, "steps between generated samples (0 = never)")
     sample_tokens: int = opt(64, "tokens per generated sample")
     save_every: int = opt(0, "steps between checkpoints (0 = only at the end)")
     # where and how
