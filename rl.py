@@ -1,0 +1,482 @@
+"""
+rl.py -- reinforcement learning: practice problems, many attempts, reinforce what is right.
+
+After pretraining (reading the textbook's exposition) and SFT (studying its worked examples), the lecture's
+third stage is the practice problems at the end of each chapter: the book gives only the question and the
+final answer, and the student has to find a way there by themselves. We do not know which solution suits
+the model best -- a person's "obvious" step may be too big a leap for its few layers, or a needless detour
+-- so we let the model find out:
+
+    for each practice problem, sample many solutions (the lecture: 15 attempts, "only 4 of them got the
+    right answer"); check each final answer; make the correct ones more likely and the wrong ones less
+    likely; repeat over many problems and many rounds.
+
+The words of reinforcement learning: the *agent* is the model; the *state* is the prompt it sees; the
+*action* is the response it samples; the *policy* is its sampling behaviour (the probabilities it gives to
+every next token); the *reward* is whether the final answer is right (1) or wrong (0).
+
+Here the practice problems are data.py's word problems (the lecture's "Emily buys apples and oranges"),
+generated without their worked solutions, checked by an exact answer extractor ("The answer is N") --
+a *verifiable* reward. A program that compares numbers cannot be flattered or fooled, so RL against it
+can run for a very long time and only gets better (unlike RL against a learned reward model, see rlhf.py).
+The same holds for code that must pass tests and for logic puzzles. This is how AlphaGo got past the best
+human players: imitating experts (supervised learning) plateaus below them, while self-play against the
+verifiable "who won?" kept climbing and found move 37, a move a human would play about once in 10,000.
+DeepSeek-R1 showed the same for language models: with RL alone, responses grow longer as the model learns
+to re-check its steps ("Wait, wait. Wait. That's an aha moment I can flag here."). A model this small
+will not discover that, but the accuracy curve and the response-length curve written to out/rl/ are the
+two plots of that paper.
+
+Two algorithms share one loop; they differ only in how much weight each attempt gets in the update:
+  --algo best  the lecture's literal recipe (rejection-sampling fine-tuning): of the N attempts keep the
+               correct one that is shortest and fine-tune on it; the other attempts get weight 0.
+  --algo pg    (default) policy gradient with group-relative advantages (GRPO-style): every attempt gets
+               weight reward - mean reward of its group, so correct attempts are pushed up and wrong ones
+               down, by how surprising they were. Optionally divided by the group's standard deviation
+               (--std-norm), with a KL penalty that keeps the policy near the SFT model (--kl-coef), and with
+               PPO ratio clipping when a batch is reused for several updates (--updates-per-batch > 1).
+Tokens that the engine pasted in (tool outputs) get no weight: the model did not choose them.
+
+    python rl.py                                   # tiny preset, from out/sft, a few minutes on a CPU
+    python rl.py --algo best --samples 15          # the lecture's recipe
+    python rl.py --preset gsm8k                    # GSM8K (downloaded once) on a GPU-sized SFT model
+"""
+import json
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+import data
+from chat import Engine, assistant_content
+from sft import collate
+from tokenizer import render_for_completion, use_colour
+from train_gpt import (UserError, ascii_curve, build_optimizers, fmt_time, load_checkpoint, lr_multiplier, opt,
+                       parse_config, run_cli, save_checkpoint, setup_runtime)
+
+# ====================================================================================================
+# 1. Practice problems and the verifier
+# ====================================================================================================
+
+GSM8K_URL = "https://raw.githubusercontent.com/openai/grade-school-math/master/grade_school_math/data/{}.jsonl"
+GSM8K_SPLITS = {"train": "train", "heldout": "test"}
+
+
+def gsm8k_problems(n, split, folder):
+    """The first n GSM8K problems of a split (downloaded into `folder` once). Its solutions end with
+    "#### 72"; we keep only the question and that final number, read by the same extractor as our replies."""
+    path = data.download(GSM8K_URL.format(GSM8K_SPLITS[split]), os.path.join(folder, f"{GSM8K_SPLITS[split]}.jsonl"))
+    problems = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            row = json.loads(line)
+            final = row["answer"].rsplit("####", 1)[-1]
+            problems.append({"question": row["question"], "answer": data.extract_answer(f"{data.ANSWER_PREFIX} {final}")})
+    return problems[:n]
+
+
+def practice_set(cfg, n, split):
+    """n problems as {"question", "answer"} only: RL never sees a worked solution, only the final answer.
+    The held-out split is drawn with another seed, and data.py keeps its questions out of the train split
+    whatever the seeds, so held-out accuracy is measured on problems the model never practised on."""
+    if cfg.task == "gsm8k":
+        problems = gsm8k_problems(n, split, os.path.join("out", "gsm8k"))
+    else:
+        seed = cfg.seed if split == "train" else cfg.seed + 1
+        problems = data.practice_problems(n, seed, cfg.difficulty, split)
+    return [{"question": p["question"], "answer": p["answer"]} for p in problems]
+
+
+def prompt_ids(tok, question, use_tool=False):
+    """The state the agent sees: the question as a user turn, up to `<|im_start|>assistant<|im_sep|>` --
+    exactly how SFT's word-problem conversations start (with data.USE_CODE appended when the model should
+    calculate with the code tool, as in SFT's tool variant)."""
+    return render_for_completion(tok, [{"role": "user", "content": question + (data.USE_CODE if use_tool else "")}])
+
+
+def is_correct(text, answer):
+    """The verifier: the number on the reply's last "The answer is ..." line must equal the key. A reply
+    without that line is simply wrong -- the format is part of the task."""
+    got = data.extract_answer(text)
+    return got is not None and got == answer
+
+
+def rewards_of(tok, completions, problems, samples):
+    """1.0 for every attempt whose final answer is right, else 0.0 (attempt i answers problem i // samples)."""
+    return torch.tensor([float(is_correct(assistant_content(tok, c), problems[i // samples]["answer"]))
+                         for i, c in enumerate(completions)])
+
+
+# ====================================================================================================
+# 2. How much each attempt is reinforced
+# ====================================================================================================
+
+
+def group_advantages(rewards, samples, std_norm=False):
+    """Group-relative advantage: reward minus the mean reward of the attempts at the same problem. No value
+    network is needed -- the group is the baseline. Attempts better than their siblings get a positive
+    weight, worse ones a negative weight, and the weights of a group sum to zero: a problem that every
+    attempt solved (or none did) teaches nothing and moves nothing. std_norm divides by the group's
+    standard deviation, so a rare success on a hard problem counts as much as a rare failure on an easy one."""
+    groups = rewards.view(-1, samples)
+    adv = groups - groups.mean(dim=1, keepdim=True)
+    if std_norm:
+        adv = adv / (groups.std(dim=1, keepdim=True, unbiased=False) + 1e-6)
+    return adv.reshape(-1)
+
+
+def best_weights(rewards, lengths, samples):
+    """The lecture's recipe: in each group keep the shortest correct attempt (weight 1), drop the rest
+    (weight 0). Shortest, because among right answers the one that wastes no tokens is the one to imitate."""
+    weights = torch.zeros_like(rewards)
+    for g in range(len(rewards) // samples):
+        correct = [i for i in range(g * samples, (g + 1) * samples) if rewards[i] > 0]
+        if correct:
+            weights[min(correct, key=lambda i: (lengths[i], i))] = 1.0
+    return weights
+
+
+def attempt_weights(cfg, rewards, lengths):
+    """The one place where the two algorithms differ."""
+    if cfg.algo == "best":
+        return best_weights(rewards, lengths, cfg.samples)
+    return group_advantages(rewards, cfg.samples, cfg.std_norm)
+
+
+# ====================================================================================================
+# 3. The update: raise the log-probability of every chosen token in proportion to its attempt's weight
+# ====================================================================================================
+
+
+def pack(tok, prompts, completions):
+    """Prompt + response of each attempt as one row -> (inputs, targets) of shape (B, L), right-padded, by
+    SFT's collate with a mask that is 1 on the tokens the model chose: targets[b, t] is the token chosen
+    after inputs[b, :t+1], or -1 where nothing is learned -- the prompt, the padding, and the tool outputs
+    that the engine forced (sampled == 0)."""
+    rows = [(list(p) + list(c.tokens), [0] * len(p) + list(c.sampled)) for p, c in zip(prompts, completions)]
+    return collate(rows, tok.special_id("<|endoftext|>"))
+
+
+def token_logprobs(model, inputs, targets):
+    """log p(target token | everything before it) at every position (0 where targets == -1)."""
+    logits, _ = model(inputs)
+    nll = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1, reduction="none")
+    return -nll.view_as(targets)
+
+
+def policy_loss(logp, old_logp, ref_logp, weights, mask, clip_eps, kl_coef):
+    """Summed over the chosen tokens (the caller divides by their count) -> (loss, summed KL).
+    The surrogate ratio * weight has the gradient weight * d log p when the policy has not moved yet
+    (ratio = 1): the plain policy gradient. Reusing a batch for more updates moves the policy away from the
+    one that sampled it; clipping the ratio to [1 - eps, 1 + eps] then stops any token's probability being
+    pushed further than that on stale evidence (PPO). The KL penalty uses the estimator
+    exp(ref - logp) - (ref - logp) - 1, which is never negative and zero only where the two policies agree."""
+    ratio = torch.exp(logp - old_logp)
+    w = weights[:, None]
+    surrogate = torch.minimum(ratio * w, ratio.clamp(1 - clip_eps, 1 + clip_eps) * w)
+    log_ratio_ref = ref_logp - logp
+    kl = torch.exp(log_ratio_ref) - log_ratio_ref - 1
+    loss = ((-surrogate + kl_coef * kl) * mask).sum()
+    return loss, (kl.detach() * mask).sum()
+
+
+def learn(policy, reference, optimizers, inputs, targets, weights, cfg, rt, lr_mult):
+    """One batch of attempts -> updates_per_batch optimizer steps. Attempts with weight 0 are left out
+    before any forward pass: they would contribute nothing. Rows go through in micro-batches whose
+    gradients add up. Returns the mean KL to the reference (SFT) policy over the learned tokens."""
+    keep = weights != 0
+    if not keep.any():
+        return 0.0
+    inputs, targets, weights = inputs[keep].to(rt.device), targets[keep].to(rt.device), weights[keep].to(rt.device)
+    mask = (targets >= 0).float()
+    n_tokens = mask.sum().clamp(min=1)
+    chunks = [slice(i, i + cfg.micro_batch) for i in range(0, len(inputs), cfg.micro_batch)]
+    with torch.no_grad(), rt.autocast():
+        ref_logp = [token_logprobs(reference, inputs[c], targets[c]) for c in chunks]
+    old_logp, kl_total = [None] * len(chunks), 0.0
+    for group in (g for o in optimizers for g in o.param_groups):
+        group["lr"] = group["base_lr"] * lr_mult
+    for update in range(cfg.updates_per_batch):
+        for k, c in enumerate(chunks):
+            with rt.autocast():
+                logp = token_logprobs(policy, inputs[c], targets[c])
+            if update == 0:  # the policy has not moved yet: these are the sampling policy's log-probs
+                old_logp[k] = logp.detach()
+            loss, kl = policy_loss(logp, old_logp[k], ref_logp[k], weights[c], mask[c], cfg.clip_eps, cfg.kl_coef)
+            (loss / n_tokens).backward()
+            if update == 0:
+                kl_total += kl.item()
+        if cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
+        for o in optimizers:
+            o.step()
+        policy.zero_grad(set_to_none=True)
+    return kl_total / n_tokens.item()
+
+
+# ====================================================================================================
+# 4. Measuring: held-out pass@1 (greedy) and pass@k
+# ====================================================================================================
+
+
+def sample_in_chunks(engine, prompts, n, max_rows, **sampling):
+    """engine.generate over many prompts, a few at a time, so the KV cache holds at most max_rows rows."""
+    per_call = max(1, max_rows // n)
+    out = []
+    for i in range(0, len(prompts), per_call):
+        out += engine.generate(prompts[i:i + per_call], n=n, **sampling)
+    return out
+
+
+def heldout_scores(engine, tok, problems, cfg):
+    """pass@1: the greedy answer (temperature 0) is right. pass@k: at least one of k sampled attempts is
+    right -- what RL can turn into pass@1 by making the good attempts the likely ones."""
+    prompts = [prompt_ids(tok, p["question"], cfg.use_tool) for p in problems]
+    greedy = sample_in_chunks(engine, prompts, 1, cfg.eval_rows, max_tokens=cfg.max_tokens, temperature=0.0)
+    sampled = sample_in_chunks(engine, prompts, cfg.pass_k, cfg.eval_rows, max_tokens=cfg.max_tokens,
+                               temperature=cfg.temperature, top_k=cfg.top_k or None, seed=cfg.seed)
+    pass1 = rewards_of(tok, greedy, problems, 1).mean().item()
+    passk = rewards_of(tok, sampled, problems, cfg.pass_k).view(-1, cfg.pass_k).amax(dim=1).mean().item()
+    length = sum(len(c.tokens) for c in greedy) / len(greedy)
+    return dict(pass1=pass1, passk=passk, length=length)
+
+
+# ====================================================================================================
+# 5. What a person sees
+# ====================================================================================================
+
+GREEN, RED, RESET = "\x1b[32m", "\x1b[31m", "\x1b[0m"
+
+
+def one_line(text, width=110):
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[:width - 3] + "..."
+
+
+def show_attempts(tok, problem, completions, rewards, weights, algo, colour):
+    """The N attempts at one problem, marked right/wrong (green/red on a terminal), each with the weight it
+    gets in the update; for --algo best, the one kept."""
+    print(f"  problem: {one_line(problem['question'])}  [answer {problem['answer']}]")
+    print(f"  {int(rewards.sum())} of {len(rewards)} attempts got the right answer:")
+    for c, r, w in zip(completions, rewards.tolist(), weights.tolist()):
+        tag = ("kept" if w > 0 else "") if algo == "best" else f"{w:+.2f}"
+        line = f"    {'right' if r else 'wrong'} {tag:>5} ({len(c.tokens):3d} tok) {one_line(assistant_content(tok, c))}"
+        print(f"{GREEN if r else RED}{line}{RESET}" if colour else line)
+
+
+def describe_terms(cfg):
+    """Which parts of the objective are on, in words."""
+    if cfg.algo == "best":
+        core = f"best-of-{cfg.samples}: fine-tune on the shortest correct attempt of each problem"
+    else:
+        norm = "/ group std" if cfg.std_norm else "(no std normalisation)"
+        core = f"policy gradient: advantage = reward - group mean {norm}, {cfg.samples} attempts per problem"
+    kl = f"on, coef {cfg.kl_coef}" if cfg.kl_coef else "off (KL is still measured)"
+    clip = (f"on, eps {cfg.clip_eps}, {cfg.updates_per_batch} updates per batch" if cfg.updates_per_batch > 1
+            else "off (1 update per batch: the ratio is always 1)")
+    return f"algo {cfg.algo} -- {core}; KL penalty to SFT: {kl}; ratio clipping: {clip}"
+
+
+def write_curves(out_dir, history, evals):
+    """The DeepSeek-R1 plots, as text: accuracy and response length over RL steps."""
+    parts = [("training reward (fraction of attempts correct) per step", [h["reward"] for h in history]),
+             ("mean response length (tokens) per step", [h["length"] for h in history]),
+             ("held-out greedy pass@1 at each evaluation", [e["pass1"] for e in evals])]
+    text = "\n\n".join(f"{title}:\n{ascii_curve(values)}" for title, values in parts if values)
+    with open(os.path.join(out_dir, "curves.txt"), "w") as f:
+        f.write(text + "\n")
+    return text
+
+
+# ====================================================================================================
+# 6. The loop
+# ====================================================================================================
+
+
+@dataclass
+class RLConfig:
+    """Every knob of an RL run. The defaults are the `tiny` preset: a few minutes on 2 CPU cores."""
+    checkpoint: str = opt(os.path.join("out", "sft"), "the policy to start from: an SFT checkpoint (file or folder)")
+    out_dir: str = opt(os.path.join("out", "rl"), "where the checkpoint, log, curves and metrics go")
+    # the practice problems
+    task: str = opt("words", "words (data.py's word problems) or gsm8k (downloaded; for GPU-sized models)")
+    difficulty: int = opt(1, "word-problem difficulty (bigger numbers as it grows)")
+    use_tool: bool = opt(False, "ask for the code tool in every question (its outputs are never trained on)")
+    # the algorithm
+    algo: str = opt("pg", "pg: policy gradient with group-relative advantages; best: fine-tune on the shortest "
+                          "correct attempt")
+    num_steps: int = opt(40, "RL steps (one batch of problems each)")
+    problems_per_step: int = opt(16, "practice problems per step")
+    samples: int = opt(8, "attempts sampled per problem (the lecture's example: 15)")
+    max_tokens: int = opt(96, "longest response sampled, in tokens")
+    temperature: float = opt(1.0, "sampling temperature of the attempts (1.0 = the policy itself)")
+    top_k: int = opt(0, "sample only from the k likeliest tokens (0 = all)")
+    std_norm: bool = opt(False, "divide advantages by their group's standard deviation")
+    kl_coef: float = opt(0.0, "weight of the KL penalty to the SFT policy (0 = off)")
+    clip_eps: float = opt(0.2, "PPO ratio clipping range (acts only when --updates-per-batch > 1)")
+    updates_per_batch: int = opt(1, "optimizer steps on each batch of attempts")
+    # the optimizer (train_gpt.py's Muon + AdamW), gentler than pretraining: small steps on a trained model
+    matrix_lr: float = opt(0.005, "Muon learning rate for the matrices inside the blocks")
+    embed_lr: float = opt(0.02, "AdamW learning rate for the token embedding")
+    head_lr: float = opt(0.001, "AdamW learning rate for the output head")
+    muon_momentum: float = opt(0.9, "Muon momentum")
+    adam_beta1: float = opt(0.8, "AdamW beta1")
+    adam_beta2: float = opt(0.95, "AdamW beta2")
+    warmdown_frac: float = opt(0.0, "fraction of steps at the end with a linearly decaying learning rate")
+    grad_clip: float = opt(1.0, "clip the gradient norm to this (0 = no clipping)")
+    micro_batch: int = opt(32, "attempts per forward/backward pass")
+    # watching it learn
+    eval_every: int = opt(10, "steps between held-out evaluations (0 = only before and after)")
+    eval_problems: int = opt(200, "held-out problems per evaluation")
+    pass_k: int = opt(8, "k of pass@k: attempts per held-out problem")
+    eval_rows: int = opt(256, "most attempts decoded at once when evaluating (KV-cache memory)")
+    show_every: int = opt(5, "steps between printing all attempts at one problem (0 = never)")
+    # where and how
+    device: str = opt("auto", "cuda, mps, cpu, or auto")
+    dtype: str = opt("auto", "autocast dtype for learning: auto (bfloat16 on CUDA), float32, bfloat16")
+    seed: int = opt(1337, "random seed: problems, attempts and evaluations are the same for the same seed")
+
+
+PRESETS = {
+    "tiny": {},
+    # GSM8K on a GPU-sized SFT model: longer answers, more attempts, a bigger held-out set
+    "gsm8k": dict(task="gsm8k", num_steps=500, problems_per_step=32, samples=16, max_tokens=256,
+                  micro_batch=64, eval_every=50, eval_problems=400, pass_k=16, eval_rows=1024),
+}
+
+
+def check_config(cfg):
+    if cfg.algo not in ("pg", "best"):
+        raise UserError(f"--algo must be pg or best, got {cfg.algo!r}")
+    if cfg.task not in ("words", "gsm8k"):
+        raise UserError(f"--task must be words or gsm8k, got {cfg.task!r}")
+    positive = ("num_steps", "problems_per_step", "samples", "max_tokens", "updates_per_batch", "micro_batch",
+                "eval_problems", "pass_k", "eval_rows")
+    for name in positive:
+        if getattr(cfg, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
+    if cfg.samples < 2 and cfg.algo == "pg":
+        raise UserError("--samples must be at least 2 for --algo pg: the advantage compares attempts in a group")
+    if cfg.temperature <= 0:
+        raise UserError(f"--temperature must be > 0 for the attempts to differ, got {cfg.temperature}")
+
+
+@dataclass
+class Learner:
+    """Everything an RL step works with: the policy being trained, a frozen copy of where it started (the
+    reference for the KL), the tokenizer, the engine that samples from the policy, and the optimizers."""
+    rt: object
+    policy: torch.nn.Module
+    reference: torch.nn.Module
+    tok: object
+    engine: Engine
+    optimizers: list
+    stage: str
+
+
+def make_learner(cfg):
+    check_config(cfg)
+    rt = setup_runtime(cfg.device, cfg.dtype)
+    torch.manual_seed(cfg.seed)
+    policy, tok, meta = load_checkpoint(cfg.checkpoint, device=rt.device)
+    reference, _, _ = load_checkpoint(cfg.checkpoint, device=rt.device, tokenizer=tok)
+    reference.requires_grad_(False)
+    return Learner(rt, policy, reference, tok, Engine(policy, tok), build_optimizers(policy, cfg, rt.device.type),
+                   meta.get("stage", "?"))
+
+
+def rl_step(step, problems, learner, cfg):
+    """Sample N attempts at each problem, score them, weight them, learn. -> the step's log row (and the
+    attempts, for display)."""
+    tok = learner.tok
+    prompts = [prompt_ids(tok, p["question"], cfg.use_tool) for p in problems]
+    t0 = time.time()
+    completions = learner.engine.generate(prompts, n=cfg.samples, max_tokens=cfg.max_tokens, temperature=cfg.temperature,
+                                  top_k=cfg.top_k or None, seed=cfg.seed * 100_003 + step)
+    t1 = time.time()
+    rewards = rewards_of(tok, completions, problems, cfg.samples)
+    lengths = [len(c.tokens) for c in completions]
+    weights = attempt_weights(cfg, rewards, lengths)
+    inputs, targets = pack(tok, [p for p in prompts for _ in range(cfg.samples)], completions)
+    lr_mult = lr_multiplier(step, cfg.num_steps, 0, cfg.warmdown_frac, 0.0)
+    kl = learn(learner.policy, learner.reference, learner.optimizers, inputs, targets, weights, cfg, learner.rt, lr_mult)
+    t2 = time.time()
+    groups = rewards.view(-1, cfg.samples)
+    no_signal = (groups.amax(dim=1) == groups.amin(dim=1)).float().mean().item()
+    row = dict(step=step + 1, reward=rewards.mean().item(), no_signal=no_signal, length=sum(lengths) / len(lengths),
+               kl=kl, kept=int((weights != 0).sum()), sample_s=t1 - t0, learn_s=t2 - t1,
+               rollout_tok_s=sum(lengths) / max(t1 - t0, 1e-9))
+    return row, completions, rewards, weights
+
+
+def train(cfg):
+    """RL from cfg.checkpoint as cfg says -> the final metrics. Writes to cfg.out_dir: model.pt (stage "rl"),
+    log.jsonl (one row per step and per evaluation), curves.txt and metrics.json."""
+    started = time.time()
+    learner = make_learner(cfg)
+    tok = learner.tok
+    train_problems = practice_set(cfg, cfg.num_steps * cfg.problems_per_step, "train")
+    heldout = practice_set(cfg, cfg.eval_problems, "heldout")
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    log_file = open(os.path.join(cfg.out_dir, "log.jsonl"), "w")
+    colour = use_colour()
+    print(f"policy: {cfg.checkpoint} ({learner.stage} checkpoint, {learner.policy.num_params():,} parameters), "
+          f"device {learner.rt.device}")
+    print(describe_terms(cfg))
+    print(f"plan: {cfg.num_steps} steps x {cfg.problems_per_step} {cfg.task} problems (difficulty {cfg.difficulty}) "
+          f"x {cfg.samples} attempts; held-out: {len(heldout)} problems, pass@1 greedy and pass@{cfg.pass_k}")
+
+    def evaluate(step):
+        t = time.time()
+        scores = heldout_scores(learner.engine, tok, heldout, cfg)
+        print(f"step {step}/{cfg.num_steps} | held-out pass@1 {scores['pass1']:.3f} | pass@{cfg.pass_k} "
+              f"{scores['passk']:.3f} | greedy length {scores['length']:.1f} | {time.time() - t:.1f}s")
+        log_file.write(json.dumps(dict(step=step, **scores)) + "\n")
+        return scores
+
+    evals = [evaluate(0)]
+    history, rl_seconds = [], 0.0
+    for step in range(cfg.num_steps):
+        problems = train_problems[step * cfg.problems_per_step:(step + 1) * cfg.problems_per_step]
+        row, completions, rewards, weights = rl_step(step, problems, learner, cfg)
+        rl_seconds += row["sample_s"] + row["learn_s"]
+        history.append(row)
+        log_file.write(json.dumps(row) + "\n")
+        log_file.flush()
+        correct = " ".join(str(int(g.sum())) for g in rewards.view(-1, cfg.samples))
+        print(f"step {row['step']}/{cfg.num_steps} | reward {row['reward']:.3f} | no-signal groups "
+              f"{row['no_signal']:.2f} | length {row['length']:.1f} | KL {row['kl']:.4f} | kept {row['kept']} | "
+              f"sample {row['sample_s']:.1f}s ({row['rollout_tok_s']:,.0f} tok/s) learn {row['learn_s']:.1f}s | "
+              f"rl time {fmt_time(rl_seconds)} | correct of {cfg.samples}: {correct}")
+        if cfg.show_every and row["step"] % cfg.show_every == 0:
+            show_attempts(tok, problems[0], completions[:cfg.samples], rewards[:cfg.samples],
+                          weights[:cfg.samples], cfg.algo, colour)
+        if cfg.eval_every and row["step"] % cfg.eval_every == 0 and row["step"] < cfg.num_steps:
+            evals.append(evaluate(row["step"]))
+    evals.append(evaluate(cfg.num_steps))
+    log_file.close()
+
+    before, after = evals[0], evals[-1]
+    metrics = dict(pass1_before=before["pass1"], pass1_after=after["pass1"], passk_before=before["passk"],
+                   passk_after=after["passk"], k=cfg.pass_k, train_seconds=rl_seconds,
+                   length_before=before["length"], length_after=after["length"], algo=cfg.algo,
+                   steps=cfg.num_steps, heldout_problems=len(heldout), wall_seconds=time.time() - started)
+    save_checkpoint(os.path.join(cfg.out_dir, "model.pt"), learner.policy, tok, cfg.num_steps, cfg, metrics, stage="rl")
+    with open(os.path.join(cfg.out_dir, "metrics.json"), "w") as f:
+        json.dump(metrics, f, indent=1)
+    print(write_curves(cfg.out_dir, history, evals))
+    print(f"held-out pass@1 {before['pass1']:.3f} -> {after['pass1']:.3f} | pass@{cfg.pass_k} "
+          f"{before['passk']:.3f} -> {after['passk']:.3f} | {fmt_time(rl_seconds)} of RL "
+          f"({fmt_time(metrics['wall_seconds'])} wall with evaluations) -> {cfg.out_dir}")
+    return metrics
+
+
+def main(argv):
+    cfg = parse_config(RLConfig, argv, PRESETS, prog="rl.py", description=__doc__)
+    train(cfg)
+
+
+if __name__ == "__main__":
+    run_cli(main)
