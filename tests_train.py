@@ -7,13 +7,14 @@ import sys
 import pytest
 import torch
 
+import data
 import train_gpt as tg
+from tokenizer import Tokenizer
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-PY = sys.executable
 
 
-def small_model(seed=0, **over):
+def tiny_gpt(seed=0, **over):
     torch.manual_seed(seed)
     cfg = dict(vocab_size=97, seq_len=32, n_layer=2, n_embd=32, n_head=4, n_kv_head=2)
     cfg.update(over)
@@ -27,7 +28,7 @@ def small_model(seed=0, **over):
 
 
 def test_logits_shape_and_probabilities_sum_to_one():
-    model = small_model()
+    model = tiny_gpt()
     logits, loss = model(torch.randint(0, 97, (3, 11)))
     assert logits.shape == (3, 11, 97) and loss is None
     assert torch.allclose(logits.softmax(-1).sum(-1), torch.ones(3, 11), atol=1e-5)
@@ -36,7 +37,7 @@ def test_logits_shape_and_probabilities_sum_to_one():
 
 @pytest.mark.parametrize("n_kv_head", [4, 2, 1])
 def test_kv_cache_decoding_matches_full_forward(n_kv_head):
-    model = small_model(n_kv_head=n_kv_head).eval()
+    model = tiny_gpt(n_kv_head=n_kv_head).eval()
     idx = torch.randint(0, 97, (2, 20))
     full, _ = model(idx)
     cache = tg.KVCache(model.config, 2, "cpu")
@@ -48,7 +49,7 @@ def test_kv_cache_decoding_matches_full_forward(n_kv_head):
 
 
 def test_causality_future_tokens_never_change_past_logits():
-    model = small_model().eval()
+    model = tiny_gpt().eval()
     idx = torch.randint(0, 97, (1, 16))
     changed = idx.clone()
     changed[0, 9:] = (changed[0, 9:] + 1) % 97
@@ -59,21 +60,21 @@ def test_causality_future_tokens_never_change_past_logits():
 
 
 def test_context_window_is_enforced():
-    model = small_model()
+    model = tiny_gpt()
     with pytest.raises(ValueError, match="context window"):
         model(torch.zeros(1, 33, dtype=torch.long))
 
 
-def train_cfg(**over):
+def optim_cfg(**over):
     return tg.TrainConfig(**{**dict(matrix_lr=0.05, embed_lr=0.05, head_lr=0.02, warmup_steps=0,
                                     warmdown_frac=0.0), **over})
 
 
 def test_one_step_raises_probability_of_the_true_next_token():
-    model = small_model()
+    model = tiny_gpt()
     x, y = torch.randint(0, 97, (1, 8)), torch.randint(0, 97, (1, 8))
     p_before = model(x)[0].softmax(-1)[0, -1, y[0, -1]]
-    optimizers = tg.build_optimizers(model, train_cfg(), "cpu")
+    optimizers = tg.build_optimizers(model, optim_cfg(), "cpu")
     model(x, y)[1].backward()
     for o in optimizers:
         o.step()
@@ -81,9 +82,9 @@ def test_one_step_raises_probability_of_the_true_next_token():
 
 
 def test_a_few_steps_overfit_a_tiny_batch():
-    model = small_model()
+    model = tiny_gpt()
     model.init_weights()  # the real initialisation, zero output projections included
-    optimizers = tg.build_optimizers(model, train_cfg(), "cpu")
+    optimizers = tg.build_optimizers(model, optim_cfg(), "cpu")
     x = torch.randint(0, 97, (4, 32))
     y = torch.roll(x, -1, dims=1)
     first = None
@@ -112,7 +113,7 @@ def test_lr_schedule_warmup_constant_warmdown():
 
 
 def test_generation_is_reproducible_by_seed_and_greedy_is_deterministic():
-    model = small_model().eval()
+    model = tiny_gpt().eval()
     gen = lambda **k: list(model.generate([1, 2, 3], 25, **k))
     assert gen(seed=5) == gen(seed=5)
     assert gen(seed=5) != gen(seed=6)
@@ -121,12 +122,12 @@ def test_generation_is_reproducible_by_seed_and_greedy_is_deterministic():
 
 
 def test_generation_past_the_context_window_keeps_going():
-    model = small_model().eval()
+    model = tiny_gpt().eval()
     assert len(list(model.generate(list(range(30)), 50, seed=0))) == 50  # window of 32, cropped as it fills
 
 
 def test_generation_matches_naive_full_recompute_when_greedy():
-    model = small_model().eval()
+    model = tiny_gpt().eval()
     tokens = [5, 6, 7]
     for _ in range(12):
         tokens.append(model(torch.tensor([tokens]))[0][0, -1].argmax().item())
@@ -134,7 +135,7 @@ def test_generation_matches_naive_full_recompute_when_greedy():
 
 
 def test_generation_stops_at_stop_tokens():
-    model = small_model().eval()
+    model = tiny_gpt().eval()
     free = list(model.generate([1, 2], 30, seed=3))
     stop = free[10]
     out = list(model.generate([1, 2], 30, seed=3, stop_tokens={stop}))
@@ -151,7 +152,7 @@ def test_top_k_and_top_p_cut_the_tail():
 
 def test_autocast_code_path_runs_in_bfloat16_on_cpu():
     rt = tg.Runtime(torch.device("cpu"), torch.bfloat16)
-    model = small_model()
+    model = tiny_gpt()
     with rt.autocast():
         logits, loss = model(torch.randint(0, 97, (2, 8)), torch.randint(0, 97, (2, 8)))
         assert torch.is_autocast_enabled("cpu")
@@ -161,7 +162,7 @@ def test_autocast_code_path_runs_in_bfloat16_on_cpu():
 
 
 def test_flops_per_token_counts_matmul_weights():
-    model = small_model()
+    model = tiny_gpt()
     c = model.config
     dense = model.num_params() - c.vocab_size * c.n_embd
     assert model.flops_per_token() == 6 * dense + 12 * c.n_layer * c.n_embd * c.seq_len
@@ -180,34 +181,30 @@ def test_cli_flags_come_from_the_dataclass_and_presets_apply():
 # ----------------------------------------------------------------------------------------------------
 # Training runs on a small text (a slice of the embedded validation split) with a 300-token tokenizer
 
-import data  # noqa: E402
-from tokenizer import Tokenizer  # noqa: E402
-
-
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
+def train_corpus(tmp_path_factory):
     """A text file and a small tokenizer trained on it: {"text": path, "tokenizer": path}."""
-    folder = tmp_path_factory.mktemp("corpus")
+    folder = tmp_path_factory.mktemp("train_corpus")
     text_path, tok_path = folder / "text.txt", folder / "tokenizer.json"
     text_path.write_text(next(data.embedded_documents("val"))[:60000], encoding="utf-8")
     Tokenizer.train(str(text_path), 300).save(str(tok_path))
     return {"text": str(text_path), "tokenizer": str(tok_path)}
 
 
-def run_cfg(corpus, out_dir, **over):
-    base = dict(input=(corpus["text"],), tokenizer=corpus["tokenizer"], out_dir=str(out_dir), depth=2, n_embd=32,
-                n_head=2, n_kv_head=1, seq_len=32, batch_size=4, total_batch_tokens=256, num_steps=8,
+def train_run_cfg(train_corpus, out_dir, **over):
+    base = dict(input=(train_corpus["text"],), tokenizer=train_corpus["tokenizer"], out_dir=str(out_dir), depth=2,
+                n_embd=32, n_head=2, n_kv_head=1, seq_len=32, batch_size=4, total_batch_tokens=256, num_steps=8,
                 warmup_steps=2, eval_every=4, eval_tokens=512, sample_every=4, sample_tokens=8, device="cpu")
     return tg.TrainConfig(**{**base, **over})
 
 
-def logged_losses(out_dir):
+def train_log_losses(out_dir):
     with open(os.path.join(out_dir, "log.jsonl")) as f:
         return {row["step"]: row["loss"] for row in map(json.loads, f) if "loss" in row}
 
 
-def test_random_windows_split_across_processes_exactly_and_resume(corpus, tmp_path):
-    paths = tg.prepare_data(run_cfg(corpus, tmp_path))
+def test_random_windows_split_across_processes_exactly_and_resume(train_corpus, tmp_path):
+    paths = tg.prepare_data(train_run_cfg(train_corpus, tmp_path))
     one = tg.RandomWindows(paths["train"], 6, 16, 0, 1, seed=3)
     ranks = [tg.RandomWindows(paths["train"], 3, 16, r, 2, seed=3) for r in (0, 1)]
     for _ in range(3):
@@ -222,8 +219,8 @@ def test_random_windows_split_across_processes_exactly_and_resume(corpus, tmp_pa
     assert len(starts) == 3  # different windows every draw
 
 
-def test_training_writes_checkpoint_metrics_log_and_curve(corpus, tmp_path, capsys):
-    metrics = tg.train(run_cfg(corpus, tmp_path))
+def test_training_writes_checkpoint_metrics_log_and_curve(train_corpus, tmp_path, capsys):
+    metrics = tg.train(train_run_cfg(train_corpus, tmp_path))
     out = capsys.readouterr().out
     assert "plan: 8 steps x 256 tokens/step = 2,048 tokens" in out and "GPT-2 (2019)" in out
     assert "passes over the" in out
@@ -233,26 +230,26 @@ def test_training_writes_checkpoint_metrics_log_and_curve(corpus, tmp_path, caps
         saved = json.load(f)
     assert {"val_bpb", "params", "tokens", "train_seconds"} <= set(saved) and saved["tokens"] == 2048
     assert 0 < saved["val_bpb"] < 10 and saved == pytest.approx(metrics)
-    assert sorted(logged_losses(tmp_path)) == list(range(1, 9))
+    assert sorted(train_log_losses(tmp_path)) == list(range(1, 9))
     assert (tmp_path / "loss_curve.txt").read_text().count("*") >= 8
     model, tok, meta = tg.load_checkpoint(str(tmp_path))
     assert meta["step"] == 8 and meta["metrics"]["val_bpb"] == saved["val_bpb"]
-    assert tok.hash() == Tokenizer.load(corpus["tokenizer"]).hash()
+    assert tok.hash() == Tokenizer.load(train_corpus["tokenizer"]).hash()
     assert len(list(model.generate([1], 5, seed=0))) == 5
 
 
-def test_loss_goes_down(corpus, tmp_path):
-    tg.train(run_cfg(corpus, tmp_path, num_steps=30, eval_every=0, sample_every=0, warmdown_frac=0.2))
-    losses = logged_losses(tmp_path)
+def test_loss_goes_down(train_corpus, tmp_path):
+    tg.train(train_run_cfg(train_corpus, tmp_path, num_steps=30, eval_every=0, sample_every=0, warmdown_frac=0.2))
+    losses = train_log_losses(tmp_path)
     assert sum(losses[k] for k in range(26, 31)) < sum(losses[k] for k in range(1, 6)) - 5 * 0.5
 
 
-def test_same_seed_same_losses_and_resume_after_a_kill_is_bit_identical(corpus, tmp_path, monkeypatch):
+def test_same_seed_same_losses_and_resume_after_a_kill_is_bit_identical(train_corpus, tmp_path, monkeypatch):
     cfg = dict(num_steps=8, save_every=2, eval_every=0, sample_every=0)
-    tg.train(run_cfg(corpus, tmp_path / "straight", **cfg))
-    tg.train(run_cfg(corpus, tmp_path / "again", **cfg))
-    straight = logged_losses(tmp_path / "straight")
-    assert logged_losses(tmp_path / "again") == straight
+    tg.train(train_run_cfg(train_corpus, tmp_path / "straight", **cfg))
+    tg.train(train_run_cfg(train_corpus, tmp_path / "again", **cfg))
+    straight = train_log_losses(tmp_path / "straight")
+    assert train_log_losses(tmp_path / "again") == straight
 
     # "Kill" the run inside step 6 (2 micro-batches per step: the loader fails on its 11th batch); the last
     # checkpoint is from step 4
@@ -266,24 +263,24 @@ def test_same_seed_same_losses_and_resume_after_a_kill_is_bit_identical(corpus, 
 
     monkeypatch.setattr(tg.RandomWindows, "next_batch", dying_next)
     with pytest.raises(KeyboardInterrupt):
-        tg.train(run_cfg(corpus, tmp_path / "killed", **cfg))
+        tg.train(train_run_cfg(train_corpus, tmp_path / "killed", **cfg))
     monkeypatch.setattr(tg.RandomWindows, "next_batch", real_next)
     assert tg.load_checkpoint(str(tmp_path / "killed"))[2]["step"] == 4
-    tg.train(run_cfg(corpus, tmp_path / "killed", resume=True, **cfg))
-    resumed = logged_losses(tmp_path / "killed")
+    tg.train(train_run_cfg(train_corpus, tmp_path / "killed", resume=True, **cfg))
+    resumed = train_log_losses(tmp_path / "killed")
     assert [resumed[k] for k in range(5, 9)] == [straight[k] for k in range(5, 9)]  # exact equality
 
 
-def test_diverging_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(corpus, tmp_path):
-    tg.train(run_cfg(corpus, tmp_path, num_steps=2, eval_every=0, sample_every=0))
+def test_diverging_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(train_corpus, tmp_path):
+    tg.train(train_run_cfg(train_corpus, tmp_path, num_steps=2, eval_every=0, sample_every=0))
     good = tg.load_checkpoint(str(tmp_path))[2]
     with pytest.raises(tg.UserError, match="diverged"):
-        tg.train(run_cfg(corpus, tmp_path, embed_lr=1e20, matrix_lr=1e20, head_lr=1e20, num_steps=20,
+        tg.train(train_run_cfg(train_corpus, tmp_path, embed_lr=1e20, matrix_lr=1e20, head_lr=1e20, num_steps=20,
                          eval_every=0, sample_every=0, warmup_steps=0))
     assert tg.load_checkpoint(str(tmp_path))[2]["step"] == good["step"] == 2
 
 
-def run_main(argv, capsys):
+def run_train_main(argv, capsys):
     """Run the CLI in-process -> (exit code, stdout, stderr)."""
     try:
         tg.run_cli(tg.main, argv)
@@ -294,7 +291,7 @@ def run_main(argv, capsys):
     return code, out, err
 
 
-def assert_one_line_error(result, *fragments):
+def assert_train_error_line(result, *fragments):
     code, _, err = result
     assert code == 2, result
     lines = err.strip().splitlines()
@@ -303,47 +300,48 @@ def assert_one_line_error(result, *fragments):
         assert fragment in lines[0], (fragment, lines[0])
 
 
-def test_user_mistakes_end_with_one_line_and_exit_code_2(corpus, tmp_path, capsys):
-    assert_one_line_error(run_main(["--preset", "huge"], capsys), "unknown preset 'huge'", "tiny, d12, d20, d26")
-    assert_one_line_error(run_main(["--depth", "four"], capsys), "--depth", "invalid int value")
-    assert_one_line_error(run_main(["--batch-size", "3", "--total-batch-tokens", "1000", "--input", corpus["text"],
-                                    "--tokenizer", corpus["tokenizer"], "--out-dir", str(tmp_path)], capsys),
-                          "--total-batch-tokens 1000 is not a multiple", "3 x 256 x 1 = 768")
-    assert_one_line_error(run_main(["eval", "--checkpoint", str(tmp_path / "nowhere"), "--text", corpus["text"]],
-                                   capsys), "no checkpoint at")
-    assert_one_line_error(run_main(["--input", str(tmp_path / "missing.txt")], capsys), "missing.txt")
+def test_user_mistakes_end_with_one_line_and_exit_code_2(train_corpus, tmp_path, capsys):
+    def check(argv, *fragments):
+        assert_train_error_line(run_train_main(argv, capsys), *fragments)
+
+    text, tok = train_corpus["text"], train_corpus["tokenizer"]
+    check(["--preset", "huge"], "unknown preset 'huge'", "tiny, d12, d20, d26")
+    check(["--depth", "four"], "--depth", "invalid int value")
+    check(["--batch-size", "3", "--total-batch-tokens", "1000", "--input", text, "--tokenizer", tok,
+           "--out-dir", str(tmp_path)], "--total-batch-tokens 1000 is not a multiple", "3 x 256 x 1 = 768")
+    check(["eval", "--checkpoint", str(tmp_path / "nowhere"), "--text", text], "no checkpoint at")
+    check(["--input", str(tmp_path / "missing.txt")], "missing.txt")
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
-    assert_one_line_error(run_main(["eval", "--checkpoint", str(tmp_path / "junk.pt"), "--text", corpus["text"]],
-                                   capsys), "not a readable scratchgpt checkpoint")
+    check(["eval", "--checkpoint", str(tmp_path / "junk.pt"), "--text", text], "not a readable scratchgpt checkpoint")
 
 
-def test_mismatched_tokenizer_or_config_is_refused(corpus, tmp_path, capsys):
-    tg.train(run_cfg(corpus, tmp_path, num_steps=2, eval_every=0, sample_every=0))
-    other = Tokenizer.train(corpus["text"], 280)
+def test_mismatched_tokenizer_or_config_is_refused(train_corpus, tmp_path, capsys):
+    tg.train(train_run_cfg(train_corpus, tmp_path, num_steps=2, eval_every=0, sample_every=0))
+    other = Tokenizer.train(train_corpus["text"], 280)
     with pytest.raises(tg.UserError, match="trained with tokenizer .*vocab 280 vs model's 300"):
         tg.load_checkpoint(str(tmp_path), tokenizer=other)
     with pytest.raises(tg.UserError, match="cannot resume"):
-        tg.train(run_cfg(corpus, tmp_path, n_embd=64, resume=True))
+        tg.train(train_run_cfg(train_corpus, tmp_path, n_embd=64, resume=True))
     # a checkpoint whose stored tokenizer disagrees with its model's vocab
     state = torch.load(tmp_path / "model.pt", weights_only=True)
     state["model_config"]["vocab_size"] = 299
     torch.save(state, tmp_path / "bad.pt")
-    assert_one_line_error(run_main(["eval", "--checkpoint", str(tmp_path / "bad.pt"), "--text", corpus["text"]],
-                                   capsys), "tokenizer vocab 300 differs from the model's 299")
+    argv = ["eval", "--checkpoint", str(tmp_path / "bad.pt"), "--text", train_corpus["text"]]
+    assert_train_error_line(run_train_main(argv, capsys), "tokenizer vocab 300 differs from the model's 299")
 
 
-def test_eval_command_prints_bits_per_byte_of_a_text_file(corpus, tmp_path, capsys):
-    tg.train(run_cfg(corpus, tmp_path, num_steps=4, eval_every=0, sample_every=0))
-    code, out, _ = run_main(["eval", "--checkpoint", str(tmp_path), "--text", corpus["text"]], capsys)
+def test_eval_command_prints_bits_per_byte_of_a_text_file(train_corpus, tmp_path, capsys):
+    tg.train(train_run_cfg(train_corpus, tmp_path, num_steps=4, eval_every=0, sample_every=0))
+    code, out, _ = run_train_main(["eval", "--checkpoint", str(tmp_path), "--text", train_corpus["text"]], capsys)
     assert code is None or code == 0
     bpb = float(out.split(" bits per byte")[0].split()[-1])
     assert 1 < bpb < 9
 
 
-def test_text_bpb_counts_every_byte_once(corpus):
-    tok = Tokenizer.load(corpus["tokenizer"])
-    model = small_model(vocab_size=tok.vocab_size)
-    text = open(corpus["text"], encoding="utf-8").read()[:1500]
+def test_text_bpb_counts_every_byte_once(train_corpus):
+    tok = Tokenizer.load(train_corpus["tokenizer"])
+    model = tiny_gpt(vocab_size=tok.vocab_size)
+    text = open(train_corpus["text"], encoding="utf-8").read()[:1500]
     ids = tok.encode(text)
     rt = tg.Runtime(torch.device("cpu"), None)
     res = tg.text_bpb(model, tok, text, 3, rt)
@@ -357,15 +355,15 @@ def test_text_bpb_counts_every_byte_once(corpus):
     assert res["bpb"] == pytest.approx(nats / predicted_bytes / 0.6931471805599453, rel=1e-5)
 
 
-def test_demo_shows_the_true_token_gaining_probability(corpus, tmp_path, capsys):
-    tg.train(run_cfg(corpus, tmp_path, num_steps=4, eval_every=0, sample_every=0))
-    code, out, _ = run_main(["demo", "--checkpoint", str(tmp_path), "--text", "the king and the queen"], capsys)
+def test_demo_shows_the_true_token_gaining_probability(train_corpus, tmp_path, capsys):
+    tg.train(train_run_cfg(train_corpus, tmp_path, num_steps=4, eval_every=0, sample_every=0))
+    code, out, _ = run_train_main(["demo", "--checkpoint", str(tmp_path), "--text", "the king and the queen"], capsys)
     line = next(l for l in out.splitlines() if "<- the true next token" in l)
     before, after = [float(v.rstrip("%")) for v in line.split("<-")[0].split()[-3::2]]
     assert after > before
 
 
-def cli_flags(cfg):
+def train_cli_flags(cfg):
     """The command line that reproduces a TrainConfig (the inverse of parse_config, for subprocess runs)."""
     flags = []
     for name, value in vars(cfg).items():
@@ -380,37 +378,37 @@ def cli_flags(cfg):
 
 
 @pytest.mark.slow
-def test_two_processes_with_gloo_match_one_process_with_the_same_global_batch(corpus, tmp_path):
+def test_two_processes_with_gloo_match_one_process_with_the_same_global_batch(train_corpus, tmp_path):
     common = dict(num_steps=5, eval_every=0, sample_every=0, total_batch_tokens=256)
-    one = run_cfg(corpus, tmp_path / "one", batch_size=8, **common)  # 1 process x 8 windows
-    two = run_cfg(corpus, tmp_path / "two", batch_size=4, **common)  # 2 processes x 4 windows
+    one = train_run_cfg(train_corpus, tmp_path / "one", batch_size=8, **common)  # 1 process x 8 windows
+    two = train_run_cfg(train_corpus, tmp_path / "two", batch_size=4, **common)  # 2 processes x 4 windows
     tg.train(one)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                    os.path.join(HERE, "train_gpt.py"), *cli_flags(two)], check=True, cwd=HERE, env=env,
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                    os.path.join(HERE, "train_gpt.py"), *train_cli_flags(two)], check=True, cwd=HERE, env=env,
                    capture_output=True, timeout=300)
-    a, b = logged_losses(tmp_path / "one"), logged_losses(tmp_path / "two")
+    a, b = train_log_losses(tmp_path / "one"), train_log_losses(tmp_path / "two")
     assert sorted(a) == sorted(b) == [1, 2, 3, 4, 5]
     assert all(abs(a[k] - b[k]) < 1e-5 for k in a), (a, b)
     assert a[5] < a[1] - 0.05  # and it is really training
 
 
 @pytest.mark.slow
-def test_torch_compile_on_cpu_gives_the_eager_losses(corpus, tmp_path):
+def test_torch_compile_on_cpu_gives_the_eager_losses(train_corpus, tmp_path):
     common = dict(num_steps=3, eval_every=0, sample_every=0)
-    eager = tg.train(run_cfg(corpus, tmp_path / "eager", compile="off", **common))
-    compiled = tg.train(run_cfg(corpus, tmp_path / "compiled", compile="on", **common))
-    a, b = logged_losses(tmp_path / "eager"), logged_losses(tmp_path / "compiled")
+    eager = tg.train(train_run_cfg(train_corpus, tmp_path / "eager", compile="off", **common))
+    compiled = tg.train(train_run_cfg(train_corpus, tmp_path / "compiled", compile="on", **common))
+    a, b = train_log_losses(tmp_path / "eager"), train_log_losses(tmp_path / "compiled")
     assert all(abs(a[k] - b[k]) < 1e-4 for k in a), (a, b)
     assert compiled["val_bpb"] == pytest.approx(eager["val_bpb"], abs=1e-3)
 
 
 @pytest.mark.slow
-def test_bench_train_reports_throughput_memory_and_time_to_target(corpus, tmp_path):
+def test_bench_train_reports_throughput_memory_and_time_to_target(train_corpus, tmp_path):
     sys.path.insert(0, HERE)
     from bench_train_part import bench_train
     res = bench_train("tiny", target_bpb=9.0, out_dir=str(tmp_path), **{
-        k: v for k, v in vars(run_cfg(corpus, tmp_path, num_steps=4)).items()
+        k: v for k, v in vars(train_run_cfg(train_corpus, tmp_path, num_steps=4)).items()
         if k not in ("out_dir", "sample_every")})
     assert res["tokens_per_second"] > 0 and res["peak_memory_mb"] > 0 and res["mfu"] is None  # no MFU on CPU
     assert res["seconds_to_target"] is not None and 0 < res["seconds_to_target"] <= res["wall_seconds"]
