@@ -266,6 +266,8 @@ class GPT(nn.Module):
         generator = torch.Generator(device=device)
         generator.manual_seed(seed if seed is not None else torch.seed())
         tokens = list(prompt)[-self.config.seq_len:]  # the window: the model only sees the last seq_len
+        if not tokens:
+            raise ValueError("generate() needs a prompt of at least one token (e.g. <|endoftext|>)")
         cache = KVCache(self.config, 1, device, self.wte.weight.dtype)
         pending = tokens  # tokens the cache has not seen yet
         for _ in range(max_new_tokens):
