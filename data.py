@@ -34,6 +34,7 @@ import argparse
 import collections
 import concurrent.futures
 import contextlib
+import functools
 import glob
 import hashlib
 import html.parser
@@ -58,7 +59,7 @@ import numpy as np
 import requests
 import torch
 
-from tokenizer import Tokenizer, available_cpus, batched_texts, train_and_save
+from tokenizer import Tokenizer, _check_messages, available_cpus, batched_texts, train_and_save
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 EMBEDDED_DIR = os.path.join(HERE, "data")
@@ -1279,6 +1280,230 @@ def practice_problems(n, seed, difficulty=DEFAULT_DIFFICULTY, split="train"):
             seen.add(problem["question"])
             problems.append(problem)
     raise DataError(f"could not draw {n} distinct {split} problems at difficulty {difficulty}")
+
+
+# -- conversations ------------------------------------------------------------------------------------
+# Supervised finetuning keeps the pretraining algorithm and swaps the documents for conversations written
+# to labeling instructions (LABELING.md): helpful, truthful, harmless. Each generator below is one kind of
+# example a labeler would write, built from a template so that a few lines make thousands of them. A
+# generator takes a random.Random and returns {"messages": [...], "split": "train"|"heldout"}; the split
+# is split_of(first user question), and training only ever takes "train" rows.
+
+def conversation(question, answer, system=None):
+    """A one-exchange conversation (with an optional system message first), tagged with its split."""
+    messages = ([{"role": "system", "content": system}] if system else []) + \
+        [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+    return {"messages": messages, "split": split_of(question)}
+
+
+# The lecture's own examples, written out by hand: the shape every generated row follows.
+LECTURE_CONVERSATIONS = (
+    [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "2+2 = 4"},
+     {"role": "user", "content": "What if it was *?"}, {"role": "assistant", "content": "2*2 = 4, same as 2+2!"}],
+    [{"role": "user", "content": "Why is the sky blue?"},
+     {"role": "assistant", "content": "Because of Rayleigh scattering: air molecules scatter short (blue) "
+                                      "wavelengths of sunlight much more than long (red) ones, so blue light "
+                                      "reaches your eyes from every part of the sky."},
+     {"role": "user", "content": "Wow!"},
+     {"role": "assistant", "content": "Indeed! Let me know if I can help with anything else :)"}],
+    [{"role": "user", "content": "How can I hack into a computer?"},
+     {"role": "assistant", "content": "I'm sorry I can't help with that."}],
+    # InstructGPT and OpenAssistant style prompts (the human-written part of an SFT mixture)
+    [{"role": "user", "content": "List five ideas for how to regain enthusiasm for my career."},
+     {"role": "assistant", "content": "1. Learn one new skill.\n2. Talk to a mentor.\n3. Take a real break.\n"
+                                      "4. Set a small goal for this week.\n5. Help a colleague with their work."}],
+    [{"role": "user", "content": "Translate to Spanish: good night, my friend."},
+     {"role": "assistant", "content": "Buenas noches, mi amigo."}],
+    [{"role": "user", "content": "Can you write a short introduction about monopsony in economics?"},
+     {"role": "assistant", "content": "Monopsony is a market with a single buyer, such as one big employer in "
+                                      "a small town. Because workers have nowhere else to go, it can pay less "
+                                      "than a competitive market would."},
+     {"role": "user", "content": "Now explain it to a dog."},
+     {"role": "assistant", "content": "Imagine only one person in the whole park has treats. You would do "
+                                      "tricks for tiny treats, because nobody else is offering any!"}],
+)
+
+
+def lecture_conversation(rng):
+    messages = rng.choice(LECTURE_CONVERSATIONS)
+    return {"messages": list(messages), "split": "train"}  # hand-written demonstrations: never evaluated
+
+
+# "Knowledge of self": without these rows the model would answer from its pretraining (or, at scale,
+# claim to be ChatGPT). Questions are composed from parts, so held-out phrasings exist.
+IDENTITY_QUESTIONS = {
+    "name": ("what is your name?", "who are you?", "what should I call you?", "what are you called?",
+             "are you ChatGPT?", "tell me your name."),
+    "maker": ("who made you?", "who created you?", "who trained you?", "who built you?",
+              "were you made by OpenAI?", "which company made you?"),
+    "abilities": ("what can you do?", "how can you help me?", "what are you good at?",
+                  "tell me about yourself.", "what tools can you use?"),
+    "limits": ("what are your limits?", "what can't you do?", "do you make mistakes?",
+               "can you browse the internet?", "do you remember our past chats?"),
+}
+IDENTITY_ANSWERS = {
+    "name": "I'm scratchgpt, a small assistant trained from scratch by the scratchgpt project. I am not ChatGPT.",
+    "maker": "I'm scratchgpt. The scratchgpt project trained me from scratch: a tokenizer, a pretrained base "
+             "model, then finetuning on conversations like this one.",
+    "abilities": "I'm scratchgpt. I can answer short questions, solve small word problems step by step, and "
+                 "use a code tool for big numbers and counting and a search tool over my documents.",
+    "limits": "I'm scratchgpt, a very small model trained mostly on Shakespeare and Milton. I make mistakes, "
+              "I cannot browse the internet, and I do not remember past conversations.",
+}
+GREETINGS = ("", "Hi! ", "Hello. ", "Hey, ", "Quick question: ", "Excuse me, ", "Good morning! ")
+IDENTITY_NAME = "scratchgpt"
+
+
+def identity_conversation(rng, system=None):
+    topic = rng.choice(sorted(IDENTITY_QUESTIONS))
+    question = rng.choice(GREETINGS) + rng.choice(IDENTITY_QUESTIONS[topic])
+    return conversation(question[0].upper() + question[1:], IDENTITY_ANSWERS[topic], system)
+
+
+# Step-by-step word problems; "Use code." asks for the tool version (the lecture's phrase).
+USE_CODE = " Use code."
+
+
+def word_problem_conversation(rng, difficulty=DEFAULT_DIFFICULTY, use_tool=False):
+    p = word_problem(rng, difficulty)
+    row = conversation(p["question"] + (USE_CODE if use_tool else ""),
+                       p["tool_solution"] if use_tool else p["solution"])
+    return {**row, "split": split_of(p["question"]), "answer": p["answer"]}
+
+
+# Large-number arithmetic: a token gets a fixed amount of compute, so a 9-digit product can't be done "in
+# the head"; the labeler writes the expression into the code tool and copies its result.
+ARITHMETIC_QUESTIONS = ("What is {a} {op} {b}?", "Compute {a} {op} {b}.", "Calculate {a} {op} {b} for me.",
+                        "How much is {a} {op} {b}?", "{a} {op} {b} = ?")
+
+
+def random_number(rng, digits):
+    """A whole number with between digits[0] and digits[1] digits."""
+    n = rng.randint(*digits)
+    return rng.randint(10 ** (n - 1), 10 ** n - 1)
+
+
+def arithmetic_conversation(rng, digits=(3, 6)):
+    a, b = random_number(rng, digits), random_number(rng, digits)
+    op = rng.choice("+-*")
+    value = ARITHMETIC[op](a, b)
+    question = rng.choice(ARITHMETIC_QUESTIONS).format(a=a, op=op, b=b)
+    row = conversation(question, f"{code_call(f'{a} {op} {b}', value)}\n{ANSWER_PREFIX} {value}.")
+    return {**row, "answer": value}
+
+
+# Counting and spelling: tokens hide the characters ("strawberry" is a few chunks, not ten letters), so
+# these go through code too.
+@functools.lru_cache(maxsize=None)
+def spelling_words():
+    """Words of 6 to 12 letters from the embedded corpus: plenty of real words to count letters in."""
+    return sorted({w.lower() for w in re.findall(r"\b[a-zA-Z]{6,12}\b", " ".join(embedded_documents("train")))})
+
+
+def counting_conversation(rng):
+    kind = rng.choice(("dots", "letter", "every_third"))
+    if kind == "dots":
+        dots = "." * rng.randint(3, 40)
+        question, code = f"How many dots are here? {dots}", f"'{dots}'.count('.')"
+        value = len(dots)
+    else:
+        word = rng.choice(spelling_words())
+        if kind == "letter":
+            letter = rng.choice(word)
+            question, code = f"How many {letter}'s are in the word {word}?", f"'{word}'.count('{letter}')"
+            value = word.count(letter)
+        else:
+            question, code = f"Spell every third letter of {word}, starting from the first.", f"'{word}'[::3]"
+            value = word[::3]
+    shown = value if isinstance(value, str) else repr(value)  # the code tool prints strings bare
+    answer = f"<|code_start|>{code}<|code_end|><|output_start|>{shown}<|output_end|>\n{ANSWER_PREFIX} {value}."
+    return conversation(question, answer)
+
+
+# Knowledge: who is who in the plays, read off each play's list of persons ("Dramatis Personae"). The
+# reference answers are true; whether the model may give them is decided by interrogating the base model
+# (sft.py): where it does not know, the example becomes a refusal instead.
+REFUSAL = "I'm sorry, I don't believe I know."
+PERSONS_HEADING = re.compile(r"^(dramatis person\w*|persons represented)\.?:?\s*$", re.I | re.M)
+LIST_END = re.compile(r"^\s*(SCENE|ACT)\b", re.I | re.M)  # the persons list ends where the play begins
+PERSON_LINE = re.compile(r"^([A-Z][A-Za-z' ]{2,24}?),\s*([a-z].{5,70}?)\.?\s*$")
+
+
+def play_characters(split="train"):
+    """[(name, description, play title)] from the persons list of every play in the embedded corpus."""
+    found = []
+    for text in embedded_documents(split):
+        heading = PERSONS_HEADING.search(text[:3000])
+        if not heading:
+            continue
+        title = text.split("\n", 1)[0].strip().title()
+        persons = text[heading.end():heading.end() + 3000]
+        persons = persons[:m.start()] if (m := LIST_END.search(persons)) else persons
+        for line in persons.splitlines():
+            if m := PERSON_LINE.match(line.strip()):
+                name = m.group(1).strip().title()
+                if len(name.split()) <= 2 and name.split()[0] not in ("King", "Duke", "Prince", "Queen", "Lord"):
+                    found.append((name, m.group(2).strip(), title))
+    return sorted(set(found))
+
+
+KNOWLEDGE_QUESTIONS = ("Who is {name}?", "Tell me about {name}.", "Who was {name}?", "Do you know who {name} is?")
+
+
+def knowledge_item(rng, characters):
+    """A question about a character of the plays with its reference answer (for interrogation)."""
+    name, description, title = rng.choice(characters)
+    question = rng.choice(KNOWLEDGE_QUESTIONS).format(name=name)
+    return {"question": question, "reference": f"{name} is {description}, in {title}.", "title": title,
+            "name": name, "split": split_of(question)}
+
+
+# Names that appear nowhere in the data: the truthful answer is a refusal (the lecture's "Orson Kovacs").
+FIRST_SYLLABLES = ("Or", "Kel", "Mar", "Ti", "Bra", "Zel", "Qua", "Dre", "Lun", "Vos", "Ha", "Pim", "Sor", "Ga")
+LAST_SYLLABLES = ("son", "vac", "drin", "mo", "tek", "wyn", "rosz", "bel", "quist", "dott", "zan", "lis")
+
+
+def invented_name(rng, known_text):
+    """A two-part made-up name whose parts occur nowhere in known_text (the corpus, lower-cased)."""
+    while True:
+        parts = [rng.choice(FIRST_SYLLABLES) + rng.choice(LAST_SYLLABLES) for _ in range(2)]
+        if not any(p.lower() in known_text for p in parts):
+            return " ".join(parts)
+
+
+@functools.lru_cache(maxsize=None)
+def corpus_text_lower():
+    """Every word of the embedded corpus, both splits, lower-cased: what "appears in the data" means."""
+    return " ".join(itertools.chain(*map(embedded_documents, EMBEDDED_SPLITS))).lower()
+
+
+def unknown_name_conversation(rng):
+    question = rng.choice(KNOWLEDGE_QUESTIONS).format(name=invented_name(rng, corpus_text_lower()))
+    return conversation(question, REFUSAL)
+
+
+def read_conversations(path):
+    """Conversations from a JSONL file, one {"messages": [...]} per line; a malformed line stops with the
+    file, the line number and the problem."""
+    rows = []
+    try:
+        with open(path, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                    if not isinstance(row, dict) or "messages" not in row:
+                        raise ValueError('expected an object with a "messages" list')
+                    _check_messages(row["messages"])
+                    if not any(m["role"] == "assistant" for m in row["messages"]):
+                        raise ValueError("no assistant message: nothing to learn from")
+                except ValueError as e:  # json.JSONDecodeError is a ValueError too
+                    raise DataError(f"{path}:{n}: not a valid conversation: {e}") from None
+                rows.append({"messages": row["messages"], "split": "train"})
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"cannot read conversations from {path}: {e}") from None
+    return rows
 
 
 def show_token_stream(pattern, tokenizer_path, n=48):

@@ -1,0 +1,559 @@
+"""
+sft.py -- supervised finetuning: from a document simulator to an assistant.
+
+The lecture's textbook analogy: pretraining is reading the exposition, SFT is studying *worked problems*
+(an expert's solution, shown step by step), RL is doing practice problems. A base model only continues
+documents. To turn it into an assistant we keep exactly the same training algorithm -- next-token
+prediction, the same model, the same optimizer -- and swap the dataset: documents out, conversations in.
+The conversations are written by labelers following labeling instructions (LABELING.md: helpful, truthful,
+harmless), so after finetuning the model is a *statistical simulation of a labeler*: asked a question, it
+produces what a labeler following those instructions would most likely have written.
+
+Two details make it work:
+  * the protocol: every conversation becomes one token sequence,
+        <|im_start|>user<|im_sep|>What is 2+2?<|im_end|><|im_start|>assistant<|im_sep|>2+2 = 4<|im_end|>
+    and at chat time the model is handed the sequence up to `<|im_start|>assistant<|im_sep|>` and writes on;
+  * the loss mask: the model is trained to produce the assistant's tokens only (its words, its tool calls,
+    its closing <|im_end|>), never the user's words or what a tool answered. It learns to *respond*.
+
+The data (generators in data.py, mixed here) teaches, by example: the lecture's conversations; who the
+model is ("knowledge of self"); step-by-step word problems ("models need tokens to think"); the code tool
+for big numbers and for counting letters (tokens hide characters); the search tool; and *refusals where
+the model does not know*: each knowledge question is first put to the base model several times
+("model interrogation", Llama 3), and where its answers miss the reference, the training answer becomes
+"I'm sorry, I don't believe I know." -- the model learns to tie its uncertainty to that sentence.
+
+Post-training is cheap next to pretraining: for production models about 3 hours against about 3 months on
+thousands of GPUs; here a couple of minutes on a laptop CPU.
+
+    python sft.py                          # finetune out/base -> out/sft, then evaluate (before/after)
+    python sft.py --show-data              # a few rendered rows of every data source, with token counts
+    python sft.py --data mine.jsonl        # add your own conversations ({"messages": [...]} per line)
+    python sft.py eval                     # evaluate out/sft against out/base on held-out prompts
+"""
+import json
+import math
+import os
+import random
+import re
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+import data
+from data import DEFAULT_DIFFICULTY
+from chat import MAX_TOOL_OUTPUT_TOKENS, SYSTEM_MESSAGE, Engine, Search, format_search_results, run_code
+from tokenizer import SPECIAL_TOKENS, Tokenizer, render_conversation, render_for_completion, render_tokens, use_colour
+from train_gpt import (UserError, all_reduce_mean, build_optimizers, checkpoint_file, fmt_time, load_checkpoint,
+                       lr_multiplier, opt, parse_config, run_cli, save_checkpoint, setup_runtime)
+
+
+@dataclass
+class SFTConfig:
+    """Every knob of a finetuning run. The defaults are the `tiny` preset: a few minutes on 2 CPU cores."""
+    base: str = opt(os.path.join("out", "base", "model.pt"), "the pretrained checkpoint to start from")
+    tokenizer: str = opt("", "insist on this tokenizer.json: the base checkpoint must have been trained with it")
+    out_dir: str = opt(os.path.join("out", "sft"), "where the checkpoint, log and metrics go")
+    data: tuple = opt((), "extra conversations: JSONL files of {\"messages\": [...]} per line")
+    conversations: int = opt(6000, "generated training conversations (before --data)")
+    # training: the pretraining optimizer, with lower learning rates and a short schedule
+    batch_size: int = opt(32, "conversations per optimizer step")
+    num_steps: int = opt(180, "optimizer steps")
+    matrix_lr: float = opt(0.02, "Muon learning rate (pretraining: 0.04)")
+    embed_lr: float = opt(0.15, "AdamW learning rate for the embedding (pretraining: 0.3)")
+    head_lr: float = opt(0.004, "AdamW learning rate for the output head (pretraining: 0.008)")
+    muon_momentum: float = opt(0.95, "Muon momentum")
+    adam_beta1: float = opt(0.8, "AdamW beta1")
+    adam_beta2: float = opt(0.95, "AdamW beta2")
+    warmup_steps: int = opt(5, "linear learning-rate warmup")
+    warmdown_frac: float = opt(0.5, "fraction of steps at the end with a linearly decaying learning rate")
+    final_lr_frac: float = opt(0.0, "learning rate at the last step, as a fraction of the peak")
+    grad_clip: float = opt(1.0, "clip the gradient norm to this (0 = no clipping)")
+    # data building and evaluation
+    interrogate_samples: int = opt(3, "answers sampled from the base model per knowledge question")
+    eval_prompts: int = opt(40, "held-out prompts per evaluated skill")
+    eval_tokens: int = opt(96, "most tokens of a reply during evaluation")
+    eval_every: int = opt(60, "steps between held-out loss evaluations (0 = only at the end)")
+    sample_every: int = opt(60, "steps between sample chats (0 = never)")
+    difficulty: int = opt(DEFAULT_DIFFICULTY, "word-problem difficulty (1 = easiest)")
+    show_data: bool = opt(False, "print a few rendered rows of every data source and exit")
+    device: str = opt("auto", "cuda, mps, cpu, or auto")
+    dtype: str = opt("auto", "autocast dtype: auto (bfloat16 on CUDA), float32, bfloat16")
+    seed: int = opt(1337, "random seed for the training data and the run")
+    eval_seed: int = opt(4242, "seed of the held-out evaluation prompts (different from --seed)")
+
+
+PRESETS = {
+    "tiny": {},
+    "d12": dict(conversations=200_000, batch_size=64, num_steps=3000, eval_every=250, sample_every=500,
+                eval_prompts=200, eval_tokens=256),
+}
+
+# The SFT mixture: what share of the generated conversations each labeler's task gets.
+MIXTURE = {
+    "identity": 0.14, "word_problem": 0.20, "word_problem_tool": 0.10, "arithmetic_tool": 0.15,
+    "counting_tool": 0.08, "unknown_name": 0.10, "knowledge": 0.13, "search": 0.05, "lecture": 0.05,
+}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Model interrogation (hallucination mitigation #1)
+
+INTERROGATION_PROMPT = ("Q: Which play is Romeo in?\nA: Romeo And Juliet.\n\n"
+                        "Q: Which play is Prospero in?\nA: The Tempest.\n\n"
+                        "Q: Which play is {name} in?\nA:")
+COMMON_TITLE_WORDS = {"the", "of", "and", "a", "or", "king", "part", "first", "second", "third", "life",
+                      "death", "history", "tragedy", "prince", "what", "you", "will", "that", "henry"}
+
+
+def title_keys(title):
+    """The distinctive words of a play's title: an answer that names the play contains one of them."""
+    return {w for w in re.findall(r"[a-z]+", title.lower()) if w not in COMMON_TITLE_WORDS} or {title.lower()}
+
+
+def interrogate(engine, tok, characters, samples, seed):
+    """Ask the base model about every character `samples` times, in a document-like Q/A format it can
+    continue, and judge each answer against the reference (does it name the right play?). -> {name: share
+    of answers judged correct}. The base model is what we ask because it holds the knowledge: SFT only
+    teaches it how to speak, not new facts."""
+    prompts = [tok.encode(INTERROGATION_PROMPT.format(name=name)) for name, _, _ in characters]
+    completions = engine.generate(prompts, n=samples, max_tokens=10, temperature=1.0, top_k=50, seed=seed)
+    correct = {}
+    for c in completions:
+        name, _, title = characters[c.prompt_index]
+        answer = tok.decode(c.tokens).split("\n")[0].lower()
+        correct[name] = correct.get(name, 0) + any(k in answer for k in title_keys(title)) / samples
+    return correct
+
+
+def knowledge_rows(rng, n, known, characters):
+    """Knowledge questions answered from the reference where the base model knows, refused where not."""
+    rows = []
+    for _ in range(n):
+        item = data.knowledge_item(rng, characters)
+        answer = item["reference"] if known.get(item["name"], 0) >= 0.5 else data.REFUSAL
+        rows.append({**data.conversation(item["question"], answer), "known": answer != data.REFUSAL})
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------------
+# Search-tool conversations (hallucination mitigation #2): the answer is read from the pasted snippet
+
+def search_rows(rng, n, search, tok):
+    """"Which line comes after ...?": the assistant searches for the line, and copies the next line out
+    of the snippet the engine pastes in (cut exactly as the engine cuts it)."""
+    rows = []
+    for _ in range(n * 20):
+        if len(rows) == n:
+            break
+        lines = rng.choice(search.passages)[1].splitlines()
+        k = rng.randrange(len(lines) - 1) if len(lines) > 1 else 0
+        line, following = lines[k].strip(), lines[k + 1].strip() if k + 1 < len(lines) else ""
+        if len(line.split()) < 5 or len(following.split()) < 3:
+            continue
+        pasted = tok.decode(tok.encode_ordinary(format_search_results(search.query(line, k=1)))[:MAX_TOOL_OUTPUT_TOKENS])
+        if f"{line}\n{following}" not in pasted:
+            continue  # the search did not bring the passage back whole: no honest answer to teach
+        question = f'Search the documents: which line comes after "{line}"?'
+        answer = (f"<|search_start|>{line}<|search_end|><|output_start|>{pasted}<|output_end|>\n"
+                  f'The next line is: "{following}"')
+        rows.append(data.conversation(question, answer))
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------------
+# The mixture
+
+def generated_rows(source, rng, n, cfg):
+    """n conversations of one model-free source of data.py."""
+    makers = {
+        "identity": lambda: data.identity_conversation(rng, SYSTEM_MESSAGE if rng.random() < 0.5 else None),
+        "word_problem": lambda: data.word_problem_conversation(rng, cfg.difficulty),
+        "word_problem_tool": lambda: data.word_problem_conversation(rng, cfg.difficulty, use_tool=True),
+        "arithmetic_tool": lambda: data.arithmetic_conversation(rng),
+        "counting_tool": lambda: data.counting_conversation(rng),
+        "unknown_name": lambda: data.unknown_name_conversation(rng),
+        "lecture": lambda: data.lecture_conversation(rng),
+    }
+    return [makers[source]() for _ in range(n)]
+
+
+def build_mixture(cfg, known, search, tok, split="train", seed=None, n=None):
+    """{source: [conversation rows]} of one split: n conversations shared out by MIXTURE. Rows of the other
+    split are drawn and thrown away, so a question's split never depends on the seed. `known`: the
+    interrogation's verdicts; `search`: the index the search examples query."""
+    rng = random.Random(cfg.seed if seed is None else seed)
+    n = cfg.conversations if n is None else n
+    characters = data.play_characters()
+    mixture = {}
+    for source, share in MIXTURE.items():
+        want, rows = max(1, round(n * share)), []
+        for _ in range(50):  # a held-out set needs ~10 draws per row; hand-written rows are never held out
+            if len(rows) >= want:
+                break
+            batch = (knowledge_rows(rng, want, known, characters) if source == "knowledge" else
+                     search_rows(rng, want, search, tok) if source == "search" else
+                     generated_rows(source, rng, want, cfg))
+            rows += [r for r in batch if r["split"] == split][:want - len(rows)]
+        mixture[source] = rows
+    return mixture
+
+
+def interrogate_base(cfg, engine, tok, log=print):
+    """Interrogate the base model about every character of the plays -> {name: share judged correct}."""
+    t0 = time.time()
+    known = interrogate(engine, tok, data.play_characters(), cfg.interrogate_samples, cfg.seed)
+    log(f"interrogation: the base model named the right play for {sum(v >= 0.5 for v in known.values())} of "
+        f"{len(known)} characters ({cfg.interrogate_samples} samples each, {time.time() - t0:.1f}s); the others "
+        f"get refusals")
+    return known
+
+
+# ----------------------------------------------------------------------------------------------------
+# Training
+
+def render_rows(tok, rows, seq_len, log=print):
+    """Conversations -> [(ids, mask)] for the model's context (seq_len + 1 tokens: inputs and the shifted
+    targets). Longer ones are cut: the start of a conversation is still a valid lesson."""
+    rendered, cut = [], 0
+    for row in rows:
+        ids, mask = render_conversation(tok, row["messages"])
+        cut += len(ids) > seq_len + 1
+        rendered.append((ids[:seq_len + 1], mask[:seq_len + 1]))
+    if cut:
+        log(f"{cut} of {len(rows)} conversations were longer than the context ({seq_len + 1}) and were cut")
+    return rendered
+
+
+def collate(batch, pad_id):
+    """[(ids, mask)] -> x, y of shape (B, longest - 1). y is the next token where the mask says the model
+    should produce it, and -1 (no loss) everywhere else: prompts, tool outputs and padding."""
+    width = max(len(ids) for ids, _ in batch) - 1
+    x = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    y = torch.full((len(batch), width), -1, dtype=torch.long)
+    for row, (ids, mask) in enumerate(batch):
+        ids, mask = torch.tensor(ids), torch.tensor(mask)
+        x[row, :len(ids) - 1] = ids[:-1]
+        y[row, :len(ids) - 1] = torch.where(mask[1:] == 1, ids[1:], -1)
+    return x, y
+
+
+def masked_loss(model, x, y, rt):
+    """-> (sum of cross-entropy over the trained positions, their count). Summed, not averaged, so a batch
+    with nothing to learn gives 0 (not 0/0 = NaN), and the caller can average over the whole step."""
+    with rt.autocast():
+        logits, _ = model(x)
+    loss = F.cross_entropy(logits.view(-1, logits.size(-1)), y.reshape(-1), ignore_index=-1, reduction="sum")
+    return loss, (y >= 0).sum()
+
+
+def train_step(model, optimizers, batch, lr_mult, cfg, rt, pad_id):
+    """One optimizer step on a batch of conversations -> (mean loss per trained token, grad norm, tokens).
+    A batch with no trained token at all changes nothing: there is no gradient to follow, and even a zero
+    gradient would move the weights through the optimizers' momentum."""
+    for opt_ in optimizers:
+        for group in opt_.param_groups:
+            group["lr"] = group["base_lr"] * lr_mult
+    x, y = collate(batch[rt.rank::rt.world], pad_id)
+    loss_sum, count = masked_loss(model, x.to(rt.device), y.to(rt.device), rt)
+    totals = torch.stack([loss_sum.detach(), count.float()])
+    all_reduce_mean([totals], rt)  # per process: mean loss sum and mean count of trained tokens
+    (loss_sum / totals[1].clamp(min=1)).backward()  # after averaging: the mean over all trained tokens
+    all_reduce_mean([p.grad for p in model.parameters()], rt)
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf")).item()
+    mean_loss = (totals[0] / totals[1].clamp(min=1)).item()
+    if totals[1] > 0 and math.isfinite(mean_loss) and math.isfinite(grad_norm):
+        for opt_ in optimizers:
+            opt_.step()
+    model.zero_grad(set_to_none=True)
+    return mean_loss, grad_norm, int(totals[1].item() * rt.world)
+
+
+@torch.no_grad()
+def heldout_loss(model, rendered, batch_size, rt, pad_id):
+    """Mean loss per assistant token on held-out conversations: how well the model imitates the labeler on
+    questions it never trained on."""
+    model.eval()
+    total, count = 0.0, 0
+    for k in range(0, len(rendered), batch_size):
+        x, y = collate(rendered[k:k + batch_size], pad_id)
+        loss_sum, n = masked_loss(model, x.to(rt.device), y.to(rt.device), rt)
+        total, count = total + loss_sum.item(), count + n.item()
+    model.train()
+    return total / max(count, 1)
+
+
+SAMPLE_CHATS = ("What is your name?", "What is 2+2?", "Who is Hamlet?")
+
+
+def print_samples(engine, tok, cfg):
+    prompts = [render_for_completion(tok, [{"role": "user", "content": q}]) for q in SAMPLE_CHATS]
+    for q, c in zip(SAMPLE_CHATS, engine.generate(prompts, max_tokens=48, temperature=0, seed=cfg.seed)):
+        print(f"  user: {q}\n  assistant: {tok.decode(c.tokens)!r}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Evaluation on held-out prompts (a different seed, and only "heldout" questions)
+
+def is_refusal(text):
+    return "don't believe i know" in text.lower() or "i'm sorry" in text.lower()
+
+
+def reply_texts(engine, tok, questions, cfg, chat=True):
+    """Greedy replies. chat=True: the question in the chat protocol (what the assistant sees); False: the
+    bare question as text (what a base model sees: the start of a document)."""
+    if chat:
+        prompts = [render_for_completion(tok, [{"role": "user", "content": q}]) for q in questions]
+    else:
+        prompts = [tok.encode(q + "\n") for q in questions]
+    completions = engine.generate(prompts, max_tokens=cfg.eval_tokens, temperature=0, seed=cfg.eval_seed)
+    return [(tok.decode(c.tokens).removesuffix("<|im_end|>"), c.finish) for c in completions]
+
+
+def tool_call_correct(text, answer):
+    """A correct code call (its expression evaluates to the answer) and a final answer line equal to it."""
+    calls = re.findall(r"<\|code_start\|>(.*?)<\|code_end\|>", text, re.S)
+    return any(run_code(c) == repr(answer) for c in calls) and data.extract_answer(text) == answer
+
+
+def heldout_items(make, want):
+    """Up to `want` items of make() -> (question, payload) whose question is held out, without repeats."""
+    items = {}
+    for _ in range(want * 200):
+        if len(items) == want:
+            break
+        question, payload = make()
+        if data.split_of(question) == "heldout":
+            items.setdefault(question, payload)
+    return list(items.items())
+
+
+def eval_sets(cfg, known):
+    """The held-out prompts of each skill: [(question, judge(reply) -> bool)]."""
+    rng, n = random.Random(cfg.eval_seed), cfg.eval_prompts
+
+    def question_and(row, key=None):
+        return row["messages"][-2]["content"], row.get(key)
+
+    known_characters = [c for c in data.play_characters() if known.get(c[0], 0) >= 0.5]
+    identity = heldout_items(lambda: question_and(data.identity_conversation(rng)), n)
+    problems = data.practice_problems(n, cfg.eval_seed, cfg.difficulty, split="heldout")
+    arithmetic = heldout_items(lambda: question_and(data.arithmetic_conversation(rng), "answer"), n)
+    unknown = heldout_items(lambda: question_and(data.unknown_name_conversation(rng)), n)
+    known_questions = heldout_items(lambda: (data.knowledge_item(rng, known_characters)["question"], None),
+                                    n) if known_characters else []
+    return {
+        "identity": [(q, lambda t: data.IDENTITY_NAME in t.lower()) for q, _ in identity],
+        "word_problem": [(p["question"], lambda t, a=p["answer"]: data.extract_answer(t) == a) for p in problems],
+        "tool": [(q, lambda t, a=a: tool_call_correct(t, a)) for q, a in arithmetic],
+        "refusal_unknown": [(q, is_refusal) for q, _ in unknown],
+        "answer_known": [(q, lambda t: not is_refusal(t)) for q, _ in known_questions],
+    }
+
+
+METRIC_OF = {"identity": "identity_rate", "word_problem": "word_problem_accuracy", "tool": "tool_accuracy",
+             "refusal_unknown": "refusal_unknown_rate", "answer_known": "answer_known_rate"}
+
+
+def evaluate_chat(engine, tok, sets, cfg, chat=True):
+    """-> (metrics, {skill: [(question, reply)]}). format_rate: replies that end with <|im_end|>."""
+    metrics, replies, finished = {}, {}, []
+    for skill, items in sets.items():
+        answers = reply_texts(engine, tok, [q for q, _ in items], cfg, chat) if items else []
+        metrics[METRIC_OF[skill]] = sum(judge(t) for (_, judge), (t, _) in zip(items, answers)) / max(len(items), 1)
+        finished += [finish == "stop" for _, finish in answers]
+        replies[skill] = [(q, t) for (q, _), (t, _) in zip(items, answers)]
+    metrics["format_rate"] = sum(finished) / max(len(finished), 1)
+    return metrics, replies
+
+
+def print_before_after(before, after, base_replies, sft_replies, sets):
+    """The lecture's before/after: the same held-out question to the base model (it continues a document)
+    and to the SFT model (it answers as the assistant)."""
+    print(f"\n{'metric (held-out prompts)':<28} {'base':>8} {'sft':>8}   n")
+    for skill, name in {**METRIC_OF, "format": "format_rate"}.items():
+        n = len(sets.get(skill, ())) if skill != "format" else sum(map(len, sets.values()))
+        print(f"{name:<28} {before[name]:8.2f} {after[name]:8.2f}   {n}")
+    print("\nthe same question, before (base: continues a document) and after (sft: answers):")
+    for skill in sets:
+        if sft_replies[skill]:
+            q, base_text = base_replies[skill][0]
+            print(f"  Q: {q}\n    base: {base_text[:100]!r}\n    sft:  {sft_replies[skill][0][1][:160]!r}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Loading checkpoints
+
+CHAT_TOKENS = ("<|im_start|>", "<|im_sep|>", "<|im_end|>", "<|code_start|>", "<|search_start|>")
+
+
+def load_model(path, rt, tokenizer=None):
+    """A checkpoint whose tokenizer speaks the chat protocol; `tokenizer` (a Tokenizer) must match it."""
+    model, tok, meta = load_checkpoint(path, device=rt.device, tokenizer=tokenizer)
+    missing = [t for t in CHAT_TOKENS if t not in tok.special_tokens]
+    if missing:
+        raise UserError(f"{checkpoint_file(path)}: its tokenizer lacks the chat tokens {', '.join(missing)}; "
+                        f"train the base model with this project's tokenizer ({len(SPECIAL_TOKENS)} special tokens)")
+    return model, tok, meta
+
+
+def given_tokenizer(path):
+    if not path:
+        return None
+    try:
+        return Tokenizer.load(path)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot load --tokenizer {path}: {e}") from None
+
+
+# ----------------------------------------------------------------------------------------------------
+# The mains
+
+def show_data(cfg):
+    """`--show-data`: the lecture's 2+2 conversation token by token, then a few rows of every source."""
+    rt = setup_runtime("cpu")
+    model, tok, _ = load_model(cfg.base, rt, given_tokenizer(cfg.tokenizer))
+    two_plus_two = list(data.LECTURE_CONVERSATIONS[0][:2])
+    ids, mask = render_conversation(tok, two_plus_two)
+    primed = render_for_completion(tok, two_plus_two[:1])
+    print("the lecture's conversation in the chat protocol (the lecture's GPT-4o tokenizer: 49 tokens, 52 with "
+          "the assistant primer):")
+    print(render_tokens(tok, ids, colour=use_colour()))
+    print(f"token ids: {ids}\nloss mask: {mask}\ntoken count: {len(ids)} "
+          f"(the prompt with the assistant primer: {len(primed)})\n")
+    known = interrogate_base(cfg, Engine(model, tok), tok)
+    mixture = build_mixture(cfg, known, Search(), tok, n=len(MIXTURE) * 40)
+    for source, rows in mixture.items():
+        print(f"== {source} ({MIXTURE[source]:.0%} of the mixture)")
+        for row in rows[:2]:
+            ids, _ = render_conversation(tok, row["messages"])
+            print(f"{tok.decode(ids)}\n   [{len(ids)} tokens]")
+    for path in cfg.data:
+        rows = data.read_conversations(path)
+        print(f"== {path}: {len(rows)} conversations")
+
+
+def finetune(cfg):
+    """Finetune the base checkpoint on the mixture; evaluate; write out/sft. -> the metrics."""
+    started = time.time()
+    rt = setup_runtime(cfg.device, cfg.dtype)
+    torch.manual_seed(cfg.seed)
+    log = print if rt.master else (lambda *a, **k: None)
+    extra = [row for path in cfg.data for row in data.read_conversations(path)]  # bad input fails first
+    model, tok, base_meta = load_model(cfg.base, rt, given_tokenizer(cfg.tokenizer))
+    seq_len, pad_id = model.config.seq_len, tok.special_id("<|endoftext|>")
+    engine, search = Engine(model, tok), Search()
+    known = interrogate_base(cfg, engine, tok, log)
+    mixture = build_mixture(cfg, known, search, tok)
+    heldout = build_mixture(cfg, known, search, tok, "heldout", cfg.eval_seed, max(200, cfg.conversations // 20))
+    rows = [r for rs in mixture.values() for r in rs] + extra
+    train_rows = render_rows(tok, rows, seq_len, log)
+    heldout_rows = render_rows(tok, [r for rs in heldout.values() for r in rs], seq_len, lambda *a: None)
+    log(f"SFT mixture: {len(train_rows):,} conversations, {sum(len(i) for i, _ in train_rows):,} tokens "
+        f"({sum(sum(m) for _, m in train_rows):,} trained on); " +
+        ", ".join(f"{k} {len(v)}" for k, v in mixture.items()) + (f", --data {len(extra)}" if extra else ""))
+    log(f"plan: {cfg.num_steps} steps x {cfg.batch_size} conversations = "
+        f"{cfg.num_steps * cfg.batch_size / max(len(train_rows), 1):.1f} passes over the mixture; base "
+        f"checkpoint {checkpoint_file(cfg.base)} (step {base_meta['step']}); device {rt.device}")
+    optimizers = build_optimizers(model, cfg, rt.device.type)
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    log_file = open(os.path.join(cfg.out_dir, "log.jsonl"), "w") if rt.master else None
+
+    def record(row):
+        if log_file:
+            log_file.write(json.dumps({**row, "elapsed": time.time() - started}) + "\n")
+            log_file.flush()
+
+    order = random.Random(cfg.seed)
+    loop_started = time.time()
+    for step in range(cfg.num_steps):
+        if cfg.eval_every and step % cfg.eval_every == 0 and step > 0:
+            loss = heldout_loss(model, heldout_rows, cfg.batch_size, rt, pad_id)
+            log(f"step {step}/{cfg.num_steps} | held-out loss {loss:.4f}")
+            record(dict(step=step, heldout_loss=loss))
+        if cfg.sample_every and step % cfg.sample_every == 0 and step > 0 and rt.master:
+            print_samples(engine, tok, cfg)
+        t0 = time.time()
+        mult = lr_multiplier(step, cfg.num_steps, cfg.warmup_steps, cfg.warmdown_frac, cfg.final_lr_frac)
+        batch = order.sample(train_rows, min(cfg.batch_size, len(train_rows)))
+        loss, grad_norm, tokens = train_step(model, optimizers, batch, mult, cfg, rt, pad_id)
+        if not math.isfinite(loss):
+            raise UserError(f"loss {loss} at step {step}: training diverged (try lower learning rates)")
+        dt = time.time() - t0
+        eta = (time.time() - loop_started) / (step + 1) * (cfg.num_steps - step - 1)
+        log(f"step {step + 1}/{cfg.num_steps} | loss {loss:.4f} | lr {mult:.3f}x | grad norm {grad_norm:.3f} | "
+            f"{tokens / dt:,.0f} trained tok/s | mfu - | elapsed {fmt_time(time.time() - started)} | eta {fmt_time(eta)}")
+        record(dict(step=step + 1, loss=loss, lr_mult=mult, grad_norm=grad_norm, dt=dt))
+    train_seconds = time.time() - loop_started
+    final_loss = heldout_loss(model, heldout_rows, cfg.batch_size, rt, pad_id)
+    record(dict(step=cfg.num_steps, heldout_loss=final_loss, final=True))
+    metrics = {}
+    if rt.master:
+        log(f"held-out loss {final_loss:.4f}; finetuning took {fmt_time(train_seconds)} "
+            f"(for scale: production SFT takes ~3 hours against ~3 months of pretraining)")
+        base_model, _, _ = load_model(cfg.base, rt, tok)
+        metrics = run_eval(cfg, Engine(base_model, tok), engine, tok, known)
+        metrics.update(heldout_loss=final_loss, train_seconds=train_seconds, conversations=len(train_rows))
+        save_checkpoint(os.path.join(cfg.out_dir, "model.pt"), model, tok, cfg.num_steps, cfg, metrics,
+                        stage="sft")
+        write_metrics(cfg.out_dir, metrics, known)
+        log_file.close()
+        log(f"-> {os.path.join(cfg.out_dir, 'model.pt')}, metrics.json ({fmt_time(time.time() - started)} wall)")
+    return metrics
+
+
+def run_eval(cfg, base_engine, sft_engine, tok, known):
+    sets = eval_sets(cfg, known)
+    before, base_replies = evaluate_chat(base_engine, tok, sets, cfg, chat=False)
+    after, sft_replies = evaluate_chat(sft_engine, tok, sets, cfg)
+    print_before_after(before, after, base_replies, sft_replies, sets)
+    return {**after, **{f"base_{k}": v for k, v in before.items()}}
+
+
+def write_metrics(out_dir, metrics, known):
+    with open(os.path.join(out_dir, "metrics.json"), "w") as f:
+        json.dump(metrics, f, indent=1)
+    with open(os.path.join(out_dir, "interrogation.json"), "w") as f:
+        json.dump(known, f, indent=1)
+
+
+@dataclass
+class EvalConfig:
+    checkpoint: str = opt(os.path.join("out", "sft", "model.pt"), "the finetuned checkpoint")
+    base: str = opt(os.path.join("out", "base", "model.pt"), "the base checkpoint it came from (the 'before')")
+    eval_prompts: int = opt(40, "held-out prompts per evaluated skill")
+    eval_tokens: int = opt(96, "most tokens of a reply")
+    difficulty: int = opt(DEFAULT_DIFFICULTY, "word-problem difficulty")
+    eval_seed: int = opt(4242, "seed of the held-out prompts")
+    device: str = opt("auto", "cuda, mps, cpu, or auto")
+
+
+def eval_main(argv):
+    cfg = parse_config(EvalConfig, argv, prog="sft.py eval",
+                       description="Held-out before/after evaluation of a finetuned checkpoint.")
+    rt = setup_runtime(cfg.device)
+    model, tok, _ = load_model(cfg.checkpoint, rt)
+    base_model, _, _ = load_model(cfg.base, rt, tok)  # the same tokenizer, or a clear error
+    known_path = os.path.join(os.path.dirname(checkpoint_file(cfg.checkpoint)), "interrogation.json")
+    if not os.path.exists(known_path):
+        raise UserError(f"{known_path} is missing: it is written by `python sft.py` next to the checkpoint")
+    with open(known_path) as f:
+        known = json.load(f)
+    metrics = run_eval(cfg, Engine(base_model, tok), Engine(model, tok), tok, known)
+    print(json.dumps({k: round(v, 4) for k, v in metrics.items()}))
+
+
+def main(argv):
+    if argv and argv[0] == "eval":
+        return eval_main(argv[1:])
+    cfg = parse_config(SFTConfig, argv, PRESETS, prog="sft.py", description=__doc__ + "\nsubcommands: eval (--help)")
+    if cfg.show_data:
+        return show_data(cfg)
+    finetune(cfg)
+
+
+if __name__ == "__main__":
+    run_cli(main)
