@@ -121,12 +121,17 @@ def interrogate(engine, tok, characters, samples, seed):
     teaches it how to speak, not new facts."""
     prompts = [tok.encode(INTERROGATION_PROMPT.format(name=name)) for name, _, _ in characters]
     completions = engine.generate(prompts, n=samples, max_tokens=10, temperature=1.0, top_k=50, seed=seed)
-    correct = {}
+    verdicts = {}
     for c in completions:
         name, _, title = characters[c.prompt_index]
         answer = tok.decode(c.tokens).split("\n")[0].lower()
-        correct[name] = correct.get(name, 0) + any(k in answer for k in title_keys(title)) / samples
-    return correct
+        verdicts.setdefault(name, []).append(any(k in answer for k in title_keys(title)))
+    return {name: sum(v) / len(v) for name, v in verdicts.items()}
+
+
+def knows(known, name):
+    """The verdict: the base model knows a character if most of its answers named the right play."""
+    return known.get(name, 0) >= 0.5
 
 
 def knowledge_rows(rng, n, known, characters):
@@ -134,7 +139,7 @@ def knowledge_rows(rng, n, known, characters):
     rows = []
     for _ in range(n):
         item = data.knowledge_item(rng, characters)
-        answer = item["reference"] if known.get(item["name"], 0) >= 0.5 else data.REFUSAL
+        answer = item["reference"] if knows(known, item["name"]) else data.REFUSAL
         rows.append({**data.conversation(item["question"], answer), "known": answer != data.REFUSAL})
     return rows
 
@@ -206,7 +211,7 @@ def interrogate_base(cfg, engine, tok, log=print):
     """Interrogate the base model about every character of the plays -> {name: share judged correct}."""
     t0 = time.time()
     known = interrogate(engine, tok, data.play_characters(), cfg.interrogate_samples, cfg.seed)
-    log(f"interrogation: the base model named the right play for {sum(v >= 0.5 for v in known.values())} of "
+    log(f"interrogation: the base model named the right play for {sum(knows(known, k) for k in known)} of "
         f"{len(known)} characters ({cfg.interrogate_samples} samples each, {time.time() - t0:.1f}s); the others "
         f"get refusals")
     return known
@@ -338,7 +343,7 @@ def eval_sets(cfg, known):
     def question_and(row, key=None):
         return row["messages"][-2]["content"], row.get(key)
 
-    known_characters = [c for c in data.play_characters() if known.get(c[0], 0) >= 0.5]
+    known_characters = [c for c in data.play_characters() if knows(known, c[0])]
     identity = heldout_items(lambda: question_and(data.identity_conversation(rng)), n)
     problems = data.practice_problems(n, cfg.eval_seed, cfg.difficulty, split="heldout")
     arithmetic = heldout_items(lambda: question_and(data.arithmetic_conversation(rng), "answer"), n)

@@ -227,3 +227,27 @@ def test_a_base_checkpoint_from_another_tokenizer_is_refused(tmp_path):
     r = subprocess.run([PY, "sft.py", "--base", path, "--tokenizer", str(other)], cwd=HERE, capture_output=True,
                        text=True)
     assert r.returncode == 2 and "tokenizer" in r.stderr and r.stderr.count("\n") == 1
+
+
+@pytest.mark.slow
+def test_end_to_end_tiny_run_writes_a_usable_checkpoint_and_metrics(tmp_path):
+    tok = byte_tokenizer()
+    base = str(tmp_path / "base.pt")
+    save_checkpoint(base, small_model(tok), tok, 0, {})
+    out = tmp_path / "sft"
+    r = subprocess.run([PY, "sft.py", "--base", base, "--out-dir", str(out), "--num-steps", "2", "--conversations",
+                        "60", "--eval-prompts", "2", "--eval-tokens", "8", "--interrogate-samples", "1"],
+                       cwd=HERE, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    metrics = json.loads((out / "metrics.json").read_text())
+    for key in ("format_rate", "identity_rate", "refusal_unknown_rate", "answer_known_rate", "tool_accuracy",
+                "word_problem_accuracy", "train_seconds"):
+        assert key in metrics
+        assert key == "train_seconds" or 0 <= metrics[key] <= 1
+    assert "step 2/2" in r.stdout and "base" in r.stdout and (out / "log.jsonl").exists()
+    model, loaded_tok, meta = sft.load_model(str(out / "model.pt"), setup_runtime("cpu"), tok)
+    assert meta["stage"] == "sft" and meta["metrics"]["format_rate"] == metrics["format_rate"]
+    r = subprocess.run([PY, "sft.py", "eval", "--checkpoint", str(out), "--base", base, "--eval-prompts", "2",
+                        "--eval-tokens", "8"], cwd=HERE, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout.strip().splitlines()[-1])["format_rate"] == metrics["format_rate"]
