@@ -73,7 +73,8 @@ def gsm8k_problems(n, split, folder):
         for line in f:
             row = json.loads(line)
             final = row["answer"].rsplit("####", 1)[-1]
-            problems.append({"question": row["question"], "answer": data.extract_answer(f"{data.ANSWER_PREFIX} {final}")})
+            answer = data.extract_answer(f"{data.ANSWER_PREFIX} {final}")
+            problems.append({"question": row["question"], "answer": answer})
     return problems[:n]
 
 
@@ -240,7 +241,7 @@ def heldout_scores(engine, tok, problems, cfg):
     pass1 = rewards_of(tok, greedy, problems, 1).mean().item()
     passk = rewards_of(tok, sampled, problems, cfg.pass_k).view(-1, cfg.pass_k).amax(dim=1).mean().item()
     length = sum(len(c.tokens) for c in greedy) / len(greedy)
-    return dict(pass1=pass1, passk=passk, length=length)
+    return dict(pass1=pass1, passk=passk, length=length, example=assistant_content(tok, greedy[0]))
 
 
 # ====================================================================================================
@@ -262,7 +263,8 @@ def show_attempts(tok, problem, completions, rewards, weights, algo, colour):
     print(f"  {int(rewards.sum())} of {len(rewards)} attempts got the right answer:")
     for c, r, w in zip(completions, rewards.tolist(), weights.tolist()):
         tag = ("kept" if w > 0 else "") if algo == "best" else f"{w:+.2f}"
-        line = f"    {'right' if r else 'wrong'} {tag:>5} ({len(c.tokens):3d} tok) {one_line(assistant_content(tok, c))}"
+        text = one_line(assistant_content(tok, c))
+        line = f"    {'right' if r else 'wrong'} {tag:>5} ({len(c.tokens):3d} tok) {text}"
         print(f"{GREEN if r else RED}{line}{RESET}" if colour else line)
 
 
@@ -393,15 +395,17 @@ def rl_step(step, problems, learner, cfg):
     tok = learner.tok
     prompts = [prompt_ids(tok, p["question"], cfg.use_tool) for p in problems]
     t0 = time.time()
-    completions = learner.engine.generate(prompts, n=cfg.samples, max_tokens=cfg.max_tokens, temperature=cfg.temperature,
-                                  top_k=cfg.top_k or None, seed=cfg.seed * 100_003 + step)
+    completions = learner.engine.generate(prompts, n=cfg.samples, max_tokens=cfg.max_tokens,
+                                          temperature=cfg.temperature, top_k=cfg.top_k or None,
+                                          seed=cfg.seed * 100_003 + step)
     t1 = time.time()
     rewards = rewards_of(tok, completions, problems, cfg.samples)
     lengths = [len(c.tokens) for c in completions]
     weights = attempt_weights(cfg, rewards, lengths)
     inputs, targets = pack(tok, [p for p in prompts for _ in range(cfg.samples)], completions)
     lr_mult = lr_multiplier(step, cfg.num_steps, 0, cfg.warmdown_frac, 0.0)
-    kl = learn(learner.policy, learner.reference, learner.optimizers, inputs, targets, weights, cfg, learner.rt, lr_mult)
+    kl = learn(learner.policy, learner.reference, learner.optimizers, inputs, targets, weights, cfg, learner.rt,
+               lr_mult)
     t2 = time.time()
     groups = rewards.view(-1, cfg.samples)
     no_signal = (groups.amax(dim=1) == groups.amin(dim=1)).float().mean().item()
@@ -439,7 +443,8 @@ def train(cfg):
     evals = [evaluate(0)]
     history, rl_seconds = [], 0.0
     for step in range(cfg.num_steps):
-        problems = train_problems[step * cfg.problems_per_step:(step + 1) * cfg.problems_per_step]
+        first = step * cfg.problems_per_step  # a finite set (GSM8K) is gone through again from its start
+        problems = [train_problems[(first + i) % len(train_problems)] for i in range(cfg.problems_per_step)]
         row, completions, rewards, weights = rl_step(step, problems, learner, cfg)
         rl_seconds += row["sample_s"] + row["learn_s"]
         history.append(row)
@@ -467,6 +472,8 @@ def train(cfg):
     with open(os.path.join(cfg.out_dir, "metrics.json"), "w") as f:
         json.dump(metrics, f, indent=1)
     print(write_curves(cfg.out_dir, history, evals))
+    print(f"the same held-out problem before and after RL (greedy):\n  Q: {heldout[0]['question']}  "
+          f"[answer {heldout[0]['answer']}]\n  SFT: {before['example']!r}\n  RL:  {after['example']!r}")
     print(f"held-out pass@1 {before['pass1']:.3f} -> {after['pass1']:.3f} | pass@{cfg.pass_k} "
           f"{before['passk']:.3f} -> {after['passk']:.3f} | {fmt_time(rl_seconds)} of RL "
           f"({fmt_time(metrics['wall_seconds'])} wall with evaluations) -> {cfg.out_dir}")

@@ -89,7 +89,8 @@ def attempts(tok):
     right.sampled = [1] * len(right.tokens)
     call = tok.encode("<|code_start|>2-3<|code_end|><|output_start|>-1<|output_end|>The answer is -1.<|im_end|>",
                       allowed_special="all")
-    forced_from, forced_to = call.index(tok.special_id("<|output_start|>")), call.index(tok.special_id("<|output_end|>"))
+    forced_from = call.index(tok.special_id("<|output_start|>"))
+    forced_to = call.index(tok.special_id("<|output_end|>"))
     wrong = Completion(0, call, [0 if forced_from <= i <= forced_to else 1 for i in range(len(call))], "stop")
     return [prompt, prompt], [right, wrong]
 
