@@ -4,6 +4,7 @@ bench.py -- measured speed and quality, side by side with the peers, in one run 
     python bench.py tokenizer   # train time, encode MB/s, bytes/token vs rustbpe, HF tokenizers, tiktoken
     python bench.py digits      # how the digit grouping of the split regex was chosen
     python bench.py data        # tokenizing the embedded corpus into shards on 1 and 2 processes
+    python bench.py train       # a full tiny pretraining run: tokens/s, memory, time to 2.2 bits per byte
     python bench.py infer       # KV-cache decoding vs recomputing the whole sequence, prefill speed
 
 Each benchmark prints a table and one JSON line, and rewrites its own section of BENCHMARKS.md (with the
@@ -17,13 +18,15 @@ import platform
 import random
 import resource
 import subprocess
-import tempfile
 import sys
+import tempfile
 import time
 
 import regex
+import torch
 
 import data
+import train_gpt
 from tokenizer import SPECIAL_TOKENS, Tokenizer, available_cpus, gpt4_encoding, split_pattern
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -298,12 +301,71 @@ Speed-up with 2 processes: {figures['data_tokenize_speedup_2proc']}x.
 
 
 # ----------------------------------------------------------------------------------------------------
+# bench.py train
+
+def peak_memory_mb(device_type):
+    """Peak memory of this process: GPU memory allocated by torch on CUDA, resident set size on CPU."""
+    if device_type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def seconds_to_reach(log_path, target_bpb):
+    """Wall time (since launch) of the first validation at or below target_bpb in a run's log; None if never."""
+    with open(log_path) as f:
+        for row in map(json.loads, f):
+            if row.get("val_bpb", float("inf")) <= target_bpb:
+                return row["elapsed"]
+    return None
+
+
+def measure_train(preset="tiny", target_bpb=2.2, out_dir=os.path.join("out", "bench", "train"), **overrides):
+    """Train `preset` (with any TrainConfig field overridden) and return the benchmark's figures as a dict.
+    Validation runs every eval_every steps (default: every tenth of the run) so the time to target is seen."""
+    fields = {**train_gpt.PRESETS[preset], "out_dir": out_dir, "sample_every": 0, **overrides}
+    cfg = train_gpt.TrainConfig(**fields)
+    if "eval_every" not in overrides:
+        cfg.eval_every = max(1, cfg.num_steps // 10)
+    started = time.time()
+    metrics = train_gpt.train(cfg)
+    device = train_gpt.setup_runtime(cfg.device, cfg.dtype).device
+    return dict(
+        preset=preset, device=str(device), params=metrics["params"], tokens=metrics["tokens"],
+        tokens_per_second=metrics["tokens_per_second"], mfu=metrics["mfu"],
+        peak_memory_mb=peak_memory_mb(device.type), val_bpb=metrics["val_bpb"], target_bpb=target_bpb,
+        seconds_to_target=seconds_to_reach(os.path.join(out_dir, "log.jsonl"), target_bpb),
+        wall_seconds=time.time() - started,
+    )
+
+
+def bench_train(args):
+    figures = measure_train(args.preset, target_bpb=args.target_bpb)
+    print(json.dumps({"bench": "train", **figures}))
+    header = ["preset", "device", "params", "tokens", "tokens/s", "MFU", "peak memory MB", "val bpb",
+              f"s to bpb {args.target_bpb}", "wall s"]
+    row = [figures["preset"], figures["device"], f"{figures['params']:,}", f"{figures['tokens']:,}",
+           f"{figures['tokens_per_second']:,.0f}", "n/a" if figures["mfu"] is None else f"{figures['mfu']:.1%}",
+           f"{figures['peak_memory_mb']:,.0f}", f"{figures['val_bpb']:.4f}",
+           "not reached" if figures["seconds_to_target"] is None else f"{figures['seconds_to_target']:.0f}",
+           f"{figures['wall_seconds']:.0f}"]
+    print_table(header, [row])
+    write_section(f"train-{args.preset}", f"""
+## Pretraining: the `{args.preset}` preset
+
+`python bench.py train --preset {args.preset} --target-bpb {args.target_bpb}` — {machine()}. The full run of
+`python train_gpt.py --preset {args.preset}` (validation every tenth of the run, no samples), on the embedded
+corpus; val bpb on the whole held-out split.
+
+{markdown_table(header, [row])}
+""")
+
+
+# ----------------------------------------------------------------------------------------------------
 # bench.py infer
 
 def decode_with_cache(model, batch, prompt_len, steps):
     """Greedy decoding the way the engine does it: prefill once, then one token per forward pass.
     -> (prefill seconds, decode seconds)."""
-    import torch
     from train_gpt import KVCache
     cache = KVCache(model.config, batch, "cpu")
     prompt = torch.randint(0, model.config.vocab_size, (batch, prompt_len))
@@ -317,7 +379,6 @@ def decode_with_cache(model, batch, prompt_len, steps):
 
 def decode_by_recompute(model, batch, prompt_len, steps):
     """The naive loop: the whole sequence goes through the model again for every new token."""
-    import torch
     sequence = torch.randint(0, model.config.vocab_size, (batch, prompt_len))
     started = time.perf_counter()
     for _ in range(steps):
@@ -327,7 +388,6 @@ def decode_by_recompute(model, batch, prompt_len, steps):
 
 
 def bench_infer(args):
-    import torch
     from train_gpt import GPT, GPTConfig
     torch.manual_seed(0)
     # the tiny preset's shape, with a context long enough for the prompt and all generated tokens
@@ -376,6 +436,10 @@ def main():
     data_bench = sub.add_parser("data", help="tokenizing the embedded corpus into shards, 1 vs 2 processes")
     data_bench.add_argument("--repeats", type=int, default=3)
     data_bench.set_defaults(run=bench_data)
+    train = sub.add_parser("train", help="a full pretraining run: tokens/s, MFU, memory, time to a val bpb")
+    train.add_argument("--preset", default="tiny")
+    train.add_argument("--target-bpb", type=float, default=2.2)
+    train.set_defaults(run=bench_train)
     infer = sub.add_parser("infer", help="KV-cache decoding against recompute")
     infer.add_argument("--prompt", type=int, default=32, help="prompt tokens")
     infer.add_argument("--tokens", type=int, default=512, help="generated tokens")

@@ -566,8 +566,7 @@ def load_checkpoint(path, device="cpu", tokenizer=None):
         first_line = (str(e).strip().splitlines() or [""])[0]
         raise UserError(f"{path} is not a readable scratchgpt checkpoint ({type(e).__name__}: {first_line})") from None
     if tokenizer is None:
-        names = sorted(saved["special_tokens"], key=saved["special_tokens"].get)
-        tokenizer = Tokenizer(saved["merges"], saved["pattern"], names)
+        tokenizer = Tokenizer.from_json(saved, source=f"the tokenizer inside {path}")
     elif tokenizer.hash() != meta["tokenizer_hash"]:
         raise UserError(f"{path} was trained with tokenizer {meta['tokenizer_hash']} but the given tokenizer is "
                         f"{tokenizer.hash()} (vocab {tokenizer.vocab_size} vs model's {model_config.vocab_size})")
@@ -620,7 +619,7 @@ class TrainConfig:
     eval_tokens: int = opt(32768, "validation tokens per intermediate evaluation (the final one reads all)")
     sample_every: int = opt(50, "steps between generated samples (0 = never)")
     sample_tokens: int = opt(64, "tokens per generated sample")
-    save_every: int = opt(0, "steps between checkpoints (0 = only at the end)")
+    save_every: int = opt(50, "steps between checkpoints, so a killed run can --resume (0 = only at the end)")
     # where and how
     device: str = opt("auto", "cuda, mps, cpu, or auto")
     dtype: str = opt("auto", "autocast dtype: auto (bfloat16 on CUDA), float32, bfloat16")
@@ -841,11 +840,88 @@ def write_results(cfg, metrics, losses):
     curve = ascii_curve(losses)
     with open(os.path.join(cfg.out_dir, "loss_curve.txt"), "w") as f:
         f.write(curve + "\n")
-    with open(os.path.join(cfg.out_dir, "metrics.json"), "w") as f:
-        json.dump(metrics, f, indent=1)
+    write_metrics(cfg.out_dir, metrics)
     print(f"training loss over this run:\n{curve}")
     print(f"final: val bpb {metrics['val_bpb']:.4f} (val loss {metrics['val_loss']:.4f}) after "
           f"{metrics['tokens']:,} tokens; {fmt_time(metrics['wall_seconds'])} wall -> {cfg.out_dir}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# The report card: every stage's headline figures in one place (out/report.md, out/report.json)
+
+REPORT_STAGES = {  # stage folder -> (what it is, the figures that show its effect)
+    "tokenizer": ("text -> tokens", ["vocab_size", "bytes_per_token", "train_seconds"]),
+    "base": ("pretraining: a document simulator", ["val_bpb", "params", "tokens", "train_seconds"]),
+    "sft": ("finetuning on conversations: an assistant", ["format_rate", "identity_rate", "refusal_unknown_rate",
+                                                         "answer_known_rate", "tool_accuracy",
+                                                         "word_problem_accuracy", "train_seconds"]),
+    "rl": ("practice problems: reinforce what is right", ["pass1_before", "pass1_after", "passk_before",
+                                                         "passk_after", "k", "train_seconds"]),
+    "rlhf": ("a reward model from rankings, and its limits", ["rm_pair_accuracy", "true_reward_sft",
+                                                             "true_reward_final", "proxy_reward_final",
+                                                             "hack_true_peak", "hack_true_final",
+                                                             "hack_proxy_final", "train_seconds"]),
+}
+CURVE_FILES = ("loss_curve.txt", "curves.txt")
+
+
+def write_metrics(out_dir, metrics):
+    """A stage's headline figures -> out_dir/metrics.json (atomically), then refresh the report card in
+    the folder above, so the report always shows every stage that has finished."""
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, "metrics.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump(metrics, f, indent=1)
+    os.replace(path + ".tmp", path)
+    write_report(os.path.dirname(os.path.abspath(out_dir)))
+
+
+def write_report(root):
+    """Gather root/<stage>/metrics.json of every stage that has one into root/report.json and a
+    readable root/report.md (with the curves the stages drew)."""
+    stages = {}
+    for stage in REPORT_STAGES:
+        path = os.path.join(root, stage, "metrics.json")
+        if os.path.exists(path):
+            with open(path) as f:
+                stages[stage] = json.load(f)
+    import platform  # only here: nothing else needs it
+    machine = f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, " + \
+        (torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU")
+    lines = ["# scratchgpt report card", "", f"Machine: {machine}", ""]
+    for stage, figures in stages.items():
+        title, keys = REPORT_STAGES[stage]
+        lines += [f"## {stage}: {title}", "", "| figure | value |", "|---|---|"]
+        lines += [f"| {key} | {format_figure(figures[key])} |" for key in keys if key in figures]
+        for name in CURVE_FILES:
+            curve = os.path.join(root, stage, name)
+            if os.path.exists(curve):
+                with open(curve) as f:
+                    lines += ["", f"`{stage}/{name}`:", "", "```", f.read().rstrip(), "```"]
+        lines.append("")
+    for name, text in (("report.json", json.dumps({"machine": machine, "stages": stages}, indent=1)),
+                       ("report.md", "\n".join(lines))):
+        with open(os.path.join(root, name + ".tmp"), "w") as f:
+            f.write(text + "\n")
+        os.replace(os.path.join(root, name + ".tmp"), os.path.join(root, name))
+
+
+def format_figure(value):
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, int) and value >= 10_000:
+        return f"{value:,}"
+    return str(value)
+
+
+def report_main(argv):
+    """`python train_gpt.py report [DIR]`: rebuild DIR/report.md (default out/) and print it."""
+    root = argv[0] if argv else "out"
+    if not os.path.isdir(root):
+        raise UserError(f"no {root}/ folder: run a stage first (bash run.sh)")
+    write_report(root)
+    with open(os.path.join(root, "report.md")) as f:
+        print(f.read())
 
 
 def train(cfg):
@@ -1032,11 +1108,11 @@ def demo_main(argv):
 
 
 def main(argv):
-    commands = {"eval": eval_main, "demo": demo_main}
+    commands = {"eval": eval_main, "demo": demo_main, "report": report_main}
     if argv and argv[0] in commands:
         return commands[argv[0]](argv[1:])
     cfg = parse_config(TrainConfig, argv, PRESETS, prog="train_gpt.py",
-                       description=__doc__ + "\nsubcommands: eval (--help), demo (--help)")
+                       description=__doc__ + "\nsubcommands: eval (--help), demo (--help), report [DIR]")
     try:
         train(cfg)
     finally:
