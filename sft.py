@@ -36,7 +36,6 @@ import math
 import os
 import random
 import re
-import sys
 import time
 from dataclasses import dataclass
 
@@ -94,7 +93,7 @@ PRESETS = {
 
 # The SFT mixture: what share of the generated conversations each labeler's task gets.
 MIXTURE = {
-    "identity": 0.14, "word_problem": 0.20, "word_problem_tool": 0.10, "arithmetic_tool": 0.15,
+    "identity": 0.10, "word_problem": 0.20, "word_problem_tool": 0.10, "arithmetic_tool": 0.19,
     "counting_tool": 0.08, "unknown_name": 0.10, "knowledge": 0.13, "search": 0.05, "lecture": 0.05,
 }
 
@@ -135,10 +134,13 @@ def knows(known, name):
 
 
 def knowledge_rows(rng, n, known, characters):
-    """Knowledge questions answered from the reference where the base model knows, refused where not."""
+    """Knowledge questions answered from the reference where the base model knows, refused where not.
+    Half of them ask about characters it knows: those are few (a small model knows little), and without
+    the extra weight the refusal, the majority answer, would swallow them."""
+    known_characters = [c for c in characters if knows(known, c[0])]
     rows = []
     for _ in range(n):
-        item = data.knowledge_item(rng, characters)
+        item = data.knowledge_item(rng, known_characters if known_characters and rng.random() < 0.5 else characters)
         answer = item["reference"] if knows(known, item["name"]) else data.REFUSAL
         rows.append({**data.conversation(item["question"], answer), "known": answer != data.REFUSAL})
     return rows

@@ -99,9 +99,9 @@ def test_targets_are_exactly_the_assistant_spans_with_tool_calls_never_tool_outp
     assert out_start not in trained and tok.special_id("<|output_end|>") not in trained
 
 
-def small_model(tok, seed=0):
+def small_model(tok, seed=0, seq_len=128):
     torch.manual_seed(seed)
-    return GPT(GPTConfig(vocab_size=tok.vocab_size, seq_len=128, n_layer=1, n_embd=32, n_head=2, n_kv_head=2))
+    return GPT(GPTConfig(vocab_size=tok.vocab_size, seq_len=seq_len, n_layer=1, n_embd=32, n_head=2, n_kv_head=2))
 
 
 def test_padding_is_ignored_and_a_fully_masked_batch_gives_a_finite_loss_and_no_update():
@@ -233,7 +233,7 @@ def test_a_base_checkpoint_from_another_tokenizer_is_refused(tmp_path):
 def test_end_to_end_tiny_run_writes_a_usable_checkpoint_and_metrics(tmp_path):
     tok = byte_tokenizer()
     base = str(tmp_path / "base.pt")
-    save_checkpoint(base, small_model(tok), tok, 0, {})
+    save_checkpoint(base, small_model(tok, seq_len=512), tok, 0, {})  # byte tokens: prompts need room
     out = tmp_path / "sft"
     r = subprocess.run([PY, "sft.py", "--base", base, "--out-dir", str(out), "--num-steps", "2", "--conversations",
                         "60", "--eval-prompts", "2", "--eval-tokens", "8", "--interrogate-samples", "1"],
