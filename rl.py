@@ -105,7 +105,10 @@ def is_correct(text, answer):
 
 
 def rewards_of(tok, completions, problems, samples):
-    """1.0 for every attempt whose final answer is right, else 0.0 (attempt i answers problem i // samples)."""
+    """1.0 for every attempt whose final answer is right, else 0.0 (attempt i answers problem i // samples).
+    The reward sees only the final answer, so a right answer reached by wrong steps (a lucky guess: the answers
+    here are small numbers) earns the same 1.0; only over many problems do the steps that really work stand
+    out from luck."""
     return torch.tensor([float(is_correct(assistant_content(tok, c), problems[i // samples]["answer"]))
                          for i, c in enumerate(completions)])
 
@@ -320,9 +323,9 @@ class RLConfig:
     clip_eps: float = opt(0.2, "PPO ratio clipping range (acts only when --updates-per-batch > 1)")
     updates_per_batch: int = opt(1, "optimizer steps on each batch of attempts")
     # the optimizer (train_gpt.py's Muon + AdamW), gentler than pretraining: small steps on a trained model
-    matrix_lr: float = opt(0.005, "Muon learning rate for the matrices inside the blocks")
-    embed_lr: float = opt(0.02, "AdamW learning rate for the token embedding")
-    head_lr: float = opt(0.001, "AdamW learning rate for the output head")
+    matrix_lr: float = opt(0.002, "Muon learning rate for the matrices inside the blocks (SFT: 0.02)")
+    embed_lr: float = opt(0.005, "AdamW learning rate for the token embedding (SFT: 0.15)")
+    head_lr: float = opt(0.0003, "AdamW learning rate for the output head (SFT: 0.004)")
     muon_momentum: float = opt(0.9, "Muon momentum")
     adam_beta1: float = opt(0.8, "AdamW beta1")
     adam_beta2: float = opt(0.95, "AdamW beta2")
@@ -330,7 +333,7 @@ class RLConfig:
     grad_clip: float = opt(1.0, "clip the gradient norm to this (0 = no clipping)")
     micro_batch: int = opt(32, "attempts per forward/backward pass")
     # watching it learn
-    eval_every: int = opt(10, "steps between held-out evaluations (0 = only before and after)")
+    eval_every: int = opt(20, "steps between held-out evaluations (0 = only before and after)")
     eval_problems: int = opt(200, "held-out problems per evaluation")
     pass_k: int = opt(8, "k of pass@k: attempts per held-out problem")
     eval_rows: int = opt(256, "most attempts decoded at once when evaluating (KV-cache memory)")
