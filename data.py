@@ -46,6 +46,7 @@ import os
 import random
 import re
 import signal
+import string
 import sys
 import tarfile
 import tempfile
@@ -1436,12 +1437,12 @@ def play_characters(split="train"):
         heading = PERSONS_HEADING.search(text[:3000])
         if not heading:
             continue
-        title = text.split("\n", 1)[0].strip().title()
+        title = string.capwords(text.split("\n", 1)[0].strip().lower())  # "ALL'S WELL" -> "All's Well"
         persons = text[heading.end():heading.end() + 3000]
         persons = persons[:m.start()] if (m := LIST_END.search(persons)) else persons
         for line in persons.splitlines():
             if m := PERSON_LINE.match(line.strip()):
-                name = m.group(1).strip().title()
+                name = string.capwords(m.group(1).strip().lower())
                 if len(name.split()) <= 2 and name.split()[0] not in ("King", "Duke", "Prince", "Queen", "Lord"):
                     found.append((name, m.group(2).strip(), title))
     return sorted(set(found))
