@@ -60,7 +60,7 @@ import numpy as np
 import requests
 import torch
 
-from tokenizer import Tokenizer, _check_messages, available_cpus, batched_texts, train_and_save
+from tokenizer import Tokenizer, check_messages, available_cpus, batched_texts, train_and_save
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 EMBEDDED_DIR = os.path.join(HERE, "data")
@@ -1496,7 +1496,7 @@ def read_conversations(path):
                     row = json.loads(line)
                     if not isinstance(row, dict) or "messages" not in row:
                         raise ValueError('expected an object with a "messages" list')
-                    _check_messages(row["messages"])
+                    check_messages(row["messages"])
                     if not any(m["role"] == "assistant" for m in row["messages"]):
                         raise ValueError("no assistant message: nothing to learn from")
                 except ValueError as e:  # json.JSONDecodeError is a ValueError too

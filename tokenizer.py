@@ -517,7 +517,7 @@ def _tokenizer_json_problem(data):
 ROLES = ("system", "user", "assistant")
 
 
-def _check_messages(messages):
+def check_messages(messages):
     if not isinstance(messages, (list, tuple)) or not messages:
         raise ValueError("a conversation must be a non-empty list of messages")
     for k, message in enumerate(messages):
@@ -579,7 +579,7 @@ def render_conversation(tok, messages):
     mask[i] = 1 where the model should learn to produce ids[i]: the assistant's content, its tool calls
     and its closing <|im_end|>. Everything else -- system and user turns, the turn headers, tool outputs
     -- is context only (mask 0)."""
-    _check_messages(messages)
+    check_messages(messages)
     im_start, im_sep, im_end = (tok.special_id(n) for n in ("<|im_start|>", "<|im_sep|>", "<|im_end|>"))
     ids, mask = [], []
 
@@ -602,7 +602,7 @@ def render_conversation(tok, messages):
 def render_for_completion(tok, messages):
     """The prompt for sampling a reply: the conversation so far, which must end with a user turn, then
     `<|im_start|>assistant<|im_sep|>` -- the model continues from there until it emits <|im_end|>."""
-    _check_messages(messages)
+    check_messages(messages)
     if messages[-1]["role"] != "user":
         raise ValueError(f"message {len(messages) - 1}: the conversation to complete must end with a "
                          f"user message, not {messages[-1]['role']!r}")
