@@ -6,6 +6,7 @@ bench.py -- measured speed and quality, side by side with the peers, in one run 
     python bench.py data        # tokenizing the embedded corpus into shards on 1 and 2 processes
     python bench.py train       # a full tiny pretraining run: tokens/s, memory, time to 2.2 bits per byte
     python bench.py infer       # KV-cache decoding vs recomputing the whole sequence, prefill speed
+    python bench.py rl          # an RL step: rollout tokens/s, sampling vs learning time
 
 Each benchmark prints a table and one JSON line, and rewrites its own section of BENCHMARKS.md (with the
 command and the machine), leaving the other sections alone. Peers are benchmark-only dependencies: the
@@ -26,6 +27,7 @@ import regex
 import torch
 
 import data
+import rl
 import train_gpt
 from tokenizer import SPECIAL_TOKENS, Tokenizer, available_cpus, gpt4_encoding, split_pattern
 
@@ -361,6 +363,48 @@ corpus; val bpb on the whole held-out split.
 
 
 # ----------------------------------------------------------------------------------------------------
+# bench.py rl
+
+def measure_rl(checkpoint=os.path.join("out", "sft"), steps=5, **overrides):
+    """`steps` RL steps of the tiny preset (any RLConfig field overridden) -> the figures as a dict. The first
+    step is left out of the averages: it pays for cold caches and memory allocation."""
+    cfg = rl.RLConfig(checkpoint=checkpoint, num_steps=steps + 1, show_every=0, **overrides)
+    learner = rl.make_learner(cfg)
+    problems = rl.practice_set(cfg, cfg.num_steps * cfg.problems_per_step, "train")
+    rows = [rl.rl_step(step, problems[step * cfg.problems_per_step:(step + 1) * cfg.problems_per_step], learner, cfg)[0]
+            for step in range(cfg.num_steps)][1:]
+    attempts = cfg.problems_per_step * cfg.samples
+    sample_s = sum(r["sample_s"] for r in rows)
+    learn_s = sum(r["learn_s"] for r in rows)
+    return dict(
+        checkpoint=checkpoint, device=str(learner.rt.device), algo=cfg.algo, attempts_per_step=attempts,
+        mean_response_tokens=sum(r["length"] for r in rows) / len(rows),
+        rollout_tokens_per_second=sum(r["length"] * attempts for r in rows) / sample_s,
+        sample_seconds_per_step=sample_s / len(rows), learn_seconds_per_step=learn_s / len(rows),
+        sampling_share=sample_s / (sample_s + learn_s), steps_timed=len(rows),
+    )
+
+
+def bench_rl(args):
+    figures = measure_rl(args.checkpoint, args.steps)
+    print(json.dumps({"bench": "rl", **figures}))
+    header = ["attempts/step", "mean response tokens", "rollout tok/s", "sampling s/step", "learning s/step",
+              "sampling share"]
+    row = [figures["attempts_per_step"], f"{figures['mean_response_tokens']:.1f}",
+           f"{figures['rollout_tokens_per_second']:,.0f}", f"{figures['sample_seconds_per_step']:.2f}",
+           f"{figures['learn_seconds_per_step']:.2f}", f"{figures['sampling_share']:.0%}"]
+    print_table(header, [row])
+    write_section("rl", f"""
+## RL: where a step's time goes
+
+`python bench.py rl --checkpoint {args.checkpoint} --steps {args.steps}` — {machine()}. rl.py's own step
+(`--algo {figures['algo']}`, tiny-preset defaults), the first step left out of the averages.
+
+{markdown_table(header, [row])}
+""")
+
+
+# ----------------------------------------------------------------------------------------------------
 # bench.py infer
 
 def decode_with_cache(model, batch, prompt_len, steps):
@@ -442,6 +486,10 @@ def main():
     train.add_argument("--preset", default="tiny")
     train.add_argument("--target-bpb", type=float, default=2.2)
     train.set_defaults(run=bench_train)
+    rl_bench = sub.add_parser("rl", help="RL step time: sampling (rollout tok/s) vs learning")
+    rl_bench.add_argument("--checkpoint", default=os.path.join("out", "sft"))
+    rl_bench.add_argument("--steps", type=int, default=5)
+    rl_bench.set_defaults(run=bench_rl)
     infer = sub.add_parser("infer", help="KV-cache decoding against recompute")
     infer.add_argument("--prompt", type=int, default=32, help="prompt tokens")
     infer.add_argument("--tokens", type=int, default=512, help="generated tokens at batch 1")
