@@ -2034,7 +2034,7 @@ def test_same_seed_same_run(rl_checkpoint, tmp_path):
     (["--checkpoint", "no/such/dir"], "no checkpoint at"),
     (["--num-steps", "three"], "invalid int value"),
 ])
-def test_user_mistakes_end_with_one_line_and_exit_code_2(args, fragment, tmp_path):
+def test_rl_user_mistakes_end_with_one_line_and_exit_code_2(args, fragment, tmp_path):
     result = subprocess.run([sys.executable, os.path.join(HERE, "rl.py"), "--out-dir", str(tmp_path), *args],
                             capture_output=True, text=True, cwd=str(tmp_path))
     assert result.returncode == 2, result.stderr
