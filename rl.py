@@ -54,7 +54,7 @@ from chat import Engine, assistant_content
 from sft import collate
 from tokenizer import render_for_completion, use_colour
 from train_gpt import (UserError, ascii_curve, build_optimizers, fmt_time, load_checkpoint, lr_multiplier, opt,
-                       parse_config, run_cli, save_checkpoint, setup_runtime)
+                       parse_config, run_cli, save_checkpoint, setup_runtime, write_metrics)
 
 # ====================================================================================================
 # 1. Practice problems and the verifier
@@ -472,9 +472,8 @@ def train(cfg):
                    length_before=before["length"], length_after=after["length"], algo=cfg.algo,
                    steps=cfg.num_steps, heldout_problems=len(heldout), wall_seconds=time.time() - started)
     save_checkpoint(os.path.join(cfg.out_dir, "model.pt"), learner.policy, tok, cfg.num_steps, cfg, metrics, stage="rl")
-    with open(os.path.join(cfg.out_dir, "metrics.json"), "w") as f:
-        json.dump(metrics, f, indent=1)
     print(write_curves(cfg.out_dir, history, evals))
+    write_metrics(cfg.out_dir, metrics)  # after the curves, so the report card shows them
     print(f"the same held-out problem before and after RL (greedy):\n  Q: {heldout[0]['question']}  "
           f"[answer {heldout[0]['answer']}]\n  SFT: {before['example']!r}\n  RL:  {after['example']!r}")
     print(f"held-out pass@1 {before['pass1']:.3f} -> {after['pass1']:.3f} | pass@{cfg.pass_k} "

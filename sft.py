@@ -47,7 +47,7 @@ from data import DEFAULT_DIFFICULTY
 from chat import MAX_TOOL_OUTPUT_TOKENS, SYSTEM_MESSAGE, Engine, Search, format_search_results, run_code
 from tokenizer import SPECIAL_TOKENS, Tokenizer, render_conversation, render_for_completion, render_tokens, use_colour
 from train_gpt import (UserError, all_reduce_mean, build_optimizers, checkpoint_file, fmt_time, load_checkpoint,
-                       lr_multiplier, opt, parse_config, run_cli, save_checkpoint, setup_runtime)
+                       lr_multiplier, opt, parse_config, run_cli, save_checkpoint, setup_runtime, write_metrics)
 
 
 @dataclass
@@ -506,7 +506,7 @@ def finetune(cfg):
         metrics.update(heldout_loss=final_loss, train_seconds=train_seconds, conversations=len(train_rows))
         save_checkpoint(os.path.join(cfg.out_dir, "model.pt"), model, tok, cfg.num_steps, cfg, metrics,
                         stage="sft")
-        write_metrics(cfg.out_dir, metrics, known)
+        write_sft_results(cfg.out_dir, metrics, known)
         log_file.close()
         log(f"-> {os.path.join(cfg.out_dir, 'model.pt')}, metrics.json ({fmt_time(time.time() - started)} wall)")
     return metrics
@@ -520,11 +520,11 @@ def run_eval(cfg, base_engine, sft_engine, tok, known):
     return {**after, **{f"base_{k}": v for k, v in before.items()}}
 
 
-def write_metrics(out_dir, metrics, known):
-    with open(os.path.join(out_dir, "metrics.json"), "w") as f:
-        json.dump(metrics, f, indent=1)
+def write_sft_results(out_dir, metrics, known):
+    """The interrogation verdicts, then metrics.json (which also refreshes the report card)."""
     with open(os.path.join(out_dir, "interrogation.json"), "w") as f:
         json.dump(known, f, indent=1)
+    write_metrics(out_dir, metrics)
 
 
 @dataclass
