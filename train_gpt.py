@@ -735,10 +735,12 @@ def ascii_curve(values, width=60, height=12):
     n = min(width, len(values))
     cols = [values[i * len(values) // n] for i in range(n)]
     lo, hi = min(cols), max(cols)
+    height = height if hi > lo else 0  # a flat series is one row, not a block of stars
+    half_row = (hi - lo) / (2 * height) if height else 0.0
     rows = []
     for r in range(height, -1, -1):
-        level = lo + (hi - lo) * r / height
-        marks = "".join("*" if abs(v - level) <= (hi - lo) / (2 * height) + 1e-12 else " " for v in cols)
+        level = lo + (hi - lo) * r / height if height else lo
+        marks = "".join("*" if abs(v - level) <= half_row + 1e-12 else " " for v in cols)
         rows.append(f"{level:7.3f} |{marks}")
     return "\n".join(rows + [" " * 8 + "+" + "-" * len(cols) + f"> step (0..{len(values) - 1})"])
 
