@@ -615,7 +615,7 @@ class TrainConfig:
     final_lr_frac: float = opt(0.0, "learning rate at the last step, as a fraction of the peak")
     grad_clip: float = opt(0.0, "clip the gradient norm to this (0 = no clipping)")
     # watching it learn
-    eval_every: int = opt(50, "steps between validation evaluations (0 = only at the end)")
+    eval_every: int = opt(100, "steps between validation evaluations (0 = only at the end)")
     eval_tokens: int = opt(32768, "validation tokens per intermediate evaluation (the final one reads all)")
     sample_every: int = opt(50, "steps between generated samples (0 = never)")
     sample_tokens: int = opt(64, "tokens per generated sample")
