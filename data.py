@@ -1483,6 +1483,54 @@ def unknown_name_conversation(rng):
     return conversation(question, REFUSAL)
 
 
+# Creative writing: a task with no checkable answer ("write a line about the sea"). SFT shows the format
+# with lines of verse from the embedded corpus that mention the topic; rlhf.py then asks for lines about
+# topics and has a (simulated) person rank the model's attempts, because no program can say which line
+# is best. Topics are words the corpus has plenty of lines about.
+VERSE_TOPICS = ("love", "night", "king", "sea", "heart", "death", "crown", "sword", "sun", "war", "blood",
+                "gold", "heaven", "fire", "day", "world", "honour", "grief", "joy", "fear", "time", "hope",
+                "sleep", "soul", "light", "earth", "life", "peace", "tears", "beauty", "glory", "truth",
+                "friend", "mind", "power", "god", "spring", "eyes", "hell", "fortune")
+VERSE_REQUESTS = ("Write a line about {topic}.", "Write a line of verse about {topic}.",
+                  "Give me one line of poetry about {topic}.", "Compose a line on {topic}.",
+                  "Write me a short poetic line about {topic}.")
+VERSE_LINE = re.compile(r"^[A-Z][A-Za-z ,;:'!?-]+[.!?]$")  # a whole sentence-like line of plain words
+
+
+@functools.lru_cache(maxsize=None)
+def verse_lines():
+    """{topic: sorted lines of 6-12 words from the embedded training text that mention the topic word}."""
+    lines = {line.strip() for doc in embedded_documents("train") for line in doc.splitlines()}
+    lines = sorted(l for l in lines if 6 <= len(l.split()) <= 12 and VERSE_LINE.match(l))
+    return {t: [l for l in lines if re.search(rf"\b{t}\b", l, re.I)] for t in VERSE_TOPICS}
+
+
+def verse_request(rng):
+    """A creative-writing prompt -> (question, topic)."""
+    topic = rng.choice(VERSE_TOPICS)
+    return rng.choice(VERSE_REQUESTS).format(topic=topic), topic
+
+
+def verse_conversation(rng):
+    question, topic = verse_request(rng)
+    return {**conversation(question, rng.choice(verse_lines()[topic])), "topic": topic}
+
+
+def verse_prompts(n, seed, split="train"):
+    """n creative-writing prompts {"question", "topic"} of one split (questions are split by their hash, as
+    everywhere: a held-out prompt is never trained on)."""
+    check_split(split)
+    rng, prompts = random.Random(seed), []
+    distinct = {r.format(topic=t) for r in VERSE_REQUESTS for t in VERSE_TOPICS}
+    if not any(split_of(q) == split for q in distinct):
+        raise DataError(f"no creative-writing prompt falls in the {split} split")
+    while len(prompts) < n:
+        question, topic = verse_request(rng)
+        if split_of(question) == split:
+            prompts.append({"question": question, "topic": topic})
+    return prompts
+
+
 def read_conversations(path):
     """Conversations from a JSONL file, one {"messages": [...]} per line; a malformed line stops with the
     file, the line number and the problem."""

@@ -382,7 +382,7 @@ class Learner:
 
 
 def make_learner(cfg):
-    check_config(cfg)
+    """Policy, reference, engine and optimizers from cfg.checkpoint (rlhf.py builds its learner here too)."""
     rt = setup_runtime(cfg.device, cfg.dtype)
     torch.manual_seed(cfg.seed)
     policy, tok, meta = load_checkpoint(cfg.checkpoint, device=rt.device)
@@ -422,6 +422,7 @@ def train(cfg):
     """RL from cfg.checkpoint as cfg says -> the final metrics. Writes to cfg.out_dir: model.pt (stage "rl"),
     log.jsonl (one row per step and per evaluation), curves.txt and metrics.json."""
     started = time.time()
+    check_config(cfg)
     learner = make_learner(cfg)
     tok = learner.tok
     train_problems = practice_set(cfg, cfg.num_steps * cfg.problems_per_step, "train")

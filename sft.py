@@ -94,7 +94,7 @@ PRESETS = {
 # The SFT mixture: what share of the generated conversations each labeler's task gets.
 MIXTURE = {
     "identity": 0.10, "word_problem": 0.20, "word_problem_tool": 0.10, "arithmetic_tool": 0.19,
-    "counting_tool": 0.08, "unknown_name": 0.10, "knowledge": 0.13, "search": 0.05, "lecture": 0.05,
+    "counting_tool": 0.08, "unknown_name": 0.10, "knowledge": 0.11, "search": 0.05, "lecture": 0.03, "verse": 0.04,
 }
 
 
@@ -184,6 +184,7 @@ def generated_rows(source, rng, n, cfg):
         "counting_tool": lambda: data.counting_conversation(rng),
         "unknown_name": lambda: data.unknown_name_conversation(rng),
         "lecture": lambda: data.lecture_conversation(rng),
+        "verse": lambda: data.verse_conversation(rng),
     }
     return [makers[source]() for _ in range(n)]
 
