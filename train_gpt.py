@@ -540,15 +540,17 @@ def _atomic_torch_save(obj, path):
 
 
 def save_checkpoint(path, model, tokenizer, step, config, metrics=None, optimizers=(), loader_states=None,
-                    stage="base"):
+                    stage="base", extra=None):
     """One .pt file with everything needed to use the model (weights, model config, the tokenizer itself)
-    and to resume training exactly (step, optimizer states, every rank's loader position, RNG states)."""
+    and to resume training exactly (step, optimizer states, every rank's loader position, RNG states).
+    `extra`: more named state (e.g. the reward model's head), handed back in load_checkpoint's meta."""
     state = dict(
         stage=stage, step=step, model=model.state_dict(), model_config=dataclasses.asdict(model.config),
         tokenizer=tokenizer.to_json(), tokenizer_hash=tokenizer.hash(),
         config=dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(config),
         metrics=metrics or {}, optimizers=[o.state_dict() for o in optimizers], loaders=loader_states,
         rng=dict(cpu=torch.get_rng_state(), cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []),
+        **(extra or {}),
     )
     _atomic_torch_save(state, path)
 

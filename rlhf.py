@@ -1,0 +1,528 @@
+"""
+rlhf.py -- reinforcement learning from human feedback: a reward model from rankings, RL against it, and
+reward hacking caught in the act.
+
+rl.py could practise for as long as it liked because a program checked every answer. Most of what we want
+from an assistant has no such check: "write a line about the sea" has no answer key. The naive fix -- a
+person scores every attempt -- is hopeless: 1,000 updates x 1,000 prompts x 1,000 attempts is a billion
+human judgements. RLHF's trick (the lecture) is to ask people for very little and let a model stand in:
+
+  1. for some prompts, sample K attempts (the lecture: 1,000 prompts x 5 rollouts) and let a person *order*
+     them best to worst -- ordering is much easier for people than giving each a score;
+  2. train a *reward model*: the same kind of network, with a head that outputs one score in [0, 1] for a
+     (prompt, reply) pair, taught to agree with the orderings (the better reply of every pair should get
+     the higher score: a ranking loss);
+  3. run rl.py's policy gradient with the reward model as the judge: it can be asked a billion times.
+
+The catch is that the reward model is a simulation of a person, and a lossy one. RL is an optimiser: after
+a while it finds replies the reward model overrates -- inputs nobody showed it during training, on which
+its score is just a guess. The lecture's example: after many updates the top joke about pelicans is "the
+the the the the", scored 1.0. So RLHF is run briefly -- held near the SFT model by a KL penalty and stopped
+early -- and is not "real" RL that could run forever. It improves the model a little, by the real measure.
+
+Here the unverifiable task is one line of verse about a topic word (data.py's creative-writing prompts),
+and the person is simulated: `human_score` below is a fixed, documented taste that only ever *orders*
+attempts (optionally with noise, like people who disagree), never trains anything directly. Because it is
+a program, we can also use it to *watch* what a real lab cannot: the true reward of the RL model next to
+the proxy reward it is optimising. `python rlhf.py --hack` turns the KL penalty and early stopping off and
+runs long, and prints the moment the two curves part: proxy up, truth down, samples degenerating.
+
+    python rlhf.py                    # rankings -> reward model -> RL with a KL penalty and early stopping
+    python rlhf.py --hack             # the same reward model, no KL, no stopping: reward hacking
+    python rlhf.py --human-noise 0.1  # labelers who disagree with each other
+"""
+import dataclasses
+import functools
+import json
+import os
+import random
+import re
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import data
+from chat import assistant_content
+from rl import group_advantages, learn, make_learner, one_line, pack, sample_in_chunks
+from tokenizer import render_for_completion
+from train_gpt import (UserError, ascii_curve, checkpoint_file, fmt_time, load_checkpoint, opt, parse_config,
+                       run_cli, save_checkpoint, write_metrics)
+
+# ====================================================================================================
+# 1. The simulated human
+# ====================================================================================================
+
+WORD = re.compile(r"[a-z']+")
+IDEAL_WORDS = (6, 14)  # a line of verse: not a fragment, not a paragraph
+
+
+@functools.lru_cache(maxsize=None)
+def known_words():
+    """Every word of the embedded corpus: what counts as a real word to our reader."""
+    return frozenset(WORD.findall(data.corpus_text_lower()))
+
+
+def human_score(reply, topic):
+    """The simulated person's taste, in [0, 1]. It is used only to *order* a prompt's attempts (and, in
+    evaluations, to watch): the reward model never sees it, only the orderings it produces. It likes
+
+      * a line that is about the topic (the topic word appears: 0.4),
+      * made of real words (the share of words found in the corpus: 0.3),
+      * of a verse line's length (6 to 14 words: 0.3, less the further outside),
+
+    and it multiplies all that by how *fresh* the line is (distinct words / words): a person reading
+    "love love love love" does not see a line about love but a broken machine."""
+    words = WORD.findall(reply.lower())
+    if not words:
+        return 0.0
+    on_topic = float(topic in words or topic + "s" in words)
+    real = sum(w in known_words() for w in words) / len(words)
+    low, high = IDEAL_WORDS
+    outside = max(low - len(words), len(words) - high, 0)
+    length_fit = max(0.0, 1.0 - outside / low)
+    fresh = len(set(words)) / len(words)
+    return fresh * (0.4 * on_topic + 0.3 * real + 0.3 * length_fit)
+
+
+def human_order(replies, topic, noise, rng):
+    """A person orders K attempts best to worst -> (order, the scores they went by). With noise > 0 each
+    score is blurred by Gaussian noise of that size first: two people (or one on another day) do not
+    always agree, and the reward model has to learn through that."""
+    scores = [human_score(r, topic) + (rng.gauss(0.0, noise) if noise else 0.0) for r in replies]
+    order = sorted(range(len(replies)), key=lambda i: (-scores[i], i))
+    return order, scores
+
+
+def print_cost(cfg, rl_queries):
+    naive = 1000 * 1000 * 1000
+    print(f"human effort: naive RL with a person scoring every attempt = 1,000 updates x 1,000 prompts x 1,000 "
+          f"attempts = {naive:,} judgements. This run: {cfg.rank_prompts:,} orderings of {cfg.rank_k} attempts "
+          f"({cfg.rank_prompts * cfg.rank_k:,} replies read), and the reward model answers the "
+          f"{rl_queries:,} questions of RL instead.")
+
+
+# ====================================================================================================
+# 2. The reward model: the SFT network with a one-number head
+# ====================================================================================================
+
+
+class RewardModel(nn.Module):
+    """A (prompt, reply) token sequence -> one score in [0, 1]. The body is a copy of the SFT model (it
+    already reads conversations); the head is a single linear map from the vector at the reply's last token
+    -- which has seen the whole conversation -- to a logit. sigmoid(logit) is the score."""
+
+    def __init__(self, backbone):
+        super().__init__()
+        self.backbone = backbone
+        self.head = nn.Linear(backbone.config.n_embd, 1)
+        nn.init.normal_(self.head.weight, std=0.5)  # untrained, the scores differ at random (see the example)
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, ids, last):
+        """ids (B, L) right-padded, last (B,) the index of each row's final token -> logits (B,)."""
+        hidden = self.backbone.hidden_states(ids)
+        return self.head(hidden[torch.arange(len(ids)), last]).squeeze(-1).float()
+
+
+def reward_batch(tok, prompts, replies):
+    """Prompt ids + reply ids of each attempt -> (ids (B, L) right-padded, last (B,))."""
+    rows = [list(p) + list(r) for p, r in zip(prompts, replies)]
+    ids = torch.full((len(rows), max(map(len, rows))), tok.special_id("<|endoftext|>"), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, :len(row)] = torch.tensor(row)
+    return ids, torch.tensor([len(r) - 1 for r in rows])
+
+
+@torch.no_grad()
+def reward_scores(rm, tok, prompts, replies, batch=64):
+    """The reward model's scores in [0, 1] for many attempts (a few at a time)."""
+    rm.eval()
+    scores = []
+    for i in range(0, len(prompts), batch):
+        ids, last = reward_batch(tok, prompts[i:i + batch], replies[i:i + batch])
+        scores.append(torch.sigmoid(rm(ids, last)))
+    return torch.cat(scores)
+
+
+def better_pairs(human):
+    """(G, K) human scores -> (G, K, K) mask: [g, i, j] is 1 where the person put attempt i above attempt j.
+    All K-choose-2 pairs of an ordering count; ties (equal scores) say nothing and are left out."""
+    return (human[:, :, None] > human[:, None, :]).float()
+
+
+def ranking_loss(logits, human):
+    """The ranking (Bradley-Terry) loss over every ordered pair of each prompt's attempts: for a better i and
+    a worse j, -log sigmoid(logit_i - logit_j). It is small when the better attempt scores clearly higher, and
+    its gradient raises the better one's score and lowers the worse one's. logits, human: (G, K)."""
+    pairs = better_pairs(human)
+    margin = logits[:, :, None] - logits[:, None, :]
+    return (F.softplus(-margin) * pairs).sum() / pairs.sum().clamp(min=1)
+
+
+def pairwise_accuracy(scores, human):
+    """The share of the person's pairs on which the reward model agrees (scores the better one higher)."""
+    pairs = better_pairs(human)
+    agree = (scores[:, :, None] > scores[:, None, :]).float() * pairs
+    return (agree.sum() / pairs.sum().clamp(min=1)).item()
+
+
+def collect_rankings(engine, tok, prompts, cfg, seed, rng):
+    """Sample K attempts at each prompt from the SFT model and have the person order them -> a list of
+    groups {question, topic, prompt (ids), replies (token lists), texts, human (scores), order}."""
+    ids = [render_for_completion(tok, [{"role": "user", "content": p["question"]}]) for p in prompts]
+    completions = sample_in_chunks(engine, ids, cfg.rank_k, cfg.max_rows, max_tokens=cfg.max_tokens,
+                                   temperature=cfg.temperature, seed=seed)
+    groups = []
+    for g, p in enumerate(prompts):
+        attempts = completions[g * cfg.rank_k:(g + 1) * cfg.rank_k]
+        texts = [assistant_content(tok, c) for c in attempts]
+        order, human = human_order(texts, p["topic"], cfg.human_noise, rng)
+        groups.append(dict(p, prompt=ids[g], replies=[c.tokens for c in attempts], texts=texts, human=human,
+                           order=order))
+    return groups
+
+
+def group_tensors(rm, tok, groups):
+    """Reward-model logits (G, K) and human scores (G, K) of a list of groups (one forward pass)."""
+    prompts = [g["prompt"] for g in groups for _ in g["replies"]]
+    ids, last = reward_batch(tok, prompts, [r for g in groups for r in g["replies"]])
+    human = torch.tensor([g["human"] for g in groups])
+    return rm(ids, last).view(human.shape), human
+
+
+@torch.no_grad()
+def rm_accuracy(rm, tok, groups):
+    rm.eval()
+    logits, human = group_tensors(rm, tok, groups)
+    return pairwise_accuracy(logits, human)
+
+
+def show_example(group, before, after):
+    """The lecture's worked example: one prompt's attempts, the person's order, the reward model's scores."""
+    print(f"  prompt: {group['question']}")
+    print("  human rank | RM before | RM after | attempt")
+    for rank, i in enumerate(group["order"], 1):
+        print(f"  {rank:10d} | {before[i]:9.2f} | {after[i]:8.2f} | {one_line(group['texts'][i], 80)}")
+
+
+def train_reward_model(cfg, sft_path, tok, train_groups, heldout_groups):
+    """Fit a reward model to the orderings -> (model, held-out pairwise accuracy). The groups of one prompt
+    stay together in a batch: the loss compares attempts *at the same prompt*."""
+    backbone, _, _ = load_checkpoint(sft_path, tokenizer=tok)
+    rm = RewardModel(backbone)
+    example = heldout_groups[0]
+    before = reward_scores(rm, tok, [example["prompt"]] * cfg.rank_k, example["replies"]).tolist()
+    print(f"reward model: held-out pairwise accuracy before training {rm_accuracy(rm, tok, heldout_groups):.3f} "
+          f"(chance: 0.5)")
+    optimizer = torch.optim.AdamW(rm.parameters(), lr=cfg.rm_lr, weight_decay=0.0)
+    order = list(range(len(train_groups)))
+    rng = random.Random(cfg.seed)
+    steps = cfg.rm_epochs * -(-len(order) // cfg.rm_batch)
+    step, t0 = 0, time.time()
+    for epoch in range(cfg.rm_epochs):
+        rng.shuffle(order)
+        for i in range(0, len(order), cfg.rm_batch):
+            rm.train()
+            for group in optimizer.param_groups:  # linear decay to zero: settle into the fit at the end
+                group["lr"] = cfg.rm_lr * (1 - step / steps)
+            logits, human = group_tensors(rm, tok, [train_groups[k] for k in order[i:i + cfg.rm_batch]])
+            loss = ranking_loss(logits, human)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+        print(f"reward model epoch {epoch + 1}/{cfg.rm_epochs} | ranking loss {loss.item():.4f} | held-out "
+              f"pairwise accuracy {rm_accuracy(rm, tok, heldout_groups):.3f} | {time.time() - t0:.1f}s")
+    after = reward_scores(rm, tok, [example["prompt"]] * cfg.rank_k, example["replies"]).tolist()
+    show_example(example, before, after)
+    return rm, rm_accuracy(rm, tok, heldout_groups)
+
+
+# ====================================================================================================
+# 3. Watching for reward hacking, without peeking at the true reward
+# ====================================================================================================
+
+
+def is_degenerate(text, max_share=0.3):
+    """The hacking monitor: a reply is degenerate when one word makes up more than max_share of it (with at
+    least 4 words), or when it repeats a two-word phrase. Lines of verse almost never do either; replies that
+    found a blind spot of the reward model ("the the the the") almost always do. It reads only the replies,
+    never the simulated person, so it may decide when to stop."""
+    words = WORD.findall(text.lower())
+    if len(words) < 4:
+        return False
+    bigrams = list(zip(words, words[1:]))
+    top = max(words.count(w) for w in set(words))
+    return top / len(words) > max_share or len(set(bigrams)) < len(bigrams)
+
+
+def distinct_bigrams(texts):
+    """Diversity across replies: distinct word pairs / all word pairs (1 = no pair ever repeats)."""
+    bigrams = [b for t in texts for b in zip(WORD.findall(t.lower()), WORD.findall(t.lower())[1:])]
+    return len(set(bigrams)) / max(1, len(bigrams))
+
+
+def evaluate(learner, rm, prompts, cfg):
+    """Held-out prompts, a few samples each (same seed every time) -> proxy reward (reward model) and true
+    reward (the simulated person: only watched, never trained on), degenerate share, diversity, length and
+    the reply the reward model likes best."""
+    tok = learner.tok
+    ids = [render_for_completion(tok, [{"role": "user", "content": p["question"]}]) for p in prompts]
+    completions = sample_in_chunks(learner.engine, ids, cfg.eval_samples, cfg.max_rows, max_tokens=cfg.max_tokens,
+                                   temperature=cfg.temperature, seed=cfg.seed + 7)
+    texts = [assistant_content(tok, c) for c in completions]
+    topics = [p["topic"] for p in prompts for _ in range(cfg.eval_samples)]
+    proxy = reward_scores(rm, tok, [i for i in ids for _ in range(cfg.eval_samples)], [c.tokens for c in completions])
+    true = torch.tensor([human_score(t, topic) for t, topic in zip(texts, topics)])
+    best = int(proxy.argmax())
+    return dict(proxy=proxy.mean().item(), true=true.mean().item(),
+                degenerate=sum(map(is_degenerate, texts)) / len(texts), distinct=distinct_bigrams(texts),
+                length=sum(len(c.tokens) for c in completions) / len(completions),
+                top=texts[best], top_proxy=proxy[best].item(), example=texts[0])
+
+
+# ====================================================================================================
+# 4. RL against the reward model (rl.py's update, a different judge)
+# ====================================================================================================
+
+
+def rlhf_step(step, prompts, learner, rm, cfg):
+    """Sample N attempts per prompt, let the reward model score them, reinforce by group-relative advantage
+    (rl.py's learn, with its per-token KL penalty to the SFT policy) -> the step's log row."""
+    tok = learner.tok
+    ids = [render_for_completion(tok, [{"role": "user", "content": p["question"]}]) for p in prompts]
+    repeated = [i for i in ids for _ in range(cfg.samples)]
+    t0 = time.time()
+    completions = learner.engine.generate(ids, n=cfg.samples, max_tokens=cfg.max_tokens,
+                                          temperature=cfg.temperature, seed=cfg.seed * 100_003 + step)
+    proxy = reward_scores(rm, tok, repeated, [c.tokens for c in completions])
+    weights = group_advantages(proxy, cfg.samples, cfg.std_norm)
+    inputs, targets = pack(tok, repeated, completions)
+    kl = learn(learner.policy, learner.reference, learner.optimizers, inputs, targets, weights, cfg, learner.rt, 1.0)
+    texts = [assistant_content(tok, c) for c in completions]
+    return dict(step=step + 1, proxy=proxy.mean().item(), kl=kl, degenerate=sum(map(is_degenerate, texts)) / len(texts),
+                length=sum(len(c.tokens) for c in completions) / len(completions), seconds=time.time() - t0)
+
+
+def stop_reason(row, cfg):
+    """Early stopping that never looks at the true reward: stop when the policy has drifted further from the
+    SFT model than the KL budget allows (its replies are no longer the kind the reward model was trained
+    on, so its scores stop meaning much), or when the monitor sees too many degenerate replies."""
+    if cfg.kl_budget and row["kl"] > cfg.kl_budget:
+        return f"KL to the SFT model {row['kl']:.3f} > budget {cfg.kl_budget}"
+    if cfg.max_degenerate and row["degenerate"] > cfg.max_degenerate:
+        return f"{row['degenerate']:.0%} of replies degenerate > {cfg.max_degenerate:.0%}"
+    return None
+
+
+def print_eval(step, e):
+    print(f"  eval @ step {step}: proxy (reward model) {e['proxy']:.3f} | true (simulated person) {e['true']:.3f} | "
+          f"degenerate {e['degenerate']:.0%} | distinct pairs {e['distinct']:.2f} | length {e['length']:.1f}\n"
+          f"    top-scoring sample ({e['top_proxy']:.2f}): {one_line(e['top'], 90)}")
+
+
+def write_curves(path, evals, title):
+    """Proxy and true reward over the evaluations, as text (and the numbers, for plotting)."""
+    text = (f"{title}\nproxy reward (reward model) per evaluation:\n{ascii_curve([e['proxy'] for e in evals])}\n\n"
+            f"true reward (simulated person) per evaluation:\n{ascii_curve([e['true'] for e in evals])}\n\n"
+            "step  proxy  true   degenerate\n" +
+            "\n".join(f"{e['step']:4d}  {e['proxy']:.3f}  {e['true']:.3f}  {e['degenerate']:.2f}" for e in evals))
+    with open(path, "w") as f:
+        f.write(text + "\n")
+    return text
+
+
+def run_rl(cfg, learner, rm, heldout, log):
+    """The RL loop -> (evaluations, why it stopped). Evaluates every eval_every steps and at the end."""
+    train_prompts = data.verse_prompts(cfg.num_steps * cfg.prompts_per_step, cfg.seed, "train")
+    evals = [dict(step=0, **evaluate(learner, rm, heldout, cfg))]
+    print_eval(0, evals[0])
+    reason, t0 = None, time.time()
+    for step in range(cfg.num_steps):
+        row = rlhf_step(step, train_prompts[step * cfg.prompts_per_step:(step + 1) * cfg.prompts_per_step],
+                        learner, rm, cfg)
+        log.write(json.dumps(row) + "\n")
+        print(f"step {row['step']}/{cfg.num_steps} | proxy reward {row['proxy']:.3f} | KL {row['kl']:.4f} | "
+              f"degenerate {row['degenerate']:.0%} | length {row['length']:.1f} | {row['seconds']:.1f}s | "
+              f"elapsed {fmt_time(time.time() - t0)}")
+        reason = stop_reason(row, cfg)
+        last = reason or row["step"] == cfg.num_steps
+        if last or (cfg.eval_every and row["step"] % cfg.eval_every == 0):
+            evals.append(dict(step=row["step"], **evaluate(learner, rm, heldout, cfg)))
+            print_eval(row["step"], evals[-1])
+            log.write(json.dumps(dict(eval=True, **evals[-1])) + "\n")
+        if reason:
+            print(f"early stop at step {row['step']}: {reason}")
+            break
+    return evals, reason or f"the planned {cfg.num_steps} steps"
+
+
+def turning_point(evals):
+    """The evaluation where the true reward peaked: the last moment RL was still making the model better."""
+    return max(range(len(evals)), key=lambda i: evals[i]["true"])
+
+
+def report_hacking(evals):
+    peak = turning_point(evals)
+    first, top, final = evals[0], evals[peak], evals[-1]
+    print(f"turning point: the true reward peaked at step {top['step']} ({top['true']:.3f}); since then the proxy "
+          f"went {top['proxy']:.3f} -> {final['proxy']:.3f} while the true reward went {top['true']:.3f} -> "
+          f"{final['true']:.3f}")
+    for label, e in (("SFT (step 0)", first), (f"at the peak (step {top['step']})", top),
+                     (f"at the end (step {final['step']})", final)):
+        print(f"  {label}: {one_line(e['example'], 90)!r} | top-scoring: {one_line(e['top'], 60)!r} "
+              f"(proxy {e['top_proxy']:.2f})")
+    return dict(hack_true_peak=top["true"], hack_true_final=final["true"], hack_proxy_peak=top["proxy"],
+                hack_proxy_final=final["proxy"], hack_peak_step=top["step"], hack_steps=final["step"],
+                hack_degenerate_final=final["degenerate"])
+
+
+# ====================================================================================================
+# 5. The stage
+# ====================================================================================================
+
+
+@dataclass
+class RLHFConfig:
+    """Every knob of an RLHF run. The defaults are the `tiny` preset: a few minutes on 2 CPU cores."""
+    checkpoint: str = opt(os.path.join("out", "sft"), "the SFT checkpoint: the policy, and the reward model's body")
+    out_dir: str = opt(os.path.join("out", "rlhf"), "where checkpoints, logs, curves and metrics go")
+    hack: bool = opt(False, "the reward-hacking demonstration: no KL penalty, no early stopping, --hack-steps steps")
+    # the person and the reward model
+    rank_prompts: int = opt(400, "prompts whose attempts the (simulated) person orders")
+    rank_k: int = opt(5, "attempts per ordered prompt (the lecture: 5)")
+    human_noise: float = opt(0.0, "std of the noise in the person's judgement (0 = always the same taste)")
+    heldout_prompts: int = opt(40, "held-out prompts (for the reward model's accuracy and the RL evaluations)")
+    rm_epochs: int = opt(3, "passes of the reward model over the orderings")
+    rm_batch: int = opt(16, "orderings per reward-model step")
+    rm_lr: float = opt(3e-4, "AdamW learning rate of the reward model")
+    # RL against it (rl.py's policy gradient)
+    num_steps: int = opt(30, "RL steps (the most: early stopping may end sooner)")
+    prompts_per_step: int = opt(16, "prompts per RL step")
+    samples: int = opt(8, "attempts per prompt per step")
+    max_tokens: int = opt(40, "longest reply sampled, in tokens")
+    temperature: float = opt(1.0, "sampling temperature of attempts and evaluations")
+    std_norm: bool = opt(False, "divide advantages by their group's standard deviation")
+    kl_coef: float = opt(0.1, "per-token KL penalty to the SFT policy (--hack sets 0)")
+    kl_budget: float = opt(0.5, "stop when the KL to the SFT policy exceeds this (0 = never; --hack sets 0)")
+    max_degenerate: float = opt(0.25, "stop when more replies than this are degenerate (0 = never; --hack sets 0)")
+    hack_steps: int = opt(80, "RL steps of the --hack run")
+    clip_eps: float = opt(0.2, "PPO ratio clipping range (acts only when --updates-per-batch > 1)")
+    updates_per_batch: int = opt(1, "optimizer steps on each batch of attempts")
+    matrix_lr: float = opt(0.004, "Muon learning rate for the matrices inside the blocks")
+    embed_lr: float = opt(0.01, "AdamW learning rate for the token embedding")
+    head_lr: float = opt(0.0006, "AdamW learning rate for the output head")
+    muon_momentum: float = opt(0.9, "Muon momentum")
+    adam_beta1: float = opt(0.8, "AdamW beta1")
+    adam_beta2: float = opt(0.95, "AdamW beta2")
+    grad_clip: float = opt(1.0, "clip the gradient norm to this (0 = no clipping)")
+    micro_batch: int = opt(64, "attempts per forward/backward pass")
+    # watching
+    eval_every: int = opt(5, "RL steps between held-out evaluations")
+    eval_samples: int = opt(4, "samples per held-out prompt in an evaluation")
+    max_rows: int = opt(256, "most attempts decoded at once (KV-cache memory)")
+    device: str = opt("auto", "cuda, mps, cpu, or auto")
+    dtype: str = opt("auto", "autocast dtype for learning: auto (bfloat16 on CUDA), float32, bfloat16")
+    seed: int = opt(1337, "random seed: rankings, attempts and evaluations are the same for the same seed")
+
+
+PRESETS = {"tiny": {}}
+
+
+def check_config(cfg):
+    positive = ("rank_prompts", "heldout_prompts", "rm_epochs", "rm_batch", "num_steps", "prompts_per_step",
+                "max_tokens", "hack_steps", "updates_per_batch", "micro_batch", "eval_samples", "max_rows")
+    for name in positive:
+        if getattr(cfg, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
+    if cfg.rank_k < 2 or cfg.samples < 2:
+        raise UserError("--rank-k and --samples must be at least 2: rankings and advantages compare attempts")
+    if cfg.temperature <= 0:
+        raise UserError(f"--temperature must be > 0 for the attempts to differ, got {cfg.temperature}")
+
+
+def hacking_config(cfg):
+    """--hack: the same run with the guard rails off and for longer."""
+    return dataclasses.replace(cfg, kl_coef=0.0, kl_budget=0.0, max_degenerate=0.0, num_steps=cfg.hack_steps)
+
+
+def reward_model_for(cfg, learner, rm_path):
+    """Train the reward model, or (for --hack) load the one the main run trained from the same SFT model."""
+    tok = learner.tok
+    if cfg.hack and os.path.exists(rm_path):
+        backbone, _, meta = load_checkpoint(rm_path, tokenizer=tok)
+        if meta["config"]["checkpoint"] == cfg.checkpoint:
+            rm = RewardModel(backbone)
+            rm.head.load_state_dict(meta["reward_head"])
+            print(f"reward model: {rm_path} (held-out pairwise accuracy {meta['metrics']['rm_pair_accuracy']:.3f})")
+            return rm, meta["metrics"]["rm_pair_accuracy"]
+    rng = random.Random(cfg.seed)
+    t0 = time.time()
+    train_groups = collect_rankings(learner.engine, tok, data.verse_prompts(cfg.rank_prompts, cfg.seed, "train"),
+                                    cfg, cfg.seed, rng)
+    heldout_groups = collect_rankings(learner.engine, tok, data.verse_prompts(cfg.heldout_prompts, cfg.seed + 1,
+                                                                              "heldout"), cfg, cfg.seed + 1, rng)
+    print(f"rankings: {len(train_groups)} prompts x {cfg.rank_k} attempts ordered by the simulated person "
+          f"(+ {len(heldout_groups)} held out) in {time.time() - t0:.1f}s")
+    rm, accuracy = train_reward_model(cfg, cfg.checkpoint, tok, train_groups, heldout_groups)
+    save_checkpoint(rm_path, rm.backbone, tok, 0, cfg, dict(rm_pair_accuracy=accuracy), stage="reward_model",
+                    extra=dict(reward_head=rm.head.state_dict()))
+    return rm, accuracy
+
+
+def train(cfg):
+    """The whole stage -> its metrics (written to cfg.out_dir/metrics.json, merged with what is there)."""
+    check_config(cfg)
+    started = time.time()
+    if cfg.hack:
+        cfg = hacking_config(cfg)
+    learner = make_learner(cfg)
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    print(f"policy and reward-model body: {checkpoint_file(cfg.checkpoint)} ({learner.stage} checkpoint, "
+          f"{learner.policy.num_params():,} parameters)")
+    print_cost(cfg, cfg.num_steps * cfg.prompts_per_step * cfg.samples)
+    rm, accuracy = reward_model_for(cfg, learner, os.path.join(cfg.out_dir, "reward_model.pt"))
+    rm.requires_grad_(False)
+    heldout = data.verse_prompts(cfg.heldout_prompts, cfg.seed + 1, "heldout")
+    print(f"RL against the reward model: KL penalty {cfg.kl_coef}, KL budget {cfg.kl_budget or 'off'}, "
+          f"degenerate-reply stop {cfg.max_degenerate or 'off'}; {cfg.num_steps} steps x {cfg.prompts_per_step} "
+          f"prompts x {cfg.samples} attempts")
+    name = "hack" if cfg.hack else "rl"
+    with open(os.path.join(cfg.out_dir, f"{name}_log.jsonl"), "w") as log:
+        t0 = time.time()
+        evals, reason = run_rl(cfg, learner, rm, heldout, log)
+        rl_seconds = time.time() - t0
+    curves = write_curves(os.path.join(cfg.out_dir, f"{name}_curves.txt"), evals,
+                          "reward hacking (no KL, no early stop)" if cfg.hack else "RLHF with KL and early stopping")
+    print(curves)
+    metrics_path = os.path.join(cfg.out_dir, "metrics.json")
+    metrics = {}
+    if os.path.exists(metrics_path):
+        with open(metrics_path) as f:
+            metrics = json.load(f)
+    if cfg.hack:
+        metrics.update(report_hacking(evals))
+    else:
+        first, final = evals[0], evals[-1]
+        metrics.update(rm_pair_accuracy=accuracy, true_reward_sft=first["true"], proxy_reward_sft=first["proxy"],
+                       true_reward_final=final["true"], proxy_reward_final=final["proxy"], stop_step=final["step"],
+                       stop_reason=reason, train_seconds=time.time() - started, rl_seconds=rl_seconds,
+                       orderings=cfg.rank_prompts)
+        save_checkpoint(os.path.join(cfg.out_dir, "model.pt"), learner.policy, learner.tok, final["step"], cfg,
+                        metrics, stage="rlhf")
+        print(f"stopped after {final['step']} steps ({reason}): true reward {first['true']:.3f} -> "
+              f"{final['true']:.3f}, proxy {first['proxy']:.3f} -> {final['proxy']:.3f} | reward model held-out "
+              f"pairwise accuracy {accuracy:.3f} | {fmt_time(time.time() - started)} -> {cfg.out_dir}")
+    write_metrics(cfg.out_dir, metrics)
+    return metrics
+
+
+def main(argv):
+    train(parse_config(RLHFConfig, argv, PRESETS, prog="rlhf.py", description=__doc__))
+
+
+if __name__ == "__main__":
+    run_cli(main)
