@@ -31,6 +31,7 @@ runs long, and prints the moment the two curves part: proxy up, truth down, samp
     python rlhf.py --hack             # the same reward model, no KL, no stopping: reward hacking
     python rlhf.py --human-noise 0.1  # labelers who disagree with each other
 """
+import collections
 import dataclasses
 import functools
 import json
@@ -48,8 +49,8 @@ import data
 from chat import assistant_content
 from rl import group_advantages, learn, make_learner, one_line, pack, sample_in_chunks
 from tokenizer import render_for_completion
-from train_gpt import (UserError, ascii_curve, checkpoint_file, fmt_time, load_checkpoint, opt, parse_config,
-                       run_cli, save_checkpoint, write_metrics)
+from train_gpt import (UserError, checkpoint_file, fmt_time, load_checkpoint, opt, parse_config, run_cli,
+                       save_checkpoint, save_curves, write_metrics)
 
 # ====================================================================================================
 # 1. The simulated human
@@ -67,24 +68,27 @@ def known_words():
 
 def human_score(reply, topic):
     """The simulated person's taste, in [0, 1]. It is used only to *order* a prompt's attempts (and, in
-    evaluations, to watch): the reward model never sees it, only the orderings it produces. It likes
+    evaluations, to watch): the reward model never sees it, only the orderings it produces. Like a labeler
+    with written instructions, it grades by a checklist, out of 5 points:
 
-      * a line that is about the topic (the topic word appears: 0.4),
-      * made of real words (the share of words found in the corpus: 0.3),
-      * of a verse line's length (6 to 14 words: 0.3, less the further outside),
+      2  the line is about the topic (the topic word appears),
+      1  every word is a real word (found in the corpus): no invented words,
+      1  it has a verse line's length (6 to 14 words),
+      1  it ends like a sentence (. ! or ?),
+     -1  for every use of a word beyond its second: "and ... and" is verse, but a person reading "love love
+         love love" sees a broken machine, not a poem.
 
-    and it multiplies all that by how *fresh* the line is (distinct words / words): a person reading
-    "love love love love" does not see a line about love but a broken machine."""
+    Two lines with the same points are a tie: the person cannot say which is better, and the pair is not
+    used (real labelers' instructions allow ties for the same reason)."""
     words = WORD.findall(reply.lower())
     if not words:
         return 0.0
-    on_topic = float(topic in words or topic + "s" in words)
-    real = sum(w in known_words() for w in words) / len(words)
-    low, high = IDEAL_WORDS
-    outside = max(low - len(words), len(words) - high, 0)
-    length_fit = max(0.0, 1.0 - outside / low)
-    fresh = len(set(words)) / len(words)
-    return fresh * (0.4 * on_topic + 0.3 * real + 0.3 * length_fit)
+    points = 2 * (topic in words or topic + "s" in words)
+    points += all(w in known_words() for w in words)
+    points += IDEAL_WORDS[0] <= len(words) <= IDEAL_WORDS[1]
+    points += reply.rstrip().endswith((".", "!", "?"))
+    points -= sum(max(0, n - 2) for n in collections.Counter(words).values())
+    return max(points, 0) / 5
 
 
 def human_order(replies, topic, noise, rng):
@@ -111,29 +115,38 @@ def print_cost(cfg, rl_queries):
 
 class RewardModel(nn.Module):
     """A (prompt, reply) token sequence -> one score in [0, 1]. The body is a copy of the SFT model (it
-    already reads conversations); the head is a single linear map from the vector at the reply's last token
-    -- which has seen the whole conversation -- to a logit. sigmoid(logit) is the score."""
+    already reads conversations). The head is one linear map to a logit from two vectors: the one at the
+    reply's last token, which has seen the whole conversation (the usual choice), and the average over the
+    reply's tokens, which makes "how much of the reply is good" -- a share, like most of a reader's taste --
+    easy to express for a network this small. sigmoid(logit) is the score."""
 
     def __init__(self, backbone):
         super().__init__()
         self.backbone = backbone
-        self.head = nn.Linear(backbone.config.n_embd, 1)
-        nn.init.normal_(self.head.weight, std=0.5)  # untrained, the scores differ at random (see the example)
+        self.head = nn.Linear(2 * backbone.config.n_embd, 1)
+        # untrained, the scores differ at random (see the example), with logits of about unit size
+        nn.init.normal_(self.head.weight, std=(2 * backbone.config.n_embd) ** -0.5)
         nn.init.zeros_(self.head.bias)
 
-    def forward(self, ids, last):
-        """ids (B, L) right-padded, last (B,) the index of each row's final token -> logits (B,)."""
+    def forward(self, ids, first, last):
+        """ids (B, L) right-padded; first, last (B,): where each row's reply starts and ends -> logits (B,)."""
         hidden = self.backbone.hidden_states(ids)
-        return self.head(hidden[torch.arange(len(ids)), last]).squeeze(-1).float()
+        positions = torch.arange(ids.size(1), device=ids.device)[None]
+        in_reply = ((positions >= first[:, None]) & (positions <= last[:, None])).to(hidden.dtype)
+        mean = (hidden * in_reply[..., None]).sum(1) / in_reply.sum(1, keepdim=True)
+        final = hidden[torch.arange(len(ids)), last]
+        return self.head(torch.cat([final, mean], dim=-1)).squeeze(-1).float()
 
 
 def reward_batch(tok, prompts, replies):
-    """Prompt ids + reply ids of each attempt -> (ids (B, L) right-padded, last (B,))."""
+    """Prompt ids + reply ids of each attempt -> (ids (B, L) right-padded, first (B,), last (B,)). An empty
+    reply counts from the prompt's last token (`<|im_sep|>`)."""
     rows = [list(p) + list(r) for p, r in zip(prompts, replies)]
     ids = torch.full((len(rows), max(map(len, rows))), tok.special_id("<|endoftext|>"), dtype=torch.long)
     for i, row in enumerate(rows):
         ids[i, :len(row)] = torch.tensor(row)
-    return ids, torch.tensor([len(r) - 1 for r in rows])
+    last = torch.tensor([len(r) - 1 for r in rows])
+    return ids, torch.minimum(torch.tensor([len(p) for p in prompts]), last), last
 
 
 @torch.no_grad()
@@ -142,8 +155,7 @@ def reward_scores(rm, tok, prompts, replies, batch=64):
     rm.eval()
     scores = []
     for i in range(0, len(prompts), batch):
-        ids, last = reward_batch(tok, prompts[i:i + batch], replies[i:i + batch])
-        scores.append(torch.sigmoid(rm(ids, last)))
+        scores.append(torch.sigmoid(rm(*reward_batch(tok, prompts[i:i + batch], replies[i:i + batch]))))
     return torch.cat(scores)
 
 
@@ -153,13 +165,16 @@ def better_pairs(human):
     return (human[:, :, None] > human[:, None, :]).float()
 
 
-def ranking_loss(logits, human):
+def ranking_loss(logits, human, centering=0.0):
     """The ranking (Bradley-Terry) loss over every ordered pair of each prompt's attempts: for a better i and
     a worse j, -log sigmoid(logit_i - logit_j). It is small when the better attempt scores clearly higher, and
-    its gradient raises the better one's score and lowers the worse one's. logits, human: (G, K)."""
+    its gradient raises the better one's score and lowers the worse one's. logits, human: (G, K).
+    Only differences of logits count, so nothing would stop all of them drifting up together until every
+    score reads 1.00 and sigmoid's flat ends hide every difference; `centering` * mean(logit^2) keeps them
+    around 0 (score 0.5) at no cost to the order."""
     pairs = better_pairs(human)
     margin = logits[:, :, None] - logits[:, None, :]
-    return (F.softplus(-margin) * pairs).sum() / pairs.sum().clamp(min=1)
+    return (F.softplus(-margin) * pairs).sum() / pairs.sum().clamp(min=1) + centering * logits.pow(2).mean()
 
 
 def pairwise_accuracy(scores, human):
@@ -169,15 +184,23 @@ def pairwise_accuracy(scores, human):
     return (agree.sum() / pairs.sum().clamp(min=1)).item()
 
 
+def rank_temperatures(cfg):
+    """The K attempts at a prompt are sampled at K temperatures spread from rank_temp_min to rank_temp_max,
+    so the person sees careful and wild attempts side by side: orderings of K near-identical lines would
+    teach the reward model little (labs likewise compare samples of different models and settings)."""
+    step = (cfg.rank_temp_max - cfg.rank_temp_min) / (cfg.rank_k - 1)
+    return [cfg.rank_temp_min + i * step for i in range(cfg.rank_k)]
+
+
 def collect_rankings(engine, tok, prompts, cfg, seed, rng):
-    """Sample K attempts at each prompt from the SFT model and have the person order them -> a list of
-    groups {question, topic, prompt (ids), replies (token lists), texts, human (scores), order}."""
+    """Sample K attempts at each prompt from the starting policy and have the person order them -> a list
+    of groups {question, topic, prompt (ids), replies (token lists), texts, human (scores), order}."""
     ids = [render_for_completion(tok, [{"role": "user", "content": p["question"]}]) for p in prompts]
-    completions = sample_in_chunks(engine, ids, cfg.rank_k, cfg.max_rows, max_tokens=cfg.max_tokens,
-                                   temperature=cfg.temperature, seed=seed)
+    by_temperature = [sample_in_chunks(engine, ids, 1, cfg.max_rows, max_tokens=cfg.max_tokens, temperature=t,
+                                       seed=seed * 1009 + i) for i, t in enumerate(rank_temperatures(cfg))]
     groups = []
     for g, p in enumerate(prompts):
-        attempts = completions[g * cfg.rank_k:(g + 1) * cfg.rank_k]
+        attempts = [completions[g] for completions in by_temperature]
         texts = [assistant_content(tok, c) for c in attempts]
         order, human = human_order(texts, p["topic"], cfg.human_noise, rng)
         groups.append(dict(p, prompt=ids[g], replies=[c.tokens for c in attempts], texts=texts, human=human,
@@ -188,9 +211,8 @@ def collect_rankings(engine, tok, prompts, cfg, seed, rng):
 def group_tensors(rm, tok, groups):
     """Reward-model logits (G, K) and human scores (G, K) of a list of groups (one forward pass)."""
     prompts = [g["prompt"] for g in groups for _ in g["replies"]]
-    ids, last = reward_batch(tok, prompts, [r for g in groups for r in g["replies"]])
     human = torch.tensor([g["human"] for g in groups])
-    return rm(ids, last).view(human.shape), human
+    return rm(*reward_batch(tok, prompts, [r for g in groups for r in g["replies"]])).view(human.shape), human
 
 
 @torch.no_grad()
@@ -203,9 +225,10 @@ def rm_accuracy(rm, tok, groups):
 def show_example(group, before, after):
     """The lecture's worked example: one prompt's attempts, the person's order, the reward model's scores."""
     print(f"  prompt: {group['question']}")
-    print("  human rank | RM before | RM after | attempt")
+    print("  human rank (points) | RM before | RM after | attempt")
     for rank, i in enumerate(group["order"], 1):
-        print(f"  {rank:10d} | {before[i]:9.2f} | {after[i]:8.2f} | {one_line(group['texts'][i], 80)}")
+        print(f"  {rank:10d} ({group['human'][i] * 5:4.1f}) | {before[i]:9.2f} | {after[i]:8.2f} | "
+              f"{one_line(group['texts'][i], 80)}")
 
 
 def train_reward_model(cfg, sft_path, tok, train_groups, heldout_groups):
@@ -217,7 +240,16 @@ def train_reward_model(cfg, sft_path, tok, train_groups, heldout_groups):
     before = reward_scores(rm, tok, [example["prompt"]] * cfg.rank_k, example["replies"]).tolist()
     print(f"reward model: held-out pairwise accuracy before training {rm_accuracy(rm, tok, heldout_groups):.3f} "
           f"(chance: 0.5)")
-    optimizer = torch.optim.AdamW(rm.parameters(), lr=cfg.rm_lr, weight_decay=0.0)
+    # The body already reads conversations; it only needs nudging (a small learning rate), the head learns
+    # from scratch. A frozen body (--rm-body-lr 0) trains 3x faster and nearly as well.
+    groups = [dict(params=list(rm.head.parameters()), lr=cfg.rm_lr)]
+    if cfg.rm_body_lr:
+        groups.append(dict(params=list(rm.backbone.parameters()), lr=cfg.rm_body_lr))
+    else:
+        rm.backbone.requires_grad_(False)
+    optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
+    for group in optimizer.param_groups:
+        group["base_lr"] = group["lr"]
     order = list(range(len(train_groups)))
     rng = random.Random(cfg.seed)
     steps = cfg.rm_epochs * -(-len(order) // cfg.rm_batch)
@@ -227,9 +259,9 @@ def train_reward_model(cfg, sft_path, tok, train_groups, heldout_groups):
         for i in range(0, len(order), cfg.rm_batch):
             rm.train()
             for group in optimizer.param_groups:  # linear decay to zero: settle into the fit at the end
-                group["lr"] = cfg.rm_lr * (1 - step / steps)
+                group["lr"] = group["base_lr"] * (1 - step / steps)
             logits, human = group_tensors(rm, tok, [train_groups[k] for k in order[i:i + cfg.rm_batch]])
-            loss = ranking_loss(logits, human)
+            loss = ranking_loss(logits, human, cfg.rm_centering)
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -324,15 +356,15 @@ def print_eval(step, e):
           f"    top-scoring sample ({e['top_proxy']:.2f}): {one_line(e['top'], 90)}")
 
 
-def write_curves(path, evals, title):
-    """Proxy and true reward over the evaluations, as text (and the numbers, for plotting)."""
-    text = (f"{title}\nproxy reward (reward model) per evaluation:\n{ascii_curve([e['proxy'] for e in evals])}\n\n"
-            f"true reward (simulated person) per evaluation:\n{ascii_curve([e['true'] for e in evals])}\n\n"
-            "step  proxy  true   degenerate\n" +
-            "\n".join(f"{e['step']:4d}  {e['proxy']:.3f}  {e['true']:.3f}  {e['degenerate']:.2f}" for e in evals))
-    with open(path, "w") as f:
-        f.write(text + "\n")
-    return text
+def write_curves(out_dir, name, evals, title):
+    """Proxy and true reward (and the degenerate share) over the evaluations: as text and, for the report
+    card, as numbers; plus a table. -> the text."""
+    series = {label: [(e["step"], e[key]) for e in evals] for label, key in
+              (("proxy reward (reward model)", "proxy"), ("true reward (simulated person)", "true"),
+               ("degenerate replies", "degenerate"))}
+    table = "step  proxy  true   degenerate\n" + "\n".join(
+        f"{e['step']:4d}  {e['proxy']:.3f}  {e['true']:.3f}  {e['degenerate']:.2f}" for e in evals)
+    return save_curves(out_dir, name, title, series) + "\n\n" + table
 
 
 def run_rl(cfg, learner, rm, heldout, log):
@@ -388,27 +420,32 @@ def report_hacking(evals):
 @dataclass
 class RLHFConfig:
     """Every knob of an RLHF run. The defaults are the `tiny` preset: a few minutes on 2 CPU cores."""
-    checkpoint: str = opt(os.path.join("out", "sft"), "the SFT checkpoint: the policy, and the reward model's body")
+    checkpoint: str = opt(os.path.join("out", "rl"), "the policy to start from (the RL stage's; any SFT-trained "
+                                                    "checkpoint works) and the reward model's body")
     out_dir: str = opt(os.path.join("out", "rlhf"), "where checkpoints, logs, curves and metrics go")
     hack: bool = opt(False, "the reward-hacking demonstration: no KL penalty, no early stopping, --hack-steps steps")
     # the person and the reward model
-    rank_prompts: int = opt(400, "prompts whose attempts the (simulated) person orders")
+    rank_prompts: int = opt(1000, "prompts whose attempts the (simulated) person orders (the lecture: 1,000)")
     rank_k: int = opt(5, "attempts per ordered prompt (the lecture: 5)")
+    rank_temp_min: float = opt(0.5, "sampling temperature of the most careful attempt at a ranked prompt")
+    rank_temp_max: float = opt(1.5, "sampling temperature of the wildest attempt at a ranked prompt")
     human_noise: float = opt(0.0, "std of the noise in the person's judgement (0 = always the same taste)")
     heldout_prompts: int = opt(40, "held-out prompts (for the reward model's accuracy and the RL evaluations)")
-    rm_epochs: int = opt(3, "passes of the reward model over the orderings")
+    rm_epochs: int = opt(1, "passes of the reward model over the orderings")
     rm_batch: int = opt(16, "orderings per reward-model step")
-    rm_lr: float = opt(3e-4, "AdamW learning rate of the reward model")
+    rm_lr: float = opt(1e-3, "AdamW learning rate of the reward model's head")
+    rm_body_lr: float = opt(1e-4, "AdamW learning rate of the reward model's body (0 = frozen: train the head only)")
+    rm_centering: float = opt(0.01, "weight of the term that keeps reward-model logits near 0 (scores near 0.5)")
     # RL against it (rl.py's policy gradient)
-    num_steps: int = opt(30, "RL steps (the most: early stopping may end sooner)")
+    num_steps: int = opt(45, "RL steps (the most: early stopping may end sooner)")
     prompts_per_step: int = opt(16, "prompts per RL step")
     samples: int = opt(8, "attempts per prompt per step")
     max_tokens: int = opt(40, "longest reply sampled, in tokens")
     temperature: float = opt(1.0, "sampling temperature of attempts and evaluations")
     std_norm: bool = opt(False, "divide advantages by their group's standard deviation")
-    kl_coef: float = opt(0.1, "per-token KL penalty to the SFT policy (--hack sets 0)")
-    kl_budget: float = opt(0.5, "stop when the KL to the SFT policy exceeds this (0 = never; --hack sets 0)")
-    max_degenerate: float = opt(0.25, "stop when more replies than this are degenerate (0 = never; --hack sets 0)")
+    kl_coef: float = opt(0.02, "per-token KL penalty to the SFT policy (--hack sets 0)")
+    kl_budget: float = opt(1.0, "stop when the KL to the SFT policy exceeds this (0 = never; --hack sets 0)")
+    max_degenerate: float = opt(0.2, "stop when more replies than this are degenerate (0 = never; --hack sets 0)")
     hack_steps: int = opt(80, "RL steps of the --hack run")
     clip_eps: float = opt(0.2, "PPO ratio clipping range (acts only when --updates-per-batch > 1)")
     updates_per_batch: int = opt(1, "optimizer steps on each batch of attempts")
@@ -440,8 +477,9 @@ def check_config(cfg):
             raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
     if cfg.rank_k < 2 or cfg.samples < 2:
         raise UserError("--rank-k and --samples must be at least 2: rankings and advantages compare attempts")
-    if cfg.temperature <= 0:
-        raise UserError(f"--temperature must be > 0 for the attempts to differ, got {cfg.temperature}")
+    if min(cfg.temperature, cfg.rank_temp_min) <= 0 or cfg.rank_temp_max < cfg.rank_temp_min:
+        raise UserError("--temperature and --rank-temp-min must be > 0 for attempts to differ, and --rank-temp-max "
+                        f"at least --rank-temp-min; got {cfg.temperature}, {cfg.rank_temp_min}, {cfg.rank_temp_max}")
 
 
 def hacking_config(cfg):
@@ -495,7 +533,7 @@ def train(cfg):
         t0 = time.time()
         evals, reason = run_rl(cfg, learner, rm, heldout, log)
         rl_seconds = time.time() - t0
-    curves = write_curves(os.path.join(cfg.out_dir, f"{name}_curves.txt"), evals,
+    curves = write_curves(cfg.out_dir, f"{name}_curves", evals,
                           "reward hacking (no KL, no early stop)" if cfg.hack else "RLHF with KL and early stopping")
     print(curves)
     metrics_path = os.path.join(cfg.out_dir, "metrics.json")

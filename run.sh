@@ -8,7 +8,8 @@
 #
 # A stage that finished (its out/<stage>/metrics.json exists) is skipped; pretraining that was interrupted
 # resumes from its last checkpoint. Extra flags per stage come from the environment, e.g. a smoke run:
-#   BASE_ARGS="--num-steps 20" SFT_ARGS="--num-steps 10" RL_ARGS="--num-steps 2" bash run.sh --fresh
+#   BASE_ARGS="--num-steps 20" SFT_ARGS="--num-steps 10" RL_ARGS="--num-steps 2" RLHF_ARGS="--num-steps 2" \
+#   HACK_ARGS="--hack-steps 2" bash run.sh --fresh
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -47,9 +48,12 @@ stage base python train_gpt.py --preset "$preset" $resume ${BASE_ARGS:-}
 stage sft python sft.py ${SFT_ARGS:-}
 # shellcheck disable=SC2086
 stage rl python rl.py ${RL_ARGS:-}
-if [ -f rlhf.py ]; then
+# shellcheck disable=SC2086
+stage rlhf python rlhf.py ${RLHF_ARGS:-}
+if ! grep -q '"hack_true_final"' out/rlhf/metrics.json; then  # the demonstration adds its figures to the stage's
+    echo "=== rlhf --hack: the same reward model, no KL penalty, no early stopping"
     # shellcheck disable=SC2086
-    stage rlhf python rlhf.py ${RLHF_ARGS:-}
+    python rlhf.py --hack ${RLHF_ARGS:-} ${HACK_ARGS:-}
 fi
 
 echo "=== chat: a few questions to the finished assistant (greedy)"

@@ -104,7 +104,7 @@ def test_rlhf_runs_end_to_end_then_hack_reuses_the_reward_model(rl_checkpoint, t
     _, _, meta = train_gpt.load_checkpoint(out)
     assert meta["stage"] == "rlhf"
     printed = capsys.readouterr().out
-    assert "1,000,000,000 judgements" in printed and "human rank | RM before | RM after" in printed
+    assert "1,000,000,000 judgements" in printed and "human rank (points) | RM before | RM after" in printed
     metrics = rlhf.train(rlhf.RLHFConfig(**small, hack=True))
     assert "reward model: " + os.path.join(out, "reward_model.pt") in capsys.readouterr().out  # not retrained
     with open(os.path.join(out, "metrics.json")) as f:
@@ -116,7 +116,7 @@ def test_rlhf_runs_end_to_end_then_hack_reuses_the_reward_model(rl_checkpoint, t
 
 @pytest.mark.parametrize("args, fragment", [
     (["--rank-k", "1"], "at least 2"),
-    (["--temperature", "0"], "--temperature must be > 0"),
+    (["--temperature", "0"], "must be > 0"),
     (["--checkpoint", "no/such/dir"], "no checkpoint at"),
     (["--num-steps", "many"], "invalid int value"),
 ])
@@ -126,3 +126,23 @@ def test_rlhf_user_mistakes_end_with_one_line_and_exit_code_2(args, fragment, tm
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and fragment in lines[0]
+
+
+def test_report_card_gathers_stages_and_draws_their_curves(tmp_path):
+    """write_metrics refreshes out/report.md and report.json from every stage folder; each stage's curves
+    appear as text, and as a PNG when matplotlib is installed."""
+    base = tmp_path / "base"
+    train_gpt.save_curves(str(base), "loss_curve", "pretraining", {"training loss": [(0, 5.0), (1, 4.0), (2, 3.5)]})
+    train_gpt.write_metrics(str(base), {"val_bpb": 2.25, "params": 1000, "tokens": 4096, "train_seconds": 3.0})
+    train_gpt.write_metrics(str(tmp_path / "rlhf"), {"rm_pair_accuracy": 0.8, "hack_true_peak": 0.5})
+    report = (tmp_path / "report.md").read_text()
+    assert "## base: pretraining" in report and "| val_bpb | 2.25 |" in report and "| rm_pair_accuracy | 0.8 |" in report
+    assert "pretraining, training loss:" in report and "Machine:" in report
+    stages = json.loads((tmp_path / "report.json").read_text())["stages"]
+    assert stages["base"]["tokens"] == 4096 and set(stages) == {"base", "rlhf"}
+    try:
+        import matplotlib  # noqa: F401  (optional: without it the report has the text curves only)
+    except ImportError:
+        assert not (base / "loss_curve.png").exists()
+    else:
+        assert (base / "loss_curve.png").read_bytes()[:4] == b"\x89PNG" and "![base loss_curve](base/loss_curve.png)" in report

@@ -24,6 +24,7 @@ This file, top to bottom:
 import argparse
 import contextlib
 import dataclasses
+import glob
 import json
 import math
 import os
@@ -848,11 +849,9 @@ def train_step(model, train_model, optimizers, loader, accum, lr_mult, cfg, rt):
 
 def write_results(cfg, metrics, losses):
     """metrics.json (the report card reads it) and the loss curve, as a file and on screen."""
-    curve = ascii_curve(losses)
-    with open(os.path.join(cfg.out_dir, "loss_curve.txt"), "w") as f:
-        f.write(curve + "\n")
+    curve = save_curves(cfg.out_dir, "loss_curve", "pretraining", {"training loss": list(enumerate(losses))})
     write_metrics(cfg.out_dir, metrics)
-    print(f"training loss over this run:\n{curve}")
+    print(curve)
     print(f"final: val bpb {metrics['val_bpb']:.4f} (val loss {metrics['val_loss']:.4f}) after "
           f"{metrics['tokens']:,} tokens; {fmt_time(metrics['wall_seconds'])} wall -> {cfg.out_dir}")
 
@@ -873,7 +872,46 @@ REPORT_STAGES = {  # stage folder -> (what it is, the figures that show its effe
                                                              "hack_true_peak", "hack_true_final",
                                                              "hack_proxy_final", "train_seconds"]),
 }
-CURVE_FILES = ("loss_curve.txt", "curves.txt")
+CURVES = ".curves.json"  # a stage's curves: out/<stage>/<name>.curves.json (+ <name>.txt, + <name>.png)
+
+
+def save_curves(out_dir, name, title, series):
+    """Curves a person should see -> out_dir/name.txt (drawn as text: any terminal, any log) and
+    out_dir/name.curves.json (the numbers: the report card draws them as a PNG when matplotlib is installed).
+    series: {label: [(step, value), ...]}. Returns the text."""
+    text = "\n\n".join(f"{title}, {label}:\n{ascii_curve([y for _, y in points])}" for label, points in series.items())
+    os.makedirs(out_dir, exist_ok=True)
+    for path, content in ((os.path.join(out_dir, name + ".txt"), text + "\n"),
+                          (os.path.join(out_dir, name + CURVES), json.dumps(dict(title=title, series=series)))):
+        with open(path + ".tmp", "w") as f:
+            f.write(content)
+        os.replace(path + ".tmp", path)
+    return text
+
+
+def draw_png(curves_path):
+    """name.curves.json -> name.png, one panel per series, when matplotlib is installed -> the PNG's path or
+    None. (matplotlib is optional: the text curves say the same.)"""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")  # files only, no window
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    with open(curves_path) as f:
+        curves = json.load(f)
+    fig, axes = plt.subplots(1, len(curves["series"]), figsize=(4.5 * len(curves["series"]), 3.2), squeeze=False)
+    for ax, (label, points) in zip(axes[0], curves["series"].items()):
+        ax.plot([x for x, _ in points], [y for _, y in points], marker="." if len(points) < 40 else None)
+        ax.set_title(label, fontsize=9)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    fig.suptitle(curves["title"], fontsize=10)
+    fig.tight_layout()
+    png = curves_path[:-len(CURVES)] + ".png"
+    fig.savefig(png, dpi=80)
+    plt.close(fig)
+    return png
 
 
 def write_metrics(out_dir, metrics):
@@ -904,11 +942,13 @@ def write_report(root):
         title, keys = REPORT_STAGES[stage]
         lines += [f"## {stage}: {title}", "", "| figure | value |", "|---|---|"]
         lines += [f"| {key} | {format_figure(figures[key])} |" for key in keys if key in figures]
-        for name in CURVE_FILES:
-            curve = os.path.join(root, stage, name)
-            if os.path.exists(curve):
-                with open(curve) as f:
-                    lines += ["", f"`{stage}/{name}`:", "", "```", f.read().rstrip(), "```"]
+        for curves in sorted(glob.glob(os.path.join(root, stage, "*" + CURVES))):
+            name = os.path.basename(curves)[:-len(CURVES)]
+            png = draw_png(curves)
+            if png:
+                lines += ["", f"![{stage} {name}]({stage}/{os.path.basename(png)})"]
+            with open(os.path.join(root, stage, name + ".txt")) as f:
+                lines += ["", f"`{stage}/{name}.txt`:", "", "```", f.read().rstrip(), "```"]
         lines.append("")
     for name, text in (("report.json", json.dumps({"machine": machine, "stages": stages}, indent=1)),
                        ("report.md", "\n".join(lines))):
