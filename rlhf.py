@@ -437,7 +437,7 @@ class RLHFConfig:
     rm_body_lr: float = opt(1e-4, "AdamW learning rate of the reward model's body (0 = frozen: train the head only)")
     rm_centering: float = opt(0.01, "weight of the term that keeps reward-model logits near 0 (scores near 0.5)")
     # RL against it (rl.py's policy gradient)
-    num_steps: int = opt(45, "RL steps (the most: early stopping may end sooner)")
+    num_steps: int = opt(30, "RL steps (the most: early stopping may end sooner)")
     prompts_per_step: int = opt(16, "prompts per RL step")
     samples: int = opt(8, "attempts per prompt per step")
     max_tokens: int = opt(40, "longest reply sampled, in tokens")
@@ -446,7 +446,8 @@ class RLHFConfig:
     kl_coef: float = opt(0.02, "per-token KL penalty to the SFT policy (--hack sets 0)")
     kl_budget: float = opt(1.0, "stop when the KL to the SFT policy exceeds this (0 = never; --hack sets 0)")
     max_degenerate: float = opt(0.2, "stop when more replies than this are degenerate (0 = never; --hack sets 0)")
-    hack_steps: int = opt(80, "RL steps of the --hack run")
+    hack_steps: int = opt(40, "RL steps of the --hack run")
+    hack_lr_mult: float = opt(3.0, "the --hack run's learning rates, as a multiple of the normal ones (it gets there sooner)")
     clip_eps: float = opt(0.2, "PPO ratio clipping range (acts only when --updates-per-batch > 1)")
     updates_per_batch: int = opt(1, "optimizer steps on each batch of attempts")
     matrix_lr: float = opt(0.004, "Muon learning rate for the matrices inside the blocks")
@@ -483,8 +484,11 @@ def check_config(cfg):
 
 
 def hacking_config(cfg):
-    """--hack: the same run with the guard rails off and for longer."""
-    return dataclasses.replace(cfg, kl_coef=0.0, kl_budget=0.0, max_degenerate=0.0, num_steps=cfg.hack_steps)
+    """--hack: the same run with the guard rails off, pushed harder (larger steps: the same drift in fewer
+    of them, to keep the demonstration short), and not stopped."""
+    m = cfg.hack_lr_mult
+    return dataclasses.replace(cfg, kl_coef=0.0, kl_budget=0.0, max_degenerate=0.0, num_steps=cfg.hack_steps,
+                               matrix_lr=cfg.matrix_lr * m, embed_lr=cfg.embed_lr * m, head_lr=cfg.head_lr * m)
 
 
 def reward_model_for(cfg, learner, rm_path):

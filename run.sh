@@ -3,7 +3,8 @@
 # then a scripted chat and the report card (out/report.md, out/report.json).
 #
 #   bash run.sh              the tiny preset on the embedded corpus: CPU, offline, about a quarter of an hour
-#   bash run.sh d12          a GPU preset for pretraining (bring data first: see README, "Bring your own data")
+#   bash run.sh d12          the same on one GPU: FineWeb-Edu is downloaded, GPT-2-small-class model
+#   bash run.sh d20          (or d26) on a node: set TORCHRUN="torchrun --standalone --nproc_per_node=8"
 #   bash run.sh --fresh      redo every stage, even those that already finished
 #
 # A stage that finished (its out/<stage>/metrics.json exists) is skipped; pretraining that was interrupted
@@ -39,15 +40,26 @@ stage() {
 
 echo "=== data: tokenizer and token shards of the embedded corpus"
 python data.py
+data_args="" sft_preset="tiny" rl_preset="tiny"
+if [ "$preset" != tiny ]; then
+    # GPU presets learn from FineWeb-Edu (already filtered by its makers, so it goes straight to tokens):
+    # ~0.7B tokens per shard; d12's 2.6B training tokens need 4 (SHARDS=N to change). Downloads resume.
+    echo "=== data: ${SHARDS:-4} FineWeb-Edu shards -> out/shards/fineweb"
+    python data.py download --source fineweb-edu --shards "${SHARDS:-4}" --out out/downloads
+    if [ ! -f out/shards/fineweb/meta.json ]; then
+        python data.py tokenize --input 'out/downloads/*.parquet' --name fineweb
+    fi
+    data_args="--shards fineweb" sft_preset="d12" rl_preset="gsm8k"
+fi
 
 resume=""
 if [ -f out/base/model.pt ] && [ ! -f out/base/metrics.json ]; then resume="--resume"; fi
 # shellcheck disable=SC2086  # the *_ARGS variables are lists of flags
-stage base python train_gpt.py --preset "$preset" $resume ${BASE_ARGS:-}
+stage base ${TORCHRUN:-python} train_gpt.py --preset "$preset" $data_args $resume ${BASE_ARGS:-}
 # shellcheck disable=SC2086
-stage sft python sft.py ${SFT_ARGS:-}
+stage sft python sft.py --preset "$sft_preset" ${SFT_ARGS:-}
 # shellcheck disable=SC2086
-stage rl python rl.py ${RL_ARGS:-}
+stage rl python rl.py --preset "$rl_preset" ${RL_ARGS:-}
 # shellcheck disable=SC2086
 stage rlhf python rlhf.py ${RLHF_ARGS:-}
 if ! grep -q '"hack_true_final"' out/rlhf/metrics.json; then  # the demonstration adds its figures to the stage's
