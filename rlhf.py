@@ -335,8 +335,9 @@ def rlhf_step(step, prompts, learner, rm, cfg):
     inputs, targets = pack(tok, repeated, completions)
     kl = learn(learner.policy, learner.reference, learner.optimizers, inputs, targets, weights, cfg, learner.rt, 1.0)
     texts = [assistant_content(tok, c) for c in completions]
+    tokens = sum(len(c.tokens) for c in completions)
     return dict(step=step + 1, proxy=proxy.mean().item(), kl=kl, degenerate=sum(map(is_degenerate, texts)) / len(texts),
-                length=sum(len(c.tokens) for c in completions) / len(completions), seconds=time.time() - t0)
+                length=tokens / len(completions), tokens=tokens, seconds=time.time() - t0)
 
 
 def stop_reason(row, cfg):
@@ -368,15 +369,17 @@ def write_curves(out_dir, name, evals, title):
 
 
 def run_rl(cfg, learner, rm, heldout, log):
-    """The RL loop -> (evaluations, why it stopped). Evaluates every eval_every steps and at the end."""
+    """The RL loop -> (evaluations, why it stopped, tokens sampled). Evaluates every eval_every steps and at
+    the end."""
     train_prompts = data.verse_prompts(cfg.num_steps * cfg.prompts_per_step, cfg.seed, "train")
     evals = [dict(step=0, **evaluate(learner, rm, heldout, cfg))]
     print_eval(0, evals[0])
-    reason, t0 = None, time.time()
+    reason, t0, tokens = None, time.time(), 0
     for step in range(cfg.num_steps):
         row = rlhf_step(step, train_prompts[step * cfg.prompts_per_step:(step + 1) * cfg.prompts_per_step],
                         learner, rm, cfg)
         log.write(json.dumps(row) + "\n")
+        tokens += row["tokens"]
         print(f"step {row['step']}/{cfg.num_steps} | proxy reward {row['proxy']:.3f} | KL {row['kl']:.4f} | "
               f"degenerate {row['degenerate']:.0%} | length {row['length']:.1f} | {row['seconds']:.1f}s | "
               f"elapsed {fmt_time(time.time() - t0)}")
@@ -389,7 +392,7 @@ def run_rl(cfg, learner, rm, heldout, log):
         if reason:
             print(f"early stop at step {row['step']}: {reason}")
             break
-    return evals, reason or f"the planned {cfg.num_steps} steps"
+    return evals, reason or f"the planned {cfg.num_steps} steps", tokens
 
 
 def turning_point(evals):
@@ -535,7 +538,7 @@ def train(cfg):
     name = "hack" if cfg.hack else "rl"
     with open(os.path.join(cfg.out_dir, f"{name}_log.jsonl"), "w") as log:
         t0 = time.time()
-        evals, reason = run_rl(cfg, learner, rm, heldout, log)
+        evals, reason, tokens = run_rl(cfg, learner, rm, heldout, log)
         rl_seconds = time.time() - t0
     curves = write_curves(cfg.out_dir, f"{name}_curves", evals,
                           "reward hacking (no KL, no early stop)" if cfg.hack else "RLHF with KL and early stopping")
@@ -552,7 +555,7 @@ def train(cfg):
         metrics.update(rm_pair_accuracy=accuracy, true_reward_sft=first["true"], proxy_reward_sft=first["proxy"],
                        true_reward_final=final["true"], proxy_reward_final=final["proxy"], stop_step=final["step"],
                        stop_reason=reason, train_seconds=time.time() - started, rl_seconds=rl_seconds,
-                       orderings=cfg.rank_prompts)
+                       orderings=cfg.rank_prompts, rollout_tokens=tokens)
         save_checkpoint(os.path.join(cfg.out_dir, "model.pt"), learner.policy, learner.tok, final["step"], cfg,
                         metrics, stage="rlhf")
         print(f"stopped after {final['step']} steps ({reason}): true reward {first['true']:.3f} -> "

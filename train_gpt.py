@@ -861,16 +861,16 @@ def write_results(cfg, metrics, losses):
 
 REPORT_STAGES = {  # stage folder -> (what it is, the figures that show its effect)
     "tokenizer": ("text -> tokens", ["vocab_size", "bytes_per_token", "train_seconds"]),
-    "base": ("pretraining: a document simulator", ["val_bpb", "params", "tokens", "train_seconds"]),
+    "base": ("pretraining: a document simulator", ["val_bpb", "params", "tokens", "train_seconds", "sample"]),
     "sft": ("finetuning on conversations: an assistant", ["format_rate", "identity_rate", "refusal_unknown_rate",
                                                          "answer_known_rate", "tool_accuracy",
                                                          "word_problem_accuracy", "train_seconds"]),
     "rl": ("practice problems: reinforce what is right", ["pass1_before", "pass1_after", "passk_before",
                                                          "passk_after", "k", "train_seconds"]),
-    "rlhf": ("a reward model from rankings, and its limits", ["rm_pair_accuracy", "true_reward_sft",
-                                                             "true_reward_final", "proxy_reward_final",
-                                                             "hack_true_peak", "hack_true_final",
-                                                             "hack_proxy_final", "train_seconds"]),
+    "rlhf": ("a reward model from rankings, and its limits", [
+        "orderings", "rm_pair_accuracy", "true_reward_sft", "true_reward_final", "proxy_reward_sft",
+        "proxy_reward_final", "stop_step", "stop_reason", "hack_peak_step", "hack_true_peak", "hack_true_final",
+        "hack_proxy_peak", "hack_proxy_final", "rollout_tokens", "train_seconds"]),
 }
 CURVES = ".curves.json"  # a stage's curves: out/<stage>/<name>.curves.json (+ <name>.txt, + <name>.png)
 
@@ -958,6 +958,8 @@ def write_report(root):
 
 
 def format_figure(value):
+    if isinstance(value, str):  # a sample of text: one table cell, its line breaks shown as ⏎
+        return "`" + value.replace("`", "'").replace("\n", " ⏎ ") + "`"
     if isinstance(value, float):
         return f"{value:.4g}"
     if isinstance(value, int) and value >= 10_000:
@@ -1054,6 +1056,9 @@ def train(cfg):
                    tokens_per_second=steps_timed * cfg.total_batch_tokens / max(timed_seconds, 1e-9),
                    mfu=flops_per_step * steps_timed / max(timed_seconds, 1e-9) / (peak * rt.world) if peak else None,
                    wall_seconds=time.time() - started)
+    if rt.master:  # what the document simulator writes now, for the report card
+        metrics["sample"] = tokenizer.decode(list(model.generate([bos], cfg.sample_tokens, temperature=0.8, top_k=50,
+                                                                 seed=cfg.seed)))
     record(dict(step=step, val_loss=res["loss"], val_bpb=res["bpb"], final=True))
     save(metrics)
     if rt.master:
