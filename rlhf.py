@@ -57,6 +57,7 @@ from train_gpt import (UserError, checkpoint_file, fmt_time, load_checkpoint, op
 # ====================================================================================================
 
 WORD = re.compile(r"[a-z']+")
+PUNCTUATION = re.compile(r"[^\w\s']")
 IDEAL_WORDS = (6, 14)  # a line of verse: not a fragment, not a paragraph
 
 
@@ -76,7 +77,8 @@ def human_score(reply, topic):
       1  it has a verse line's length (6 to 14 words),
       1  it ends like a sentence (. ! or ?),
      -1  for every use of a word beyond its second: "and ... and" is verse, but a person reading "love love
-         love love" sees a broken machine, not a poem.
+         love love" sees a broken machine, not a poem;
+     -1  for every punctuation mark beyond one per word ("But,,,,,,!" is not a line either).
 
     Two lines with the same points are a tie: the person cannot say which is better, and the pair is not
     used (real labelers' instructions allow ties for the same reason)."""
@@ -88,6 +90,7 @@ def human_score(reply, topic):
     points += IDEAL_WORDS[0] <= len(words) <= IDEAL_WORDS[1]
     points += reply.rstrip().endswith((".", "!", "?"))
     points -= sum(max(0, n - 2) for n in collections.Counter(words).values())
+    points -= max(0, len(PUNCTUATION.findall(reply)) - len(words))
     return max(points, 0) / 5
 
 
@@ -280,10 +283,13 @@ def train_reward_model(cfg, sft_path, tok, train_groups, heldout_groups):
 
 def is_degenerate(text, max_share=0.3):
     """The hacking monitor: a reply is degenerate when one word makes up more than max_share of it (with at
-    least 4 words), or when it repeats a two-word phrase. Lines of verse almost never do either; replies that
-    found a blind spot of the reward model ("the the the the") almost always do. It reads only the replies,
-    never the simulated person, so it may decide when to stop."""
+    least 4 words), when it repeats a two-word phrase, or when it has more than two punctuation marks per
+    word. Lines of verse almost never do any of these; replies that found a blind spot of the reward model
+    ("the the the the") almost always do. It reads only the replies, never the simulated person, so it may
+    decide when to stop."""
     words = WORD.findall(text.lower())
+    if len(PUNCTUATION.findall(text)) > 2 * max(1, len(words)):
+        return True
     if len(words) < 4:
         return False
     bigrams = list(zip(words, words[1:]))

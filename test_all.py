@@ -2055,6 +2055,7 @@ def test_human_score_likes_topic_real_words_verse_length_and_hates_repetition():
     assert rlhf.human_score(good, "love") > rlhf.human_score("Love zxqv blorp wug fnord snarf.", "love")
     assert rlhf.human_score(good, "love") > rlhf.human_score("Love.", "love")  # too short for a line
     assert rlhf.human_score("love love love love love love love", "love") < 0.2
+    assert rlhf.human_score("But,,,,,,,, love!", "love") < 0.2 < rlhf.human_score("But, love!", "love")
     assert rlhf.human_score("", "love") == 0.0
     for text in ("the", good, "love " * 30, "12 34 !!"):
         assert 0.0 <= rlhf.human_score(text, "love") <= 1.0
@@ -2110,7 +2111,8 @@ def test_kl_term_is_zero_for_the_reference_policy_itself():
 @pytest.mark.parametrize("text, flagged", [
     ("the the the the the", True), ("love love love love is love", True),
     ("my heart, my heart, my heart", True), ("And love is strong as death, and cruel as the grave.", False),
-    ("Shall I compare thee to a summer's day?", False), ("love love", False),
+    ("Shall I compare thee to a summer's day?", False), ("love love", False), ("But,,,,,,,!", True),
+    ("O, love!", False),
 ])
 def test_hacking_monitor_flags_degenerate_repetitive_samples(text, flagged):
     assert rlhf.is_degenerate(text) == flagged
