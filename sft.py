@@ -60,6 +60,7 @@ class SFTConfig:
     conversations: int = opt(6000, "generated training conversations (before --data)")
     # training: the pretraining optimizer, with lower learning rates and a short schedule
     batch_size: int = opt(32, "conversations per optimizer step")
+    bucket_rows: int = opt(8, "conversations per forward pass (of similar length; their gradients add up)")
     num_steps: int = opt(180, "optimizer steps")
     matrix_lr: float = opt(0.02, "Muon learning rate (pretraining: 0.04)")
     embed_lr: float = opt(0.15, "AdamW learning rate for the embedding (pretraining: 0.3)")
@@ -249,6 +250,17 @@ def collate(batch, pad_id):
     return x, y
 
 
+def length_buckets(batch, rows_per_bucket):
+    """[(ids, mask)] -> lists of conversations of similar length, each list padded to its own longest.
+    Conversations here run from ~20 to ~250 tokens (~80 on average): padding a whole batch to its longest
+    spends most of the forward pass on padding, while sorted into buckets of a few rows it wastes little.
+    (Packing several conversations into one row would waste even less, but then most of them would start
+    mid-row, after another conversation -- unlike at chat time, where the conversation starts the context;
+    measured, packing cut the known-question answer rate from 0.79 to 0.21.)"""
+    ordered = sorted(batch, key=lambda r: len(r[0]))
+    return [ordered[i:i + rows_per_bucket] for i in range(0, len(ordered), rows_per_bucket)]
+
+
 def masked_loss(model, x, y, rt):
     """-> (sum of cross-entropy over the trained positions, their count). Summed, not averaged, so a batch
     with nothing to learn gives 0 (not 0/0 = NaN), and the caller can average over the whole step."""
@@ -265,19 +277,23 @@ def train_step(model, optimizers, batch, lr_mult, cfg, rt, pad_id):
     for opt_ in optimizers:
         for group in opt_.param_groups:
             group["lr"] = group["base_lr"] * lr_mult
-    x, y = collate(batch[rt.rank::rt.world], pad_id)
-    loss_sum, count = masked_loss(model, x.to(rt.device), y.to(rt.device), rt)
-    totals = torch.stack([loss_sum.detach(), count.float()])
-    all_reduce_mean([totals], rt)  # per process: mean loss sum and mean count of trained tokens
-    (loss_sum / totals[1].clamp(min=1)).backward()  # after averaging: the mean over all trained tokens
+    buckets = [collate(bucket, pad_id) for bucket in length_buckets(batch[rt.rank::rt.world], cfg.bucket_rows)]
+    count = torch.tensor(float(sum((y >= 0).sum() for _, y in buckets)), device=rt.device)
+    all_reduce_mean([count], rt)  # the mean count of trained tokens per process, known before any forward pass
+    loss_total = torch.zeros((), device=rt.device)
+    for x, y in buckets:  # gradients add up over the buckets: one step on the mean over all trained tokens
+        loss_sum, _ = masked_loss(model, x.to(rt.device), y.to(rt.device), rt)
+        (loss_sum / count.clamp(min=1)).backward()
+        loss_total += loss_sum.detach()
+    all_reduce_mean([loss_total], rt)
     all_reduce_mean([p.grad for p in model.parameters()], rt)
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf")).item()
-    mean_loss = (totals[0] / totals[1].clamp(min=1)).item()
-    if totals[1] > 0 and math.isfinite(mean_loss) and math.isfinite(grad_norm):
+    mean_loss = (loss_total / count.clamp(min=1)).item()
+    if count > 0 and math.isfinite(mean_loss) and math.isfinite(grad_norm):
         for opt_ in optimizers:
             opt_.step()
     model.zero_grad(set_to_none=True)
-    return mean_loss, grad_norm, int(totals[1].item() * rt.world)
+    return mean_loss, grad_norm, int(count.item() * rt.world)
 
 
 @torch.no_grad()
