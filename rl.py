@@ -308,11 +308,17 @@ class RLConfig:
     # the practice problems
     task: str = opt("words", "words (data.py's word problems) or gsm8k (downloaded; for GPU-sized models)")
     difficulty: int = opt(1, "word-problem difficulty (bigger numbers as it grows)")
-    use_tool: bool = opt(False, "ask for the code tool in every question (its outputs are never trained on)")
+    # With the tool the model's misses are slips in copying numbers (into a call, out of its output): one
+    # skill shared by every problem, which practice improves on held-out problems too. Without it most misses
+    # are wrong sums done in the head, a separate fact each. Measured on 1 core from two SFT models of a
+    # near-identical recipe: 40 steps without the tool moved held-out pass@1 0.155 -> 0.165; 30 steps with
+    # it, 0.52 -> 0.645.
+    use_tool: bool = opt(True, "ask for the code tool in every question (its outputs are never trained on); "
+                               "--no-use-tool: sums in the head")
     # the algorithm
     algo: str = opt("pg", "pg: policy gradient with group-relative advantages; best: fine-tune on the shortest "
                           "correct attempt")
-    num_steps: int = opt(40, "RL steps (one batch of problems each)")
+    num_steps: int = opt(25, "RL steps (one batch of problems each)")
     problems_per_step: int = opt(16, "practice problems per step")
     samples: int = opt(8, "attempts sampled per problem (the lecture's example: 15)")
     max_tokens: int = opt(96, "longest response sampled, in tokens")
@@ -323,6 +329,7 @@ class RLConfig:
     clip_eps: float = opt(0.2, "PPO ratio clipping range (acts only when --updates-per-batch > 1)")
     updates_per_batch: int = opt(1, "optimizer steps on each batch of attempts")
     # the optimizer (train_gpt.py's Muon + AdamW), gentler than pretraining: small steps on a trained model
+    # (1.5x these rates drove the KL to the SFT policy from 0.15 to 5.1 within 25 steps and lost the gain)
     matrix_lr: float = opt(0.002, "Muon learning rate for the matrices inside the blocks (SFT: 0.02)")
     embed_lr: float = opt(0.005, "AdamW learning rate for the token embedding (SFT: 0.15)")
     head_lr: float = opt(0.0003, "AdamW learning rate for the output head (SFT: 0.004)")

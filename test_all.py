@@ -1710,10 +1710,32 @@ def test_padding_is_ignored_and_a_fully_masked_batch_gives_a_finite_loss_and_no_
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
 
+def test_length_buckets_change_the_speed_not_the_step():
+    """One step over buckets of 1 conversation equals one step over a single bucket of all of them: the
+    gradients of the buckets add up to the gradient of the mean over every trained token."""
+    tok, rt = byte_tok(), train_gpt.setup_runtime("cpu")
+    rows = [render_conversation(tok, TOOL_CHAT), render_conversation(tok, TOOL_CHAT[1:]),
+            render_conversation(tok, [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hello!"}])]
+    buckets = sft.length_buckets(rows, 2)
+    assert [len(b) for b in buckets] == [2, 1]
+    assert [len(r[0]) for b in buckets for r in b] == sorted(len(r[0]) for r in rows)
+    results = []
+    for bucket_rows in (1, 32):
+        cfg = sft.SFTConfig(bucket_rows=bucket_rows)
+        model = small_model(tok)
+        optimizers = train_gpt.build_optimizers(model, cfg, "cpu")
+        loss, grad_norm, tokens = sft.train_step(model, optimizers, rows, 1.0, cfg, rt, pad_id=0)
+        results.append((loss, grad_norm, tokens, [p.detach().clone() for p in model.parameters()]))
+    (loss_a, norm_a, tokens_a, params_a), (loss_b, norm_b, tokens_b, params_b) = results
+    assert tokens_a == tokens_b > 0 and loss_a == pytest.approx(loss_b, rel=1e-5)
+    assert norm_a == pytest.approx(norm_b, rel=1e-4)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(params_a, params_b))
+
+
 # -- the conversation generators --------------------------------------------------------------------
 
 GENERATORS = [data.identity_conversation, data.word_problem_conversation, data.arithmetic_conversation,
-              data.counting_conversation, data.unknown_name_conversation, data.lecture_conversation]
+              data.mental_arithmetic_conversation, data.counting_conversation, data.unknown_name_conversation, data.lecture_conversation]
 
 
 @pytest.mark.parametrize("make", GENERATORS, ids=lambda f: f.__name__)
@@ -1737,6 +1759,17 @@ def test_tool_conversations_hold_what_the_code_tool_returns():
             code = reply.split("<|code_start|>")[1].split("<|code_end|>")[0]
             output = reply.split("<|output_start|>")[1].split("<|output_end|>")[0]
             assert run_code(code) == output and reply.endswith(f"{data.ANSWER_PREFIX} {output}.")
+
+
+def test_mental_arithmetic_is_right_and_small_enough_to_need_no_tool():
+    rng = random.Random(4)
+    for difficulty in (1, 2):
+        biggest = data.number_range(difficulty)[1]
+        for _ in range(200):
+            row = data.mental_arithmetic_conversation(rng, difficulty)
+            expression, value = row["messages"][-1]["content"].split(" = ")
+            assert eval(expression) == row["answer"] == int(value) >= 0  # right, whole, never negative
+            assert all(int(n) <= 2 * biggest * biggest for n in expression.split()[::2])
 
 
 def test_invented_names_appear_nowhere_in_the_corpus():
