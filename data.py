@@ -1357,10 +1357,10 @@ GREETINGS = ("", "Hi! ", "Hello. ", "Hey, ", "Quick question: ", "Excuse me, ", 
 IDENTITY_NAME = "scratchgpt"
 
 
-def identity_conversation(rng, system=None):
+def identity_conversation(rng):
     topic = rng.choice(sorted(IDENTITY_QUESTIONS))
     question = rng.choice(GREETINGS) + rng.choice(IDENTITY_QUESTIONS[topic])
-    return conversation(question[0].upper() + question[1:], IDENTITY_ANSWERS[topic], system)
+    return conversation(question[0].upper() + question[1:], IDENTITY_ANSWERS[topic])
 
 
 # Step-by-step word problems; "Use code." asks for the tool version (the lecture's phrase).

@@ -53,8 +53,8 @@ import data
 from chat import Engine, assistant_content
 from sft import collate
 from tokenizer import render_for_completion, use_colour
-from train_gpt import (UserError, ascii_curve, build_optimizers, fmt_time, load_checkpoint, lr_multiplier, opt,
-                       parse_config, run_cli, save_checkpoint, setup_runtime, write_metrics)
+from train_gpt import (UserError, build_optimizers, fmt_time, load_checkpoint, lr_multiplier, opt,
+                       parse_config, run_cli, save_checkpoint, save_curves, setup_runtime, write_metrics)
 
 # ====================================================================================================
 # 1. Practice problems and the verifier
@@ -285,14 +285,12 @@ def describe_terms(cfg):
 
 
 def write_curves(out_dir, history, evals):
-    """The DeepSeek-R1 plots, as text: accuracy and response length over RL steps."""
-    parts = [("training reward (fraction of attempts correct) per step", [h["reward"] for h in history]),
-             ("mean response length (tokens) per step", [h["length"] for h in history]),
-             ("held-out greedy pass@1 at each evaluation", [e["pass1"] for e in evals])]
-    text = "\n\n".join(f"{title}:\n{ascii_curve(values)}" for title, values in parts if values)
-    with open(os.path.join(out_dir, "curves.txt"), "w") as f:
-        f.write(text + "\n")
-    return text
+    """The DeepSeek-R1 plots: accuracy and response length over RL steps (as text, and as numbers for the
+    report card's PNG)."""
+    series = {"training reward (fraction of attempts correct)": [(h["step"], h["reward"]) for h in history],
+              "mean response length (tokens)": [(h["step"], h["length"]) for h in history],
+              "held-out greedy pass@1": [(e["step"], e["pass1"]) for e in evals]}
+    return save_curves(out_dir, "curves", "RL on practice problems", series)
 
 
 # ====================================================================================================
@@ -448,7 +446,8 @@ def train(cfg):
         scores = heldout_scores(learner.engine, tok, heldout, cfg)
         print(f"step {step}/{cfg.num_steps} | held-out pass@1 {scores['pass1']:.3f} | pass@{cfg.pass_k} "
               f"{scores['passk']:.3f} | greedy length {scores['length']:.1f} | {time.time() - t:.1f}s")
-        log_file.write(json.dumps(dict(step=step, **scores)) + "\n")
+        scores = dict(step=step, **scores)
+        log_file.write(json.dumps(scores) + "\n")
         return scores
 
     evals = [evaluate(0)]

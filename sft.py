@@ -182,7 +182,7 @@ def search_rows(rng, n, search, tok):
 def generated_rows(source, rng, n, cfg):
     """n conversations of one model-free source of data.py."""
     makers = {
-        "identity": lambda: data.identity_conversation(rng, SYSTEM_MESSAGE if rng.random() < 0.5 else None),
+        "identity": lambda: data.identity_conversation(rng),
         "word_problem": lambda: data.word_problem_conversation(rng, cfg.difficulty),
         "word_problem_tool": lambda: data.word_problem_conversation(rng, cfg.difficulty, use_tool=True),
         "arithmetic_tool": lambda: data.arithmetic_conversation(rng),
@@ -212,8 +212,20 @@ def build_mixture(cfg, known, search, tok, split="train", seed=None, n=None):
                      search_rows(rng, want, search, tok) if source == "search" else
                      generated_rows(source, rng, want, cfg))
             rows += [r for r in batch if r["split"] == split][:want - len(rows)]
-        mixture[source] = rows
+        mixture[source] = [with_system_message(r, rng) for r in rows]
     return mixture
+
+
+SYSTEM_SHARE = 0.5
+
+
+def with_system_message(row, rng):
+    """Half of the conversations of *every* source start with chat.py's system message, as every chat does.
+    Were it only on the identity examples, the model would learn "a system message means: say who you are"
+    and answer "What is 12345 * 6789?" with its name."""
+    if rng.random() >= SYSTEM_SHARE or row["messages"][0]["role"] == "system":
+        return row
+    return {**row, "messages": [{"role": "system", "content": SYSTEM_MESSAGE}, *row["messages"]]}
 
 
 def interrogate_base(cfg, engine, tok, log=print):

@@ -2062,15 +2062,19 @@ def test_same_seed_same_run(rl_checkpoint, tmp_path):
     assert run("a") == run("b")
 
 
-@pytest.mark.parametrize("args, fragment", [
-    (["--algo", "ppo"], "--algo must be pg or best"),
-    (["--samples", "1"], "at least 2"),
-    (["--task", "mnist"], "--task must be"),
-    (["--checkpoint", "no/such/dir"], "no checkpoint at"),
-    (["--num-steps", "three"], "invalid int value"),
+@pytest.mark.parametrize("script, args, fragment", [
+    ("rl.py", ["--algo", "ppo"], "--algo must be pg or best"),
+    ("rl.py", ["--samples", "1"], "at least 2"),
+    ("rl.py", ["--task", "mnist"], "--task must be"),
+    ("rl.py", ["--checkpoint", "no/such/dir"], "no checkpoint at"),
+    ("rl.py", ["--num-steps", "three"], "invalid int value"),
+    ("rlhf.py", ["--rank-k", "1"], "at least 2"),
+    ("rlhf.py", ["--temperature", "0"], "must be > 0"),
+    ("rlhf.py", ["--checkpoint", "no/such/dir"], "no checkpoint at"),
+    ("rlhf.py", ["--num-steps", "many"], "invalid int value"),
 ])
-def test_rl_user_mistakes_end_with_one_line_and_exit_code_2(args, fragment, tmp_path):
-    result = subprocess.run([sys.executable, os.path.join(HERE, "rl.py"), "--out-dir", str(tmp_path), *args],
+def test_rl_and_rlhf_user_mistakes_end_with_one_line_and_exit_code_2(script, args, fragment, tmp_path):
+    result = subprocess.run([sys.executable, os.path.join(HERE, script), "--out-dir", str(tmp_path), *args],
                             capture_output=True, text=True, cwd=str(tmp_path))
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
@@ -2192,19 +2196,6 @@ def test_rlhf_runs_end_to_end_then_hack_reuses_the_reward_model(rl_checkpoint, t
     assert os.path.exists(os.path.join(out, "hack_curves.txt")) and os.path.exists(os.path.join(out, "rl_curves.txt"))
 
 
-@pytest.mark.parametrize("args, fragment", [
-    (["--rank-k", "1"], "at least 2"),
-    (["--temperature", "0"], "must be > 0"),
-    (["--checkpoint", "no/such/dir"], "no checkpoint at"),
-    (["--num-steps", "many"], "invalid int value"),
-])
-def test_rlhf_user_mistakes_end_with_one_line_and_exit_code_2(args, fragment, tmp_path):
-    result = subprocess.run([sys.executable, os.path.join(HERE, "rlhf.py"), "--out-dir", str(tmp_path), *args],
-                            capture_output=True, text=True, cwd=str(tmp_path))
-    assert result.returncode == 2, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and fragment in lines[0]
-
 
 def test_report_card_gathers_stages_and_draws_their_curves(tmp_path):
     """write_metrics refreshes out/report.md and report.json from every stage folder; each stage's curves
@@ -2222,3 +2213,13 @@ def test_report_card_gathers_stages_and_draws_their_curves(tmp_path):
         assert not (base / "loss_curve.png").exists()
     else:
         assert (base / "loss_curve.png").read_bytes()[:4] == b"\x89PNG" and "![base loss_curve](base/loss_curve.png)" in report
+
+
+def test_system_message_is_spread_over_every_source_not_only_identity():
+    """Half the rows of every source open with chat.py's system message, so a system message does not
+    mean "say who you are"; a row that has one already keeps it, once."""
+    rng = random.Random(0)
+    rows = [sft.with_system_message(data.arithmetic_conversation(rng), rng) for _ in range(200)]
+    with_system = [r for r in rows if r["messages"][0]["role"] == "system"]
+    assert 60 < len(with_system) < 140 and all(r["messages"][0]["content"] == chat.SYSTEM_MESSAGE for r in with_system)
+    assert all(sum(m["role"] == "system" for m in sft.with_system_message(r, rng)["messages"]) == 1 for r in with_system)
