@@ -555,7 +555,7 @@ def train(cfg):
         with open(metrics_path) as f:
             metrics = json.load(f)
     if cfg.hack:
-        metrics.update(report_hacking(evals))
+        metrics.update(report_hacking(evals), hack_seconds=time.time() - started)
     else:
         first, final = evals[0], evals[-1]
         metrics.update(rm_pair_accuracy=accuracy, true_reward_sft=first["true"], proxy_reward_sft=first["proxy"],

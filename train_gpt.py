@@ -870,7 +870,7 @@ REPORT_STAGES = {  # stage folder -> (what it is, the figures that show its effe
     "rlhf": ("a reward model from rankings, and its limits", [
         "orderings", "rm_pair_accuracy", "true_reward_sft", "true_reward_final", "proxy_reward_sft",
         "proxy_reward_final", "stop_step", "stop_reason", "hack_peak_step", "hack_true_peak", "hack_true_final",
-        "hack_proxy_peak", "hack_proxy_final", "rollout_tokens", "train_seconds"]),
+        "hack_proxy_peak", "hack_proxy_final", "rollout_tokens", "train_seconds", "hack_seconds"]),
 }
 CURVES = ".curves.json"  # a stage's curves: out/<stage>/<name>.curves.json (+ <name>.txt, + <name>.png)
 
