@@ -54,7 +54,8 @@ from chat import Engine, assistant_content
 from sft import collate
 from tokenizer import render_for_completion, use_colour
 from train_gpt import (UserError, build_optimizers, fmt_time, load_checkpoint, lr_multiplier, opt,
-                       parse_config, run_cli, save_checkpoint, save_curves, setup_runtime, write_metrics)
+                       parse_config, require_positive, run_cli, save_checkpoint, save_curves, setup_runtime,
+                       write_metrics)
 
 # ====================================================================================================
 # 1. Practice problems and the verifier
@@ -362,11 +363,8 @@ def check_config(cfg):
         raise UserError(f"--algo must be pg or best, got {cfg.algo!r}")
     if cfg.task not in ("words", "gsm8k"):
         raise UserError(f"--task must be words or gsm8k, got {cfg.task!r}")
-    positive = ("num_steps", "problems_per_step", "samples", "max_tokens", "updates_per_batch", "micro_batch",
-                "eval_problems", "pass_k", "eval_rows")
-    for name in positive:
-        if getattr(cfg, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
+    require_positive(cfg, ("num_steps", "problems_per_step", "samples", "max_tokens", "updates_per_batch",
+                           "micro_batch", "eval_problems", "pass_k", "eval_rows"))
     if cfg.samples < 2 and cfg.algo == "pg":
         raise UserError("--samples must be at least 2 for --algo pg: the advantage compares attempts in a group")
     if cfg.temperature <= 0:

@@ -47,10 +47,9 @@ import torch.nn.functional as F
 
 import data
 from chat import assistant_content
-from rl import group_advantages, learn, make_learner, one_line, pack, sample_in_chunks
-from tokenizer import render_for_completion
-from train_gpt import (UserError, checkpoint_file, fmt_time, load_checkpoint, opt, parse_config, run_cli,
-                       save_checkpoint, save_curves, write_metrics)
+from rl import group_advantages, learn, make_learner, one_line, pack, prompt_ids, sample_in_chunks
+from train_gpt import (UserError, checkpoint_file, fmt_time, load_checkpoint, opt, parse_config, require_positive,
+                       run_cli, save_checkpoint, save_curves, write_metrics)
 
 # ====================================================================================================
 # 1. The simulated human
@@ -155,7 +154,6 @@ def reward_batch(tok, prompts, replies):
 @torch.no_grad()
 def reward_scores(rm, tok, prompts, replies, batch=64):
     """The reward model's scores in [0, 1] for many attempts (a few at a time)."""
-    rm.eval()
     scores = []
     for i in range(0, len(prompts), batch):
         scores.append(torch.sigmoid(rm(*reward_batch(tok, prompts[i:i + batch], replies[i:i + batch]))))
@@ -198,7 +196,7 @@ def rank_temperatures(cfg):
 def collect_rankings(engine, tok, prompts, cfg, seed, rng):
     """Sample K attempts at each prompt from the starting policy and have the person order them -> a list
     of groups {question, topic, prompt (ids), replies (token lists), texts, human (scores), order}."""
-    ids = [render_for_completion(tok, [{"role": "user", "content": p["question"]}]) for p in prompts]
+    ids = [prompt_ids(tok, p["question"]) for p in prompts]
     by_temperature = [sample_in_chunks(engine, ids, 1, cfg.max_rows, max_tokens=cfg.max_tokens, temperature=t,
                                        seed=seed * 1009 + i) for i, t in enumerate(rank_temperatures(cfg))]
     groups = []
@@ -220,7 +218,6 @@ def group_tensors(rm, tok, groups):
 
 @torch.no_grad()
 def rm_accuracy(rm, tok, groups):
-    rm.eval()
     logits, human = group_tensors(rm, tok, groups)
     return pairwise_accuracy(logits, human)
 
@@ -234,10 +231,10 @@ def show_example(group, before, after):
               f"{one_line(group['texts'][i], 80)}")
 
 
-def train_reward_model(cfg, sft_path, tok, train_groups, heldout_groups):
+def train_reward_model(cfg, tok, train_groups, heldout_groups):
     """Fit a reward model to the orderings -> (model, held-out pairwise accuracy). The groups of one prompt
     stay together in a batch: the loss compares attempts *at the same prompt*."""
-    backbone, _, _ = load_checkpoint(sft_path, tokenizer=tok)
+    backbone, _, _ = load_checkpoint(cfg.checkpoint, tokenizer=tok)
     rm = RewardModel(backbone)
     example = heldout_groups[0]
     before = reward_scores(rm, tok, [example["prompt"]] * cfg.rank_k, example["replies"]).tolist()
@@ -260,7 +257,6 @@ def train_reward_model(cfg, sft_path, tok, train_groups, heldout_groups):
     for epoch in range(cfg.rm_epochs):
         rng.shuffle(order)
         for i in range(0, len(order), cfg.rm_batch):
-            rm.train()
             for group in optimizer.param_groups:  # linear decay to zero: settle into the fit at the end
                 group["lr"] = group["base_lr"] * (1 - step / steps)
             logits, human = group_tensors(rm, tok, [train_groups[k] for k in order[i:i + cfg.rm_batch]])
@@ -308,7 +304,7 @@ def evaluate(learner, rm, prompts, cfg):
     reward (the simulated person: only watched, never trained on), degenerate share, diversity, length and
     the reply the reward model likes best."""
     tok = learner.tok
-    ids = [render_for_completion(tok, [{"role": "user", "content": p["question"]}]) for p in prompts]
+    ids = [prompt_ids(tok, p["question"]) for p in prompts]
     completions = sample_in_chunks(learner.engine, ids, cfg.eval_samples, cfg.max_rows, max_tokens=cfg.max_tokens,
                                    temperature=cfg.temperature, seed=cfg.seed + 7)
     texts = [assistant_content(tok, c) for c in completions]
@@ -331,7 +327,7 @@ def rlhf_step(step, prompts, learner, rm, cfg):
     """Sample N attempts per prompt, let the reward model score them, reinforce by group-relative advantage
     (rl.py's learn, with its per-token KL penalty to the SFT policy) -> the step's log row."""
     tok = learner.tok
-    ids = [render_for_completion(tok, [{"role": "user", "content": p["question"]}]) for p in prompts]
+    ids = [prompt_ids(tok, p["question"]) for p in prompts]
     repeated = [i for i in ids for _ in range(cfg.samples)]
     t0 = time.time()
     completions = learner.engine.generate(ids, n=cfg.samples, max_tokens=cfg.max_tokens,
@@ -480,11 +476,9 @@ PRESETS = {"tiny": {}}
 
 
 def check_config(cfg):
-    positive = ("rank_prompts", "heldout_prompts", "rm_epochs", "rm_batch", "num_steps", "prompts_per_step",
-                "max_tokens", "hack_steps", "updates_per_batch", "micro_batch", "eval_samples", "max_rows")
-    for name in positive:
-        if getattr(cfg, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
+    require_positive(cfg, ("rank_prompts", "heldout_prompts", "rm_epochs", "rm_batch", "num_steps",
+                           "prompts_per_step", "max_tokens", "hack_steps", "updates_per_batch", "micro_batch",
+                           "eval_samples", "max_rows"))
     if cfg.rank_k < 2 or cfg.samples < 2:
         raise UserError("--rank-k and --samples must be at least 2: rankings and advantages compare attempts")
     if min(cfg.temperature, cfg.rank_temp_min) <= 0 or cfg.rank_temp_max < cfg.rank_temp_min:
@@ -518,7 +512,7 @@ def reward_model_for(cfg, learner, rm_path):
                                                                               "heldout"), cfg, cfg.seed + 1, rng)
     print(f"rankings: {len(train_groups)} prompts x {cfg.rank_k} attempts ordered by the simulated person "
           f"(+ {len(heldout_groups)} held out) in {time.time() - t0:.1f}s")
-    rm, accuracy = train_reward_model(cfg, cfg.checkpoint, tok, train_groups, heldout_groups)
+    rm, accuracy = train_reward_model(cfg, tok, train_groups, heldout_groups)
     save_checkpoint(rm_path, rm.backbone, tok, 0, cfg, dict(rm_pair_accuracy=accuracy), stage="reward_model",
                     extra=dict(reward_head=rm.head.state_dict()))
     return rm, accuracy

@@ -216,7 +216,7 @@ def build_mixture(cfg, known, search, tok, split="train", seed=None, n=None):
     return mixture
 
 
-SYSTEM_SHARE = 0.5
+SYSTEM_SHARE = 0.5  # of the conversations of every source open with the system message
 
 
 def with_system_message(row, rng):

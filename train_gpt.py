@@ -395,6 +395,13 @@ class UserError(Exception):
     message as one line and exits with code 2, instead of a traceback."""
 
 
+def require_positive(cfg, names):
+    """Counts that must be at least 1 (steps, batch sizes, samples...): name the first flag that is not."""
+    for name in names:
+        if getattr(cfg, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
+
+
 def run_cli(main_fn, argv=None):
     """Run a stage's main; turn UserError into one clear line on stderr and exit code 2."""
     try:
