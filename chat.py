@@ -25,6 +25,7 @@ import re
 import threading
 import time
 import uuid
+import warnings
 from collections import Counter, defaultdict, deque
 from dataclasses import dataclass, field
 
@@ -221,7 +222,9 @@ def run_code(src):
     try:
         if not isinstance(src, str) or len(src) > MAX_SOURCE_CHARS:
             raise ToolError(f"the expression must be a string of at most {MAX_SOURCE_CHARS} characters")
-        tree = ast.parse(src.strip(), mode="eval")
+        with warnings.catch_warnings():  # "12x" would print a SyntaxWarning to the terminal mid-chat
+            warnings.simplefilter("ignore", SyntaxWarning)
+            tree = ast.parse(src.strip(), mode="eval")
         check_constructs(tree)
         value = SafeEvaluator().eval(tree)
         return value if isinstance(value, str) else repr(value)

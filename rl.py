@@ -317,11 +317,15 @@ class RLConfig:
     # the algorithm
     algo: str = opt("pg", "pg: policy gradient with group-relative advantages; best: fine-tune on the shortest "
                           "correct attempt")
-    num_steps: int = opt(25, "RL steps (one batch of problems each)")
+    num_steps: int = opt(30, "RL steps (one batch of problems each)")
     problems_per_step: int = opt(16, "practice problems per step")
     samples: int = opt(8, "attempts sampled per problem (the lecture's example: 15)")
     max_tokens: int = opt(96, "longest response sampled, in tokens")
-    temperature: float = opt(1.0, "sampling temperature of the attempts (1.0 = the policy itself)")
+    # A little below 1 the attempts stay varied enough to disagree (few groups without signal) while more of
+    # them reach the answer, so more of each batch is a right attempt to reinforce. Measured from one SFT
+    # model, 35 steps, 300 held-out problems, 1 core: temperature 1.0 took pass@1 0.420 -> 0.593 by step 25,
+    # 0.8 took it to 0.660 and 0.7 to 0.657 (0.8 + --std-norm: 0.653).
+    temperature: float = opt(0.8, "sampling temperature of the attempts and of pass@k (1.0 = the policy itself)")
     top_k: int = opt(0, "sample only from the k likeliest tokens (0 = all)")
     std_norm: bool = opt(False, "divide advantages by their group's standard deviation")
     kl_coef: float = opt(0.0, "weight of the KL penalty to the SFT policy (0 = off)")
