@@ -436,7 +436,8 @@ class RLHFConfig:
     rank_temp_max: float = opt(1.5, "sampling temperature of the wildest attempt at a ranked prompt")
     human_noise: float = opt(0.0, "std of the noise in the person's judgement (0 = always the same taste)")
     heldout_prompts: int = opt(40, "held-out prompts (for the reward model's accuracy and the RL evaluations)")
-    rm_epochs: int = opt(1, "passes of the reward model over the orderings")
+    # A second pass over the same 1,000 orderings: held-out accuracy 0.779 -> 0.822, for ~15 s more.
+    rm_epochs: int = opt(2, "passes of the reward model over the orderings")
     rm_batch: int = opt(16, "orderings per reward-model step")
     rm_lr: float = opt(1e-3, "AdamW learning rate of the reward model's head")
     rm_body_lr: float = opt(1e-4, "AdamW learning rate of the reward model's body (0 = frozen: train the head only)")
@@ -446,7 +447,11 @@ class RLHFConfig:
     prompts_per_step: int = opt(16, "prompts per RL step")
     samples: int = opt(8, "attempts per prompt per step")
     max_tokens: int = opt(40, "longest reply sampled, in tokens")
-    temperature: float = opt(1.0, "sampling temperature of attempts and evaluations")
+    # As in rl.py, a little below 1: fewer garbled words in the attempts, so the groups differ in what the
+    # reward model judges best. From one RL model, 1 core: at 1.0 (1 RM epoch) the true reward went
+    # 0.341 -> 0.360 in 30 steps; at 0.8 0.375 -> 0.436, and with 2 RM epochs 0.375 -> 0.463, both
+    # stopped at step 14 by the degenerate-reply monitor.
+    temperature: float = opt(0.8, "sampling temperature of attempts and evaluations")
     std_norm: bool = opt(False, "divide advantages by their group's standard deviation")
     kl_coef: float = opt(0.02, "per-token KL penalty to the SFT policy (--hack sets 0)")
     kl_budget: float = opt(1.0, "stop when the KL to the SFT policy exceeds this (0 = never; --hack sets 0)")
