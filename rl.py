@@ -321,8 +321,8 @@ class RLConfig:
     problems_per_step: int = opt(16, "practice problems per step")
     samples: int = opt(8, "attempts sampled per problem (the lecture's example: 15)")
     max_tokens: int = opt(96, "longest response sampled, in tokens")
-    # A little below 1 the attempts stay varied enough to disagree (few groups without signal) while more of
-    # them reach the answer, so more of each batch is a right attempt to reinforce. Measured from one SFT
+    # A little below 1 more attempts reach the answer (at 1.0 about a fifth do, against 0.42 greedy) while most
+    # groups still disagree, so more of each batch is a right attempt to reinforce. Measured from one SFT
     # model, 35 steps, 300 held-out problems, 1 core: temperature 1.0 took pass@1 0.420 -> 0.593 by step 25,
     # 0.8 took it to 0.660 and 0.7 to 0.657 (0.8 + --std-norm: 0.653).
     temperature: float = opt(0.8, "sampling temperature of the attempts and of pass@k (1.0 = the policy itself)")

@@ -447,8 +447,8 @@ class RLHFConfig:
     prompts_per_step: int = opt(16, "prompts per RL step")
     samples: int = opt(8, "attempts per prompt per step")
     max_tokens: int = opt(40, "longest reply sampled, in tokens")
-    # As in rl.py, a little below 1: fewer garbled words in the attempts, so the groups differ in what the
-    # reward model judges best. From one RL model, 1 core: at 1.0 (1 RM epoch) the true reward went
+    # A little below 1, as in rl.py: the attempts are RL's raw material, and at 1.0 more of them are garbled
+    # words that teach the policy little. From one RL model, 1 core: at 1.0 (1 RM epoch) the true reward went
     # 0.341 -> 0.360 in 30 steps; at 0.8 0.375 -> 0.436, and with 2 RM epochs 0.375 -> 0.463, both
     # stopped at step 14 by the degenerate-reply monitor.
     temperature: float = opt(0.8, "sampling temperature of attempts and evaluations")
