@@ -1546,11 +1546,16 @@ def test_web_page_in_headless_chromium_shows_the_streamed_answer(api_server, tmp
         if os.environ.get("CI"):
             pytest.fail("CI must install Debian's chromium for this test (.ci/run does)")
         pytest.skip("chromium is not installed (apt-get install chromium)")
-    result = subprocess.run([binary, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
-                             "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                             f"--user-data-dir={tmp_path}",
-                             "--virtual-time-budget=60000", "--dump-dom", api_server + "/?q=What%20is%202%2B2%3F"],
-                            capture_output=True, text=True, timeout=120)
+    # --dump-dom can fire before the streamed reply is read to its end (the server has answered; seen once in
+    # a full CI run): a second page load rides over that, and the assertions below judge the last one.
+    for attempt in range(2):
+        result = subprocess.run([binary, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+                                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                                 f"--user-data-dir={tmp_path / str(attempt)}", "--virtual-time-budget=60000",
+                                 "--dump-dom", api_server + "/?q=What%20is%202%2B2%3F"],
+                                capture_output=True, text=True, timeout=120)
+        if 'data-done="1"' in result.stdout:
+            break
     assert 'class="user">What is 2+2?</div>' in result.stdout, result.stderr[-2000:]
     assert 'class="assistant" data-done="1">Hi! 2+2 = 4</div>' in result.stdout, result.stdout[-2000:]
 
