@@ -173,10 +173,19 @@ def build_embedded_corpus(sdist_path):
 # waits and retries on server errors (5xx) and timeouts, checks the size (and the sha256 when the server
 # gives one), and only then renames DEST.part to DEST. DEST therefore either does not exist or is complete.
 
-FINEWEB_EDU_URL = ("https://huggingface.co/datasets/HuggingFaceFW/fineweb-edu/resolve/main/"
-                   "sample/10BT/{index:03d}_00000.parquet")  # 14 parquet shards of ~2.2 GB each (10B tokens)
-TINYSTORIES_URL = "https://huggingface.co/datasets/roneneldan/TinyStories/resolve/main/TinyStoriesV2-GPT4-{split}.txt"
-TINYSTORIES_URLS = tuple(TINYSTORIES_URL.format(split=s) for s in ("valid", "train"))  # valid first: it is small
+DEFAULT_HF_ENDPOINT = "https://huggingface.co"
+FINEWEB_EDU_PATH = "sample/10BT/{index:03d}_00000.parquet"  # 14 parquet shards of ~2.2 GB each (10B tokens)
+TINYSTORIES_PATHS = tuple(f"TinyStoriesV2-GPT4-{split}.txt" for split in ("valid", "train"))  # valid is small
+
+
+def hf_url(repo, path):
+    """The plain file URL of `path` in the Hugging Face dataset `repo` ("org/name"). Every Hub download goes
+    through this one base URL, which the HF_ENDPOINT environment variable overrides (the Hub's own
+    convention, also read by huggingface_hub): a mirror, or a local server standing in for the Hub in tests.
+    No Hub API call is made anywhere, only these file URLs, so any static file server can play the Hub."""
+    endpoint = os.environ.get("HF_ENDPOINT", DEFAULT_HF_ENDPOINT).rstrip("/")
+    return f"{endpoint}/datasets/{repo}/resolve/main/{path}"
+
 RETRY_STATUSES = {408, 425, 429, 500, 502, 503, 504}  # "try again later"; every other 4xx is our mistake
 SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 
@@ -188,8 +197,8 @@ class RetryableError(Exception):
 def source_urls(source, shards):
     """The download URLs of a named remote source: the first `shards` shards of FineWeb-Edu, or TinyStories."""
     if source == "fineweb-edu":
-        return [FINEWEB_EDU_URL.format(index=i) for i in range(shards)]
-    return list(TINYSTORIES_URLS[:shards])
+        return [hf_url("HuggingFaceFW/fineweb-edu", FINEWEB_EDU_PATH.format(index=i)) for i in range(shards)]
+    return [hf_url("roneneldan/TinyStories", path) for path in TINYSTORIES_PATHS[:shards]]
 
 
 def file_name_of(url):
