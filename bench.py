@@ -204,6 +204,54 @@ Our ids equal tiktoken's on both texts (checked by the bench).
 
 
 # ----------------------------------------------------------------------------------------------------
+# bench.py tokenizer-scale: is our trainer fast enough for the GPU presets' tokenizer?
+
+GPU_TOKENIZER_SLICE_MB = 2000  # run.sh trains the GPU presets' BPE on ~2B characters of FineWeb-Edu
+
+
+def bench_tokenizer_scale(args):
+    """Train at the GPU presets' vocabulary on two sizes of the shared corpus (its first quarter and all of
+    it), ours beside rustbpe and HF tokenizers, then extrapolate each to the ~2 GB slice run.sh trains on
+    with a straight line through the two sizes (counting chunks grows with the text; the merges grow with
+    the number of distinct chunks, which grows more slowly: a straight line overestimates, if anything)."""
+    ensure_peers("tokenizers", "rustbpe")
+    corpus, documents = read_documents(os.path.abspath(args.corpus))
+    quarter = documents[:len(documents) // 4]
+    sizes = [len("".join(d).encode()) / 1e6 for d in (quarter, documents)]
+    pattern, n_regular = split_pattern(), args.vocab_size - len(SPECIAL_TOKENS)
+    trainers = {"ours": lambda docs: Tokenizer.train(iter(docs), args.vocab_size),
+                "rustbpe": lambda docs: train_rustbpe(docs, n_regular, pattern),
+                "HF tokenizers": lambda docs: train_hf(docs, n_regular, pattern)}
+    seconds = {name: [best_time(lambda: fn(docs), 1)[0] for docs in (quarter, documents)]
+               for name, fn in trainers.items()}
+    rows, figures = [], {"vocab": args.vocab_size, "mb": [round(m, 2) for m in sizes], "machine": machine()}
+    for name, (small, big) in seconds.items():
+        slope = (big - small) / (sizes[1] - sizes[0])
+        slice_s = big + slope * (GPU_TOKENIZER_SLICE_MB - sizes[1])
+        rows.append([name, f"{small:.1f}", f"{big:.1f}", f"{big / seconds['rustbpe'][1]:.2f}", fmt_minutes(slice_s)])
+        figures[name] = {"s": [round(small, 2), round(big, 2)], "slice_s_estimate": round(slice_s)}
+    header = ["trainer", f"{sizes[0]:.1f} MB s", f"{sizes[1]:.1f} MB s", "/ rustbpe (full)",
+              f"{GPU_TOKENIZER_SLICE_MB} MB slice (extrapolated)"]
+    print_table(header, rows)
+    print(json.dumps({"bench": "tokenizer-scale", **figures}))
+    command = f"python bench.py tokenizer-scale --vocab-size {args.vocab_size}"
+    write_section("tokenizer-scale", f"""
+## Tokenizer training at the GPU presets' vocabulary
+
+`{command}` — {machine()}. Vocabulary {args.vocab_size:,}; the first quarter and the whole of
+`{os.path.basename(args.corpus)}`; one run each (the machine's load is in BENCHMARKS.md's text). The last column
+is a straight-line extrapolation to the ~{GPU_TOKENIZER_SLICE_MB} MB FineWeb-Edu slice run.sh trains the GPU
+presets' tokenizer on: an estimate, not a measurement.
+
+{markdown_table(header, rows)}
+""")
+
+
+def fmt_minutes(seconds):
+    return f"~{seconds / 60:.0f} min" if seconds >= 60 else f"~{seconds:.0f} s"
+
+
+# ----------------------------------------------------------------------------------------------------
 # bench.py digits
 
 def arithmetic_text(n_lines=500, seed=0):
@@ -476,6 +524,10 @@ def main():
     tok.add_argument("--heldout", default=os.path.join(SHARED_CORPUS, "heldout_milton.txt"))
     tok.add_argument("--repeats", type=int, default=2)
     tok.set_defaults(run=bench_tokenizer)
+    scale = sub.add_parser("tokenizer-scale", help="training at the GPU vocabulary, extrapolated to the GPU slice")
+    scale.add_argument("--corpus", default=os.path.join(SHARED_CORPUS, "gutenberg_20mb.txt"))
+    scale.add_argument("--vocab-size", type=int, default=32768)
+    scale.set_defaults(run=bench_tokenizer_scale)
     digits = sub.add_parser("digits", help="compare digit groupings of the split regex")
     digits.add_argument("--vocab-size", type=int, default=4096)
     digits.set_defaults(run=bench_digits)

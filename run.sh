@@ -1,16 +1,22 @@
 #!/usr/bin/env bash
 # scratchgpt's main job: every stage of the pipeline in order, each reading the previous stage's checkpoint,
-# then a scripted chat and the report card (out/report.md, out/report.json).
+# then a scripted chat and the report card.
 #
 #   bash run.sh              the tiny preset on the embedded corpus: CPU, offline, about a quarter of an hour
-#   bash run.sh d12          the same on one GPU: FineWeb-Edu is downloaded, GPT-2-small-class model
+#   bash run.sh d12          one GPU (or a node): FineWeb-Edu is downloaded, its own 32K tokenizer trained
 #   bash run.sh d20          (or d26) on a node: set TORCHRUN="torchrun --standalone --nproc_per_node=8"
-#   bash run.sh --fresh      redo every stage, even those that already finished
+#   bash run.sh rehearsal    the d12 flow at smoke size on a CPU (CI runs it against a local stand-in for the
+#                            Hub: HF_ENDPOINT=http://127.0.0.1:PORT)
+#   bash run.sh --fresh      redo every stage of the preset (downloads, tokenizer and shards are kept)
 #
-# A stage that finished (its out/<stage>/metrics.json exists) is skipped; pretraining that was interrupted
-# resumes from its last checkpoint. Extra flags per stage come from the environment, e.g. a smoke run:
+# Where things go: the tiny preset writes out/tokenizer, out/shards, out/base, out/sft, out/rl, out/rlhf and
+# out/report.md; every other preset P writes the same under out/P/, so presets never skip, resume or overwrite
+# each other's stages. A stage that finished (its metrics.json exists) is skipped; pretraining that was
+# interrupted resumes from its last checkpoint. Extra flags per stage come from the environment, e.g. a smoke run:
 #   BASE_ARGS="--num-steps 20" SFT_ARGS="--num-steps 10" RL_ARGS="--num-steps 2" RLHF_ARGS="--num-steps 2" \
 #   HACK_ARGS="--hack-steps 2" bash run.sh --fresh
+# GPU presets also read VOCAB (tokenizer size, default 32768; 65536 is the other choice), VAL_TOKENS (size of
+# the held-out validation split) and TORCHRUN (the launcher of every training stage, default plain python).
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -20,52 +26,74 @@ for arg in "$@"; do
     case "$arg" in
         --fresh) fresh=1 ;;
         -*) echo "run.sh: unknown option $arg (expected --fresh or a preset name)" >&2; exit 2 ;;
-        *) preset="$arg" ;;
+        tiny|d12|d20|d26|rehearsal) preset="$arg" ;;
+        *) echo "run.sh: unknown preset $arg (expected tiny, d12, d20, d26 or rehearsal)" >&2; exit 2 ;;
     esac
 done
+root=out
+[ "$preset" = tiny ] || root="out/$preset"
 if [ "$fresh" = 1 ]; then
-    rm -rf out/base out/sft out/rl out/rlhf out/report.md out/report.json
+    rm -rf "$root/base" "$root/sft" "$root/rl" "$root/rlhf" "$root/report.md" "$root/report.json"
 fi
+launch=${TORCHRUN:-python}
 
-# stage NAME COMMAND...: run COMMAND unless stage NAME already finished
+# stage NAME COMMAND...: run COMMAND unless stage NAME of this preset already finished
 stage() {
     local name=$1; shift
-    if [ -f "out/$name/metrics.json" ]; then
-        echo "=== $name: finished earlier (out/$name/metrics.json); skipped"
+    if [ -f "$root/$name/metrics.json" ]; then
+        echo "=== $name: finished earlier ($root/$name/metrics.json); skipped"
         return
     fi
     echo "=== $name: $*"
     "$@"
 }
 
-echo "=== data: tokenizer and token shards of the embedded corpus"
-python data.py
-data_args="" sft_preset="tiny" rl_preset="tiny"
-if [ "$preset" != tiny ]; then
-    # GPU presets learn from FineWeb-Edu (already filtered by its makers, so it goes straight to tokens):
-    # ~0.7B tokens per shard; d12's 2.6B training tokens need 4 (SHARDS=N to change). Downloads resume.
-    echo "=== data: ${SHARDS:-4} FineWeb-Edu shards -> out/shards/fineweb"
-    python data.py download --source fineweb-edu --shards "${SHARDS:-4}" --out out/downloads
-    if [ ! -f out/shards/fineweb/meta.json ]; then
-        python data.py tokenize --input 'out/downloads/*.parquet' --name fineweb
+if [ "$preset" = tiny ]; then
+    echo "=== data: tokenizer and token shards of the embedded corpus"
+    python data.py
+    sft_preset=tiny rl_preset=tiny
+else
+    # GPU presets learn from FineWeb-Edu (already filtered by its makers, so it goes straight to tokens).
+    # File 000 is held out for validation and never trained on; the tokenizer learns from a slice of file 001;
+    # then as many files as the preset's planned tokens need are downloaded and tokenized. Downloads resume.
+    downloads="$root/downloads" tokenizer="$root/tokenizer/tokenizer.json" shards="$root/shards"
+    if [ "$preset" = rehearsal ]; then vocab=${VOCAB:-1024} val_tokens=${VAL_TOKENS:-20000}
+    else vocab=${VOCAB:-32768} val_tokens=${VAL_TOKENS:-10485760}; fi
+    echo "=== data: FineWeb-Edu files 000 (validation) and 001 (the tokenizer's slice) -> $downloads"
+    python data.py download --source fineweb-edu --shards 2 --out "$downloads"
+    if [ ! -f "$tokenizer" ]; then
+        python data.py train-tokenizer --input "$downloads/001_00000.parquet" --heldout "$downloads/000_00000.parquet" \
+            --vocab-size "$vocab" --out "$tokenizer"
     fi
-    data_args="--shards fineweb" sft_preset="d12" rl_preset="gsm8k"
+    per_file=$(python data.py tokens-per-file "$downloads/001_00000.parquet" --tokenizer "$tokenizer")
+    # shellcheck disable=SC2086  # BASE_ARGS is a list of flags (it may change the planned tokens)
+    files=$(python train_gpt.py shards-needed --preset "$preset" --tokens-per-file "$per_file" ${BASE_ARGS:-})
+    echo "=== data: $files training file(s) of ~$per_file tokens for the plan, + 1 for validation"
+    python data.py download --source fineweb-edu --shards $((files + 1)) --out "$downloads"
+    if ! python -c "import data, sys; data.check_shard_set(sys.argv[1], sys.argv[2])" "$shards/fineweb" "$tokenizer" 2>/dev/null; then
+        train_files=()
+        for ((i = 1; i <= files; i++)); do train_files+=("$downloads/$(printf %03d "$i")_00000.parquet"); done
+        python data.py tokenize --input "${train_files[@]}" --val-input "$downloads/000_00000.parquet" \
+            --val-tokens "$val_tokens" --tokenizer "$tokenizer" --out "$shards" --name fineweb
+    fi
+    python train_gpt.py --preset "$preset" --dry-run --plan-gpus "${NPROC:-8}" ${BASE_ARGS:-}
+    sft_preset=d12 rl_preset=gsm8k
 fi
 
 resume=""
-if [ -f out/base/model.pt ] && [ ! -f out/base/metrics.json ]; then resume="--resume"; fi
+if [ -f "$root/base/model.pt" ] && [ ! -f "$root/base/metrics.json" ]; then resume="--resume"; fi
 # shellcheck disable=SC2086  # the *_ARGS variables are lists of flags
-stage base ${TORCHRUN:-python} train_gpt.py --preset "$preset" $data_args $resume ${BASE_ARGS:-}
+stage base $launch train_gpt.py --preset "$preset" $resume ${BASE_ARGS:-}
 # shellcheck disable=SC2086
-stage sft python sft.py --preset "$sft_preset" ${SFT_ARGS:-}
+stage sft python sft.py --preset "$sft_preset" --base "$root/base/model.pt" --out-dir "$root/sft" ${SFT_ARGS:-}
 # shellcheck disable=SC2086
-stage rl python rl.py --preset "$rl_preset" ${RL_ARGS:-}
+stage rl python rl.py --preset "$rl_preset" --checkpoint "$root/sft" --out-dir "$root/rl" ${RL_ARGS:-}
 # shellcheck disable=SC2086
-stage rlhf python rlhf.py ${RLHF_ARGS:-}
-if ! grep -q '"hack_true_final"' out/rlhf/metrics.json; then  # the demonstration adds its figures to the stage's
+stage rlhf python rlhf.py --checkpoint "$root/rl" --out-dir "$root/rlhf" ${RLHF_ARGS:-}
+if ! grep -q '"hack_true_final"' "$root/rlhf/metrics.json"; then  # the demonstration adds its figures to the stage's
     echo "=== rlhf --hack: the same reward model, no KL penalty, no early stopping"
     # shellcheck disable=SC2086
-    python rlhf.py --hack ${RLHF_ARGS:-} ${HACK_ARGS:-}
+    python rlhf.py --hack --checkpoint "$root/rl" --out-dir "$root/rlhf" ${RLHF_ARGS:-} ${HACK_ARGS:-}
 fi
 
 echo "=== chat: a few questions to the finished assistant (greedy)"
@@ -75,7 +103,7 @@ for question in "What is your name?" \
                 "How many dots are here? ......." \
                 "Who is Orson Kovacs?"; do
     echo "you> $question"
-    python chat.py -p "$question" --temperature 0 --max-tokens 120
+    python chat.py --checkpoint "$root/rlhf" -p "$question" --temperature 0 --max-tokens 120
 done
 
-python train_gpt.py report
+python train_gpt.py report "$root"

@@ -28,9 +28,11 @@ import glob
 import json
 import math
 import os
+import socket
 import sys
 import tempfile
 import time
+import uuid
 from dataclasses import dataclass, field, fields
 
 import numpy as np
@@ -38,6 +40,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
 from tokenizer import Tokenizer
@@ -189,6 +193,9 @@ class Block(nn.Module):
         return x + self.mlp(rms_norm(x))
 
 
+LOSS_CHUNK_TOKENS = 8192  # rows of the output head computed at once in the loss (the tiny preset's micro-batch)
+
+
 class GPT(nn.Module):
     """The whole expression: token ids (B, T) -> logits (B, T, vocab_size), one score per possible next
     token at every position. softmax(logits) is the model's probability distribution over the next token."""
@@ -218,22 +225,44 @@ class GPT(nn.Module):
             nn.init.zeros_(block.mlp.proj.weight)
         nn.init.normal_(self.lm_head.weight, std=0.001)  # near-uniform first guesses: loss starts ~ln(vocab)
 
-    def forward(self, idx, targets=None, kv_cache=None):
+    def forward(self, idx, targets=None, kv_cache=None, reduction="mean"):
         """idx: (B, T) token ids. targets: (B, T) next-token ids, -1 where no loss should be taken.
         kv_cache: when given, idx continues the tokens already in the cache (incremental decoding).
-        Returns (logits (B, T, vocab) in float32, mean cross-entropy loss or None)."""
+        Without targets -> (logits (B, T, vocab) in float32, None). With targets -> (None, loss): the mean
+        cross-entropy over the scored positions, or with reduction="none" the (B, T) loss of every position
+        (0 where the target is -1). The logits are then never held for the whole batch at once (see
+        head_loss), which is what lets a 32K-65K vocabulary fit on a GPU."""
         x = self.hidden_states(idx, kv_cache)
-        # Soft-cap: logits = softcap * tanh(head(x) / softcap) squashes them into (-softcap, softcap)
-        # smoothly; the model cannot become infinitely sure of anything, which keeps the loss and its
-        # gradients tame. (The head is linear, so dividing its n_embd-wide input instead of its vocab-wide
-        # output gives the same numbers with far less memory traffic: ~5% faster steps on a CPU.)
-        c = self.config.softcap
-        logits = c * torch.tanh(self.lm_head(x / c).float())
         if targets is None:
-            return logits, None
-        # Cross-entropy = -log(probability given to the true next token), averaged over positions.
-        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
-        return logits, loss
+            return self.head(x), None
+        losses = self.head_loss(x.flatten(0, 1), targets.reshape(-1))
+        if reduction == "none":
+            return None, losses.view_as(targets)
+        return None, losses.sum() / (targets >= 0).sum()  # 0/0 = nan when nothing is scored, as F.cross_entropy
+
+    def head(self, x):
+        """Vectors -> float32 logits. Soft-cap: logits = softcap * tanh(head(x) / softcap) squashes them into
+        (-softcap, softcap) smoothly; the model cannot become infinitely sure of anything, which keeps the
+        loss and its gradients tame. (The head is linear, so dividing its n_embd-wide input instead of its
+        vocab-wide output gives the same numbers with far less memory traffic: ~5% faster steps on a CPU.)"""
+        c = self.config.softcap
+        return c * torch.tanh(self.lm_head(x / c).float())
+
+    def head_loss(self, x, targets):
+        """Cross-entropy = -log(probability given to the true next token), for each of the N rows of x (N,
+        n_embd) -> (N,) float32, 0 where the target is -1. The logits of one row take vocab_size x 4 bytes:
+        for a d12 micro-batch (32 x 2048 tokens, 32K vocabulary) the whole batch's would be 8 GiB, plus as
+        much again for their gradient. So rows go through the head LOSS_CHUNK_TOKENS at a time, and under
+        autograd each chunk is "checkpointed": its logits are thrown away after the loss and recomputed in
+        the backward pass, one chunk at a time (costing one more head multiply, ~3-8% of a GPU step)."""
+        def chunk_loss(xc, tc):
+            return F.cross_entropy(self.head(xc), tc, ignore_index=-1, reduction="none")
+        if x.size(0) <= LOSS_CHUNK_TOKENS:  # one chunk: nothing to save, the plain computation
+            return chunk_loss(x, targets)
+        recompute = torch.is_grad_enabled()
+        return torch.cat([torch.utils.checkpoint.checkpoint(chunk_loss, xc, tc, use_reentrant=False) if recompute
+                          else chunk_loss(xc, tc)
+                          for xc, tc in zip(x.split(LOSS_CHUNK_TOKENS), targets.split(LOSS_CHUNK_TOKENS))])
 
     def hidden_states(self, idx, kv_cache=None):
         """The network without its output head: (B, T) ids -> (B, T, n_embd) normalised vectors, one per
@@ -337,26 +366,57 @@ def orthogonalize(g, steps=5):
 
 class Muon(torch.optim.Optimizer):
     """MomentUm Orthogonalized by Newton-schulz, for 2-D weight matrices: SGD with Nesterov momentum
-    whose update is orthogonalized before it is applied."""
+    whose update is orthogonalized before it is applied.
 
-    def __init__(self, params, lr=0.02, momentum=0.95, ns_steps=5):
+    Under data parallelism every process holds the same averaged gradients, so the orthogonalization (a
+    few big matrix products per matrix: ~5-14% of a multi-GPU step) would be the same work done `world`
+    times. Instead each matrix has one owner process (`owners`: the biggest matrices are dealt out first,
+    each to the least loaded process), only the owner keeps its momentum and computes its update, and then
+    broadcasts the updated matrix to the others."""
+
+    def __init__(self, params, lr=0.02, momentum=0.95, ns_steps=5, rank=0, world=1):
         super().__init__(params, dict(lr=lr, momentum=momentum, ns_steps=ns_steps))
+        self.rank, self.world = rank, world
+        matrices = [p for group in self.param_groups for p in group["params"]]
+        load, self.owners = [0] * world, {}
+        for p in sorted(matrices, key=lambda p: -p.numel()):  # a stable sort: the same deal on every process
+            owner = load.index(min(load))
+            self.owners[p], load[owner] = owner, load[owner] + p.numel()
 
     @torch.no_grad()
     def step(self):
+        broadcasts = []
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                buf = self.state[p].setdefault("momentum", torch.zeros_like(p))
-                buf.mul_(group["momentum"]).add_(p.grad)
-                update = orthogonalize(p.grad + group["momentum"] * buf, group["ns_steps"])  # Nesterov
-                # An orthogonal matrix has entries of size ~1/sqrt(columns); rescale tall matrices so every
-                # shape moves its outputs by about the same amount per step.
-                p.add_(update, alpha=-group["lr"] * max(1.0, p.size(0) / p.size(1)) ** 0.5)
+                if self.owners[p] == self.rank:
+                    buf = self.state[p].setdefault("momentum", torch.zeros_like(p))
+                    buf.mul_(group["momentum"]).add_(p.grad)
+                    update = orthogonalize(p.grad + group["momentum"] * buf, group["ns_steps"])  # Nesterov
+                    # An orthogonal matrix has entries of size ~1/sqrt(columns); rescale tall matrices so
+                    # every shape moves its outputs by about the same amount per step.
+                    p.add_(update, alpha=-group["lr"] * max(1.0, p.size(0) / p.size(1)) ** 0.5)
+                if self.world > 1:  # asynchronous: the owners' next matrices are computed meanwhile
+                    broadcasts.append(dist.broadcast(p, src=self.owners[p], async_op=True))
+        for handle in broadcasts:
+            handle.wait()
+
+    def gather_state(self):
+        """Before a checkpoint: give every process (rank 0 writes) every matrix's momentum."""
+        if self.world == 1:
+            return
+        for p, owner in self.owners.items():  # the same order on every process
+            dist.broadcast(self.state[p].setdefault("momentum", torch.zeros_like(p)), src=owner)
+
+    def drop_foreign_state(self):
+        """After a checkpoint was written or read: keep only the momentum of the matrices this process owns."""
+        for p, owner in self.owners.items():
+            if owner != self.rank:
+                self.state[p].pop("momentum", None)
 
 
-def build_optimizers(model, cfg, device_type):
+def build_optimizers(model, cfg, device_type, rank=0, world=1):
     """Muon for the matrices inside the blocks; AdamW for the embedding table and the output head, whose
     rows belong to individual tokens and see very uneven gradients (Muon's whole-matrix view suits them
     badly). Each group remembers its base learning rate, which the schedule scales every step."""
@@ -365,7 +425,7 @@ def build_optimizers(model, cfg, device_type):
                    dict(params=[model.lm_head.weight], lr=cfg.head_lr)]
     adamw = torch.optim.AdamW(adam_groups, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=1e-10, weight_decay=0.0,
                               fused=device_type == "cuda")
-    muon = Muon(matrices, lr=cfg.matrix_lr, momentum=cfg.muon_momentum)
+    muon = Muon(matrices, lr=cfg.matrix_lr, momentum=cfg.muon_momentum, rank=rank, world=world)
     optimizers = [adamw, muon]
     for opt in optimizers:
         for group in opt.param_groups:
@@ -518,9 +578,8 @@ def evaluate(model, batches, token_bytes, rt):
     for x, y in batches:
         x, y = x.to(rt.device), y.to(rt.device)
         with rt.autocast():
-            logits, _ = model(x)
-        y = y.reshape(-1)
-        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), y, ignore_index=-1, reduction="none").double()
+            _, loss = model(x, y, reduction="none")
+        y, loss = y.reshape(-1), loss.reshape(-1).double()
         nb = torch.where(y >= 0, token_bytes[y.clamp(min=0)], 0.0)  # target -1 = padding: no bytes
         is_text = nb > 0  # special tokens such as <|endoftext|> carry no text: they are not scored
         nats, count, nbytes = nats + loss[is_text].sum(), count + is_text.sum(), nbytes + nb.sum()
@@ -610,7 +669,7 @@ class TrainConfig:
     n_kv_head: int = opt(4, "key/value heads (fewer than n_head = grouped-query attention)")
     seq_len: int = opt(256, "context window in tokens")
     # the data
-    shards: str = opt("", "train on the shard set NAME made by `python data.py tokenize --name NAME` (e.g. FineWeb)")
+    shards: str = opt("", "train on a shard set made by `python data.py tokenize`: its folder, or NAME under out/shards")
     input: tuple = opt((), "train on these text files instead of the embedded corpus")
     val_input: tuple = opt((), "held-out text files for --input (default: the last 10%% of each --input file)")
     tokenizer: str = opt("", "tokenizer.json to use (default: the one data.py prepares)")
@@ -643,23 +702,42 @@ class TrainConfig:
     compile: str = opt("auto", "torch.compile: auto (on CUDA only), on, off")
     seed: int = opt(1337, "random seed; the same seed gives the same run on CPU")
     resume: bool = opt(False, "continue from the checkpoint in out_dir")
+    # the plan
+    dry_run: bool = opt(False, "print the plan (size, tokens, shards, memory per GPU, time) and exit: no data, no GPU")
+    plan_gpus: int = opt(8, "--dry-run: plan for this many GPUs")
+    plan_vocab: int = opt(32768, "--dry-run: the vocabulary to plan for when the tokenizer does not exist yet")
+    tokens_per_file: int = opt(0, "--dry-run / shards-needed: tokens one downloaded FineWeb-Edu file gives "
+                                  "(0 = FINEWEB_TOKENS_PER_FILE, an estimate)")
 
 
-# Width follows depth on GPUs (n_embd = 64 x depth, 128-wide heads). The batch is ~0.5M tokens per step;
-# num_steps gives about 20 training tokens per parameter (the "Chinchilla" ratio) for a 64K vocabulary.
-def _gpu_preset(depth, num_steps, batch_size):
+GPU_VOCAB_SIZE = 32768  # the GPU presets' tokenizer (run.sh's VOCAB=65536 for a larger one)
+
+
+def _gpu_preset(name, depth, num_steps, batch_size):
+    """A GPU preset: width follows depth (n_embd = 64 x depth, 128-wide heads), ~0.5M tokens per step, and
+    num_steps x 0.5M ~ 20 training tokens per parameter (the "Chinchilla" ratio) at a 32K vocabulary.
+    Everything it reads and writes lives under out/<name>/, so presets never skip, resume or overwrite each
+    other's work (run.sh makes the tokenizer and the shards there)."""
+    root = os.path.join("out", name)
     return dict(depth=depth, n_embd=64 * depth, n_head=depth // 2, n_kv_head=depth // 2, seq_len=2048,
                 batch_size=batch_size, total_batch_tokens=524288, num_steps=num_steps, matrix_lr=0.02,
                 embed_lr=0.2 * (64 * depth / 768) ** -0.5, head_lr=0.004 * (64 * depth / 768) ** -0.5,
                 warmup_steps=0, warmdown_frac=0.2, eval_every=250, eval_tokens=10 * 524288, sample_every=1000,
-                save_every=1000)
+                save_every=500, shards=os.path.join(root, "shards", "fineweb"),
+                tokenizer=os.path.join(root, "tokenizer", "tokenizer.json"), out_dir=os.path.join(root, "base"))
 
 
 PRESETS = {
     "tiny": {},
-    "d12": _gpu_preset(12, 5000, 32),
-    "d20": _gpu_preset(20, 21000, 16),
-    "d26": _gpu_preset(26, 33000, 8),
+    # d12 ~ GPT-2 small (124M at GPT-2's vocabulary; 110M here) on 1 GPU or a node; d20 and d26 on a node
+    "d12": _gpu_preset("d12", 12, 4200, 32),
+    "d20": _gpu_preset("d20", 20, 17600, 16),
+    "d26": _gpu_preset("d26", 26, 35000, 8),
+    # The d12 flow (FineWeb-Edu layout, its own tokenizer, a held-out val file, checkpoints, resume) at a size
+    # 2 CPU processes finish in a minute: what CI runs against a local stand-in for the Hub (run.sh rehearsal).
+    "rehearsal": {**_gpu_preset("rehearsal", 2, 40, 4), "n_embd": 64, "n_head": 2, "n_kv_head": 2, "seq_len": 128,
+                  "total_batch_tokens": 2048, "matrix_lr": 0.04, "embed_lr": 0.3, "head_lr": 0.008, "eval_every": 10,
+                  "eval_tokens": 4096, "sample_every": 20, "sample_tokens": 24, "save_every": 10},
 }
 
 # The lecture's reference run, printed beside ours
@@ -667,44 +745,128 @@ GPT2_FACTS = ("GPT-2 (2019): 1.6B parameters, 1024-token context, ~100B training
               "in about a day for about $600 on 8xH100 (vs ~$40k in 2019)")
 
 
-def prepare_data(cfg):
-    """-> {"tokenizer", "train", "val"}: a tokenizer path and two shard patterns. data.py does the work:
-    the embedded corpus by default (tokenizer trained and shards written on first use), or any text files
-    given by --input, tokenized afresh with the default (or --tokenizer) tokenizer, or a shard set that
-    `python data.py tokenize --name NAME` made (--shards NAME)."""
+def shard_set(cfg):
+    """--shards: a folder holding a shard set (out/d12/shards/fineweb) or the NAME of one under out/shards/."""
+    return cfg.shards if os.sep in cfg.shards or os.path.isdir(cfg.shards) else os.path.join(data.SHARDS_DIR, cfg.shards)
+
+
+def data_paths(cfg):
+    """-> {"tokenizer", "train", "val"}: the tokenizer file and the two shard globs this config trains on,
+    without creating anything (every process of a multi-node job resolves its own, on its own disk)."""
     if cfg.shards:
+        folder = shard_set(cfg)
+        name = os.path.basename(os.path.normpath(folder))
         return {"tokenizer": cfg.tokenizer or data.TOKENIZER_PATH,
-                **{s: data.shard_pattern(cfg.shards, s) for s in ("train", "val")}}
+                **{s: os.path.join(folder, f"{name}_{s}_*.bin") for s in ("train", "val")}}
     if not cfg.input:
-        paths = data.prepare_default()
-        return {**paths, "tokenizer": cfg.tokenizer or paths["tokenizer"]}
-    tokenizer_path = cfg.tokenizer or data.prepare_tokenizer()
-    train_docs = [d["text"] for d in data.read_documents(data.expand_inputs(cfg.input)) if "text" in d]
-    if cfg.val_input:
-        val_docs = [d["text"] for d in data.read_documents(data.expand_inputs(cfg.val_input)) if "text" in d]
-    else:  # hold out the last 10% of every document (nanoGPT's split of its Shakespeare file)
-        cuts = [int(len(t) * 0.9) for t in train_docs]
-        val_docs = [t[c:] for t, c in zip(train_docs, cuts)]
-        train_docs = [t[:c] for t, c in zip(train_docs, cuts)]
+        return {"tokenizer": cfg.tokenizer or data.TOKENIZER_PATH,
+                **{s: data.shard_pattern("embedded", s) for s in data.EMBEDDED_SPLITS}}
     shards_dir = os.path.join(cfg.out_dir, "shards")
-    data.tokenize_to_shards({"train": train_docs, "val": val_docs}, "input", tokenizer_path, shards_dir)
-    return {"tokenizer": tokenizer_path, **{s: data.shard_pattern("input", s, shards_dir) for s in ("train", "val")}}
+    return {"tokenizer": cfg.tokenizer or data.TOKENIZER_PATH,
+            **{s: data.shard_pattern("input", s, shards_dir) for s in ("train", "val")}}
+
+
+def prepare_data(cfg):
+    """Make what data_paths names, where data.py can: the embedded corpus by default (tokenizer trained and
+    shards written on first use), or any text files given by --input, tokenized afresh with the default
+    (or --tokenizer) tokenizer. A --shards set is made beforehand by `python data.py tokenize`, and is only
+    checked: complete (its meta.json is written last) and made by this tokenizer."""
+    paths = data_paths(cfg)
+    if cfg.shards:
+        data.check_shard_set(shard_set(cfg), paths["tokenizer"])
+    elif not cfg.input:
+        data.prepare_default()
+    else:
+        if not cfg.tokenizer:
+            data.prepare_tokenizer()
+        train_docs = [d["text"] for d in data.read_documents(data.expand_inputs(cfg.input)) if "text" in d]
+        if cfg.val_input:
+            val_docs = [d["text"] for d in data.read_documents(data.expand_inputs(cfg.val_input)) if "text" in d]
+        else:  # hold out the last 10% of every document (nanoGPT's split of its Shakespeare file)
+            cuts = [int(len(t) * 0.9) for t in train_docs]
+            val_docs = [t[c:] for t, c in zip(train_docs, cuts)]
+            train_docs = [t[:c] for t, c in zip(train_docs, cuts)]
+        data.tokenize_to_shards({"train": train_docs, "val": val_docs}, "input", paths["tokenizer"],
+                                os.path.join(cfg.out_dir, "shards"))
+    return paths
+
+
+def node_name(rt):
+    return f"node {socket.gethostname()} (rank {rt.rank})"
+
+
+def on_every_process(check, rt):
+    """Run check() in every process; if it fails in any, fail in all with that process's message, naming its
+    node. (A process that stopped alone would leave the others waiting forever at their next all-reduce.)"""
+    try:
+        result, problem = check(), None
+    except (UserError, data.DataError) as e:
+        result, problem = None, f"{node_name(rt)}: {e}"
+    problems = [problem]
+    if rt.world > 1:
+        problems = [None] * rt.world
+        dist.all_gather_object(problems, problem)
+    first = next((p for p in problems if p), None)
+    if first:
+        raise UserError(first)
+    return result
+
+
+def local_rank():
+    return int(os.environ.get("LOCAL_RANK", 0))
 
 
 def open_data(cfg, rt):
-    """The master process prepares the data (once), the others wait and get the paths from it.
-    -> (tokenizer, train shard pattern, val shard pattern)."""
-    paths = [prepare_data(cfg) if rt.master else None]
+    """What a multi-node job needs on every node, checked before anything is computed. The first process of
+    each node prepares the data on its own disk (the same files everywhere: same checkout, same seedless
+    tokenizer training), the others wait; then every process checks its own tokenizer and shards, and all
+    must hold the same tokenizer. -> (tokenizer, train shard pattern, val shard pattern)."""
+    if local_rank() == 0:
+        paths = on_every_process(lambda: prepare_data(cfg), rt)
+    else:
+        on_every_process(lambda: None, rt)
+    paths = on_every_process(lambda: data_paths(cfg), rt)
+
+    def check_files():
+        for split in ("train", "val"):
+            if not glob.glob(paths[split]):
+                raise UserError(f"no {split} shards match {os.path.abspath(paths[split])}")
+        try:
+            return Tokenizer.load(paths["tokenizer"])
+        except ValueError as e:  # missing or corrupt; the message names the file
+            raise UserError(str(e)) from None
+    tokenizer = on_every_process(check_files, rt)
+    hashes = [tokenizer.hash()]
     if rt.world > 1:
-        dist.broadcast_object_list(paths, src=0)
-    paths = paths[0]
-    if not os.path.exists(paths["tokenizer"]):
-        raise UserError(f"no tokenizer at {paths['tokenizer']}")
-    try:
-        tokenizer = Tokenizer.load(paths["tokenizer"])
-    except ValueError as e:
-        raise UserError(str(e)) from None
+        hashes = [None] * rt.world
+        dist.all_gather_object(hashes, tokenizer.hash())
+    if len(set(hashes)) > 1:
+        raise UserError(f"the processes hold different tokenizers ({', '.join(sorted(set(hashes)))}): every node "
+                        f"needs the same {paths['tokenizer']} and shards")
     return tokenizer, paths["train"], paths["val"]
+
+
+def check_shared_out_dir(out_dir, rt):
+    """Checkpoints are written by rank 0, and on --resume every process reads them: with several nodes the
+    out_dir must be one folder they all see (a shared filesystem). Rank 0 leaves a marker there and every
+    process looks for it, so a node-local out_dir fails now, not at the first resume."""
+    if rt.world == 1 or int(os.environ.get("LOCAL_WORLD_SIZE", rt.world)) == rt.world:
+        return  # one machine: one disk
+    marker = [os.path.join(out_dir, f".shared-{uuid.uuid4().hex}") if rt.master else None]
+    if rt.master:
+        os.makedirs(out_dir, exist_ok=True)
+        open(marker[0], "w").close()
+    dist.broadcast_object_list(marker, src=0)
+    try:
+        def look():
+            if not os.path.exists(marker[0]):
+                raise UserError(f"--out-dir {os.path.abspath(out_dir)} is not the folder rank 0 writes to: with "
+                                "several nodes it must be on a filesystem every node shares")
+        on_every_process(look, rt)
+    finally:
+        dist.barrier()
+        if rt.master:
+            os.unlink(marker[0])
 
 
 class RandomWindows:
@@ -762,15 +924,31 @@ def ascii_curve(values, width=60, height=12):
     return "\n".join(rows + [" " * 8 + "+" + "-" * len(cols) + f"> step (0..{len(values) - 1})"])
 
 
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12}  # dense bf16, per GPU
+# Dense bf16 peak per GPU, from NVIDIA's data sheets (their headline figures with sparsity are twice these),
+# keyed by the exact name torch.cuda.get_device_name() reports. Cards of one family differ a lot (an H100
+# PCIe has 76% of an SXM's peak), so a name that is not listed is "unknown", never a neighbour's figure.
+PEAK_FLOPS = {
+    "NVIDIA H100 80GB HBM3": 989e12,  # H100 SXM
+    "NVIDIA H100 PCIe": 756e12,
+    "NVIDIA H100 NVL": 835e12,
+    "NVIDIA H200": 989e12,  # H200 SXM
+    "NVIDIA H200 NVL": 835e12,
+    "NVIDIA A100-SXM4-80GB": 312e12,
+    "NVIDIA A100-SXM4-40GB": 312e12,
+    "NVIDIA A100 80GB PCIe": 312e12,
+    "NVIDIA A100-PCIE-40GB": 312e12,
+    "NVIDIA L4": 121e12,
+    "NVIDIA A10G": 125e12,  # AWS's A10
+    "NVIDIA L40S": 362e12,
+}
 
 
 def peak_flops(device):
-    """The GPU's advertised bf16 peak, for MFU (model FLOPs utilisation); None where unknown (CPUs)."""
+    """The GPU's advertised bf16 peak, for MFU (model FLOPs utilisation); None where unknown (CPUs, GPUs
+    not in PEAK_FLOPS: the log then shows mfu "-")."""
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+    return PEAK_FLOPS.get(torch.cuda.get_device_name(device))
 
 
 def fmt_time(seconds):
@@ -791,19 +969,29 @@ def print_plan(cfg, model, accum, rt, train_tokens):
     print(f"for scale: {GPT2_FACTS}; its batch was ~1M tokens/step (ours {cfg.total_batch_tokens:,})")
 
 
+def describe_config(config):
+    return ", ".join(f"{k} {v}" for k, v in dataclasses.asdict(config).items())
+
+
 def restore(path, model, optimizers, loader, cfg, rt):
     """Resume: load weights, optimizer and loader states and RNG from a checkpoint -> the step to continue
     from. Refuses a checkpoint whose model shape differs from the config."""
     loaded, _, meta = load_checkpoint(path, device=rt.device)
     if loaded.config != model.config:
-        raise UserError(f"cannot resume from {checkpoint_file(path)}: it holds {loaded.config} but the config "
-                        f"asks for {model.config}")
+        theirs, ours = dataclasses.asdict(loaded.config), dataclasses.asdict(model.config)
+        differ = [k for k in ours if theirs[k] != ours[k]]
+        raise UserError(f"cannot --resume from {checkpoint_file(path)}: it holds a model with "
+                        f"{', '.join(f'{k} {theirs[k]}' for k in differ)}, but this run asks for "
+                        f"{', '.join(f'{k} {ours[k]}' for k in differ)} (another preset's checkpoint? use its "
+                        "--out-dir, or delete it)")
     if not meta["loaders"] or len(meta["loaders"]) != rt.world:
         raise UserError(f"cannot resume from {checkpoint_file(path)}: it was saved by "
                         f"{len(meta['loaders'] or [])} process(es), this run has {rt.world}")
     model.load_state_dict(loaded.state_dict())
     for opt_, state in zip(optimizers, meta["optimizers"]):
         opt_.load_state_dict(state)
+        if isinstance(opt_, Muon):
+            opt_.drop_foreign_state()
     loader.load_state_dict(meta["loaders"][rt.rank])
     torch.set_rng_state(meta["rng"]["cpu"].cpu())
     if meta["rng"]["cuda"]:
@@ -820,6 +1008,27 @@ def gather_loader_states(loader, rt):
     return states
 
 
+def remove_stale_temp_files(folder):
+    """A kill during a checkpoint write leaves its temp file (never the checkpoint itself: see
+    _atomic_torch_save); the next start of the stage removes such leftovers."""
+    for tmp in glob.glob(os.path.join(folder, ".tmp-*.pt")):
+        os.unlink(tmp)
+
+
+def truncate_log(path, step):
+    """On --resume from a checkpoint at `step`: drop the log rows the killed run wrote after it (training
+    steps past `step`, and evaluations at or past it, which the resumed run repeats), so that every step
+    appears once."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    kept = [r for r in rows if r["step"] < step or (r["step"] == step and "loss" in r)]
+    with open(path + ".tmp", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in kept)
+    os.replace(path + ".tmp", path)
+
+
 def build_model(cfg, vocab_size):
     """A freshly initialised GPT of the shape cfg asks for."""
     if cfg.n_embd % cfg.n_head or cfg.n_head % cfg.n_kv_head or (cfg.n_embd // cfg.n_head) % 2:
@@ -829,22 +1038,41 @@ def build_model(cfg, vocab_size):
                          n_head=cfg.n_head, n_kv_head=cfg.n_kv_head))
 
 
-def train_step(model, train_model, optimizers, loader, accum, lr_mult, cfg, rt):
+def wrap_for_training(model, cfg, rt):
+    """-> (the module the loop calls, the DDP wrapper or None). Under torchrun, DistributedDataParallel
+    averages the gradients across processes *during* the backward pass: it groups them in buckets and sends
+    each bucket as soon as its gradients are ready, so the network overlaps the remaining backward work.
+    torch.compile then goes around it (compiling a DDP module splits the graph at the buckets on purpose, so
+    the overlap survives compilation)."""
+    ddp = None
+    if rt.world > 1:
+        ddp = DDP(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None,
+                  broadcast_buffers=False,  # the rotary tables are derived from the config: equal everywhere
+                  gradient_as_bucket_view=True)  # gradients live in the buckets: no second copy
+    use_compile = cfg.compile == "on" or (cfg.compile == "auto" and rt.device.type == "cuda")
+    wrapped = ddp or model
+    return (torch.compile(wrapped) if use_compile else wrapped), ddp
+
+
+def train_step(model, train_model, ddp, optimizers, loader, accum, lr_mult, cfg, rt):
     """One optimizer step on total_batch_tokens tokens -> (mean loss, gradient norm) before the update.
     The batch is processed in `accum` micro-batches per process (what fits in memory); their gradients add
-    up, then all processes average theirs, so the step is the same as one on the whole batch at once.
+    up, and DDP averages them over the processes during the last micro-batch's backward pass (no_sync skips
+    the exchange before that), so the step is the same as one on the whole batch at once.
     The update is skipped if the loss is not finite: the caller stops the run."""
     for opt_ in optimizers:
         for group in opt_.param_groups:
             group["lr"] = group["base_lr"] * lr_mult
     loss = torch.zeros((), device=rt.device)
-    for _ in range(accum):
+    for micro in range(accum):
         x, y = loader.next_batch()
-        with rt.autocast():
-            _, micro_loss = train_model(x.to(rt.device), y.to(rt.device))
-        (micro_loss / accum).backward()  # gradients add up over micro-steps: divide to get the mean
+        sync = ddp is None or micro == accum - 1
+        with contextlib.nullcontext() if sync else ddp.no_sync():
+            with rt.autocast():
+                _, micro_loss = train_model(x.to(rt.device), y.to(rt.device))
+            (micro_loss / accum).backward()  # gradients add up over micro-steps: divide to get the mean
         loss += micro_loss.detach() / accum
-    all_reduce_mean([p.grad for p in model.parameters()] + [loss], rt)
+    all_reduce_mean([loss], rt)
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf")).item()
     loss = loss.item()
     if math.isfinite(loss) and math.isfinite(grad_norm):
@@ -991,27 +1219,36 @@ def train(cfg):
     rt = setup_runtime(cfg.device, cfg.dtype)
     torch.manual_seed(cfg.seed)
     log = print if rt.master else (lambda *a, **k: None)
+    check_out_dir(cfg.out_dir)
     tokenizer, train_pattern, val_pattern = open_data(cfg, rt)
     micro_tokens = cfg.batch_size * cfg.seq_len * rt.world
     if cfg.total_batch_tokens % micro_tokens:
         raise UserError(f"--total-batch-tokens {cfg.total_batch_tokens} is not a multiple of batch_size x seq_len "
                         f"x processes = {cfg.batch_size} x {cfg.seq_len} x {rt.world} = {micro_tokens}")
     accum = cfg.total_batch_tokens // micro_tokens
+    # Both splits must hold at least one step of every process *before* step 0: a val split too small for
+    # one evaluation would otherwise stop the run at its first evaluation, hours in.
+    loader = on_every_process(lambda: RandomWindows(train_pattern, cfg.batch_size, cfg.seq_len, rt.rank, rt.world,
+                                                    cfg.seed), rt)
+    on_every_process(lambda: data.DataLoader(val_pattern, cfg.batch_size, cfg.seq_len, rt.rank, rt.world), rt)
     model = build_model(cfg, tokenizer.vocab_size).to(rt.device)
-    optimizers = build_optimizers(model, cfg, rt.device.type)
-    loader = RandomWindows(train_pattern, cfg.batch_size, cfg.seq_len, rt.rank, rt.world, cfg.seed)
+    optimizers = build_optimizers(model, cfg, rt.device.type, rt.rank, rt.world)
+    muon = next(o for o in optimizers if isinstance(o, Muon))
     ckpt_path = os.path.join(cfg.out_dir, "model.pt")
-    step = restore(ckpt_path, model, optimizers, loader, cfg, rt) if cfg.resume else 0
-    use_compile = cfg.compile == "on" or (cfg.compile == "auto" and rt.device.type == "cuda")
-    train_model = torch.compile(model) if use_compile else model
+    check_shared_out_dir(cfg.out_dir, rt)
+    step = on_every_process(lambda: restore(ckpt_path, model, optimizers, loader, cfg, rt), rt) if cfg.resume else 0
+    train_model, ddp = wrap_for_training(model, cfg, rt)
     token_bytes = token_byte_counts(tokenizer)
     flops_per_step, peak = model.flops_per_token() * cfg.total_batch_tokens, peak_flops(rt.device)
+    log_path = os.path.join(cfg.out_dir, "log.jsonl")
     if rt.master:
         os.makedirs(cfg.out_dir, exist_ok=True)
+        remove_stale_temp_files(cfg.out_dir)
         print_plan(cfg, model, accum, rt, loader.stream.total)
         if cfg.resume:
             print(f"resuming from {ckpt_path} at step {step}")
-    log_file = open(os.path.join(cfg.out_dir, "log.jsonl"), "a" if cfg.resume else "w") if rt.master else None
+            truncate_log(log_path, step)
+    log_file = open(log_path, "a" if cfg.resume else "w") if rt.master else None
 
     def record(row):
         if log_file:
@@ -1020,8 +1257,10 @@ def train(cfg):
 
     def save(metrics=None):
         states = gather_loader_states(loader, rt)
+        muon.gather_state()
         if rt.master:
             save_checkpoint(ckpt_path, model, tokenizer, step, cfg, metrics, optimizers, states)
+        muon.drop_foreign_state()
 
     losses, timed_seconds, steps_timed, loop_started = [], 0.0, 0, time.time()
     bos = tokenizer.special_id("<|endoftext|>")
@@ -1035,7 +1274,7 @@ def train(cfg):
             print(f"generating:\n{tokenizer.decode(list(sample))}\n" + "-" * 40)
         t0 = time.time()
         mult = lr_multiplier(step, cfg.num_steps, cfg.warmup_steps, cfg.warmdown_frac, cfg.final_lr_frac)
-        loss_value, grad_norm = train_step(model, train_model, optimizers, loader, accum, mult, cfg, rt)
+        loss_value, grad_norm = train_step(model, train_model, ddp, optimizers, loader, accum, mult, cfg, rt)
         if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
             raise UserError(f"loss {loss_value} / grad norm {grad_norm} at step {step}: training diverged "
                             f"(try a lower learning rate); the last good checkpoint, if any, is kept at {ckpt_path}")
@@ -1062,7 +1301,8 @@ def train(cfg):
                    tokens=step * cfg.total_batch_tokens, train_seconds=train_seconds,
                    tokens_per_second=steps_timed * cfg.total_batch_tokens / max(timed_seconds, 1e-9),
                    mfu=flops_per_step * steps_timed / max(timed_seconds, 1e-9) / (peak * rt.world) if peak else None,
-                   wall_seconds=time.time() - started)
+                   peak_memory_gib=torch.cuda.max_memory_allocated(rt.device) / 2 ** 30 if rt.device.type == "cuda"
+                   else None, wall_seconds=time.time() - started)
     if rt.master:  # what the document simulator writes now, for the report card
         metrics["sample"] = tokenizer.decode(list(model.generate([bos], cfg.sample_tokens, temperature=0.8, top_k=50,
                                                                  seed=cfg.seed)))
@@ -1072,6 +1312,107 @@ def train(cfg):
         log_file.close()
         write_results(cfg, metrics, losses)
     return metrics
+
+
+def check_out_dir(out_dir):
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise UserError(f"--out-dir {out_dir} is a file; expected a folder (or a path that does not exist yet)")
+
+
+# ----------------------------------------------------------------------------------------------------
+# The plan before the run: `python train_gpt.py --preset d20 --dry-run` (nothing is read, nothing is
+# allocated: the model is built on PyTorch's "meta" device, which has shapes but no memory)
+
+# Tokens one FineWeb-Edu sample/10BT parquet file gives (the sample is ~10B GPT-2 tokens in 14 files). Our
+# 32K tokenizer cuts English a little finer than GPT-2's 50K one; run.sh measures the real figure from the
+# first downloaded file (bytes of text / bytes per token) and passes it as --tokens-per-file.
+FINEWEB_TOKENS_PER_FILE = 750_000_000
+FINEWEB_FILES = 14  # in sample/10BT; run.sh keeps the first as the validation file
+GIB = 2 ** 30
+# Bytes that autograd keeps per token per block for the backward pass, in units of n_embd: counted with
+# torch.autograd.graph.saved_tensors_hooks on this model (test_all.py repeats the count): ~100 floats'
+# worth in float32 (inputs of every matmul, norms, rotary, attention output and log-sum-exp, the MLP's
+# 4x-wide hidden state twice), ~62 under bf16 autocast, where most of them are stored in 2 bytes.
+SAVED_BYTES_PER_TOKEN_LAYER = {"float32": 100, "bfloat16": 62}
+GPU_OVERHEAD_GIB = 3.0  # CUDA context, cuBLAS/compile workspaces, allocator fragmentation (a round guess)
+PLAN_GPUS = {"H100 SXM": 989e12, "H200": 989e12}  # dense bf16 peaks (see PEAK_FLOPS)
+PLAN_MFU = 0.40
+
+
+def memory_plan(cfg, config, world, dtype="bfloat16"):
+    """Estimated bytes per process at cfg's micro-batch: {part: bytes} for weights, gradients, optimizer
+    state, bf16 weight copies, saved activations and the loss chunk's logits."""
+    with torch.device("meta"):
+        model = GPT(config)
+    params = model.num_params()
+    matrices = sum(p.numel() for p in model.blocks.parameters())
+    adam_params = params - matrices
+    tokens = cfg.batch_size * cfg.seq_len
+    two_byte = dtype == "bfloat16"
+    chunk = min(tokens, LOSS_CHUNK_TOKENS)
+    return {
+        "weights (fp32)": 4 * params,
+        "gradients (fp32)": 4 * params,
+        "AdamW moments (embedding, head)": 8 * adam_params,
+        "Muon momentum (this rank's share)": 4 * matrices / world,
+        "bf16 copies of the weights": 2 * (params - model.wte.weight.numel()) if two_byte else 0,
+        "saved activations": SAVED_BYTES_PER_TOKEN_LAYER[dtype] * config.n_embd * config.n_layer * tokens,
+        # one chunk's logits (fp32, plus their bf16 matmul output) and their gradient, 3 x 4 + 2 bytes each
+        "loss chunk logits": (14 if two_byte else 12) * chunk * config.vocab_size,
+    }
+
+
+def dry_run(cfg):
+    """Print the plan of cfg's run on cfg.plan_gpus GPUs, touching no data and no GPU."""
+    vocab = Tokenizer.load(cfg.tokenizer).vocab_size if cfg.tokenizer and os.path.exists(cfg.tokenizer) \
+        else cfg.plan_vocab
+    config = GPTConfig(vocab_size=vocab, seq_len=cfg.seq_len, n_layer=cfg.depth, n_embd=cfg.n_embd,
+                       n_head=cfg.n_head, n_kv_head=cfg.n_kv_head)
+    with torch.device("meta"):
+        model = GPT(config)
+    world, n = cfg.plan_gpus, model.num_params()
+    micro = cfg.batch_size * cfg.seq_len
+    tokens = cfg.total_batch_tokens * cfg.num_steps
+    per_file = cfg.tokens_per_file or FINEWEB_TOKENS_PER_FILE
+    files = shards_needed(tokens, per_file)
+    parts = memory_plan(cfg, config, world)
+    total = sum(parts.values()) + GPU_OVERHEAD_GIB * GIB
+    print(f"plan (an estimate: nothing measured) for {cfg.depth} layers x {cfg.n_embd} wide, vocab {vocab:,}, "
+          f"context {cfg.seq_len}, on {world} GPU(s)")
+    rows = [("parameters", f"{n:,} ({n - model.wte.weight.numel():,} outside the embedding)"),
+            ("tokens per step", f"{cfg.total_batch_tokens:,} = {world} GPUs x {cfg.batch_size} x {cfg.seq_len} x "
+                                f"{cfg.total_batch_tokens / (world * micro):g} micro-batches per GPU"),
+            ("tokens to train", f"{tokens:,} ({cfg.num_steps:,} steps; {tokens / n:.1f} per parameter)"),
+            ("FineWeb-Edu files", f"{files} for training + 1 held out for validation, at {per_file:,} tokens per file"
+                                  f"{'' if cfg.tokens_per_file else ' (estimated)'}")]
+    if cfg.total_batch_tokens % (world * micro):
+        rows.append(("WARNING", f"{cfg.total_batch_tokens:,} tokens per step do not split into {world} x {micro:,}"))
+    if files > FINEWEB_FILES - 1:
+        rows.append(("WARNING", f"the sample has {FINEWEB_FILES - 1} training files: the data would be seen "
+                                f"{tokens / ((FINEWEB_FILES - 1) * per_file):.1f} times"))
+    rows += [(f"memory: {part}", f"{size / GIB:.2f} GiB") for part, size in parts.items()]
+    rows.append(("memory per GPU", f"{total / GIB:.1f} GiB with {GPU_OVERHEAD_GIB:g} GiB of CUDA overhead "
+                                   f"({'fits' if total < 80e9 else 'does NOT fit'} an 80 GB GPU)"))
+    for gpu, peak in PLAN_GPUS.items():
+        seconds = model.flops_per_token() * tokens / (PLAN_MFU * peak * world)
+        rows.append((f"time on {world} x {gpu}", f"{fmt_time(seconds)} at {PLAN_MFU:.0%} MFU "
+                                                  f"({seconds * world / 3600:.1f} GPU-hours)"))
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        print(f"  {key:<{width}}  {value}")
+    return dict(params=n, tokens=tokens, files=files, memory_bytes=total, parts=parts)
+
+
+def shards_needed(tokens, tokens_per_file):
+    """How many FineWeb-Edu files hold `tokens` training tokens (at least one)."""
+    return max(1, math.ceil(tokens / tokens_per_file))
+
+
+def shards_needed_main(argv):
+    """`python train_gpt.py shards-needed --preset d12 --tokens-per-file N`: print how many FineWeb-Edu
+    files the preset's planned tokens need (run.sh downloads that many, plus one for validation)."""
+    cfg = parse_config(TrainConfig, argv, PRESETS, prog="train_gpt.py shards-needed")
+    print(shards_needed(cfg.total_batch_tokens * cfg.num_steps, cfg.tokens_per_file or FINEWEB_TOKENS_PER_FILE))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1171,11 +1512,14 @@ def demo_main(argv):
 
 
 def main(argv):
-    commands = {"eval": eval_main, "demo": demo_main, "report": report_main}
+    commands = {"eval": eval_main, "demo": demo_main, "report": report_main, "shards-needed": shards_needed_main}
     if argv and argv[0] in commands:
         return commands[argv[0]](argv[1:])
     cfg = parse_config(TrainConfig, argv, PRESETS, prog="train_gpt.py",
-                       description=__doc__ + "\nsubcommands: eval (--help), demo (--help), report [DIR]")
+                       description=__doc__ + "\nsubcommands: eval (--help), demo (--help), report [DIR], "
+                                                     "shards-needed (--help)")
+    if cfg.dry_run:
+        return dry_run(cfg)
     try:
         train(cfg)
     finally:
