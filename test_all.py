@@ -8,6 +8,9 @@ Tests never touch the network (a download test talks to a server it starts on 12
 outside the repository.
 """
 import collections
+import contextlib
+import dataclasses
+import functools
 import glob
 import hashlib
 import http.server
@@ -2234,3 +2237,300 @@ def test_system_message_is_spread_over_every_source_not_only_identity():
     with_system = [r for r in rows if r["messages"][0]["role"] == "system"]
     assert 60 < len(with_system) < 140 and all(r["messages"][0]["content"] == chat.SYSTEM_MESSAGE for r in with_system)
     assert all(sum(m["role"] == "system" for m in sft.with_system_message(r, rng)["messages"]) == 1 for r in with_system)
+
+
+# ---- issue 14: the GPU path, part 1 (pretraining at scale, and its rehearsal on a CPU)
+
+FINEWEB_SCHEMA = ("text", "id", "dump", "url", "file_path", "language", "language_score", "token_count", "score",
+                  "int_score")
+
+
+def write_fineweb_fixtures(root, files=3, chars_per_file=400_000):
+    """FineWeb-Edu as the Hub lays it out, in miniature: root/datasets/HuggingFaceFW/fineweb-edu/resolve/main/
+    sample/10BT/000_00000.parquet, 001_00000.parquet, ... in the real schema, with English documents cut
+    from the embedded corpus (tests never read outside the repo). A plain static file server on `root`
+    then stands in for the Hub (HF_ENDPOINT=http://127.0.0.1:PORT). Returns the sample folder."""
+    folder = os.path.join(root, "datasets", "HuggingFaceFW", "fineweb-edu", "resolve", "main", "sample", "10BT")
+    os.makedirs(folder, exist_ok=True)
+    text = "".join(data.embedded_documents("train"))
+    paragraphs = [p.strip() for p in text.split("\n\n") if len(p.strip()) > 200]
+    rng = random.Random(0)
+    rng.shuffle(paragraphs)
+    for index in range(files):
+        docs, size = [], 0
+        while size < chars_per_file:
+            docs.append("\n\n".join(paragraphs.pop() for _ in range(3)))
+            size += len(docs[-1])
+        n = len(docs)
+        table = pa.table({"text": docs, "id": [f"<urn:uuid:{index:03d}-{i:06d}>" for i in range(n)],
+                          "dump": ["CC-MAIN-2024-10"] * n, "url": [f"https://example.edu/{index}/{i}" for i in range(n)],
+                          "file_path": [f"s3://commoncrawl/crawl-data/CC-MAIN-2024-10/{index:05d}.warc.gz"] * n,
+                          "language": ["en"] * n, "language_score": [0.97] * n,
+                          "token_count": [len(d) // 4 for d in docs], "score": [3.2] * n, "int_score": [3] * n})
+        assert tuple(table.schema.names) == FINEWEB_SCHEMA
+        pq.write_table(table, os.path.join(folder, f"{index:03d}_00000.parquet"))
+    return folder
+
+
+class QuietStaticHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
+@contextlib.contextmanager
+def static_server(root):
+    """A plain static file server for `root` on 127.0.0.1 (a random free port) -> its base URL."""
+    handler = functools.partial(QuietStaticHandler, directory=str(root))
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def test_hf_url_follows_hf_endpoint(monkeypatch):
+    monkeypatch.delenv("HF_ENDPOINT", raising=False)
+    assert data.hf_url("org/name", "a/b.parquet") == "https://huggingface.co/datasets/org/name/resolve/main/a/b.parquet"
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9/")
+    assert data.source_urls("fineweb-edu", 2)[1] == \
+        "http://127.0.0.1:9/datasets/HuggingFaceFW/fineweb-edu/resolve/main/sample/10BT/001_00000.parquet"
+
+
+@pytest.fixture(scope="module")
+def rehearsal_data(tmp_path_factory):
+    """The data half of `run.sh rehearsal`, through its CLI commands, against a local stand-in for the Hub:
+    download -> tokenizer trained on the downloaded text -> shards with a held-out val file."""
+    tmp = tmp_path_factory.mktemp("rehearsal")
+    write_fineweb_fixtures(tmp / "hub")
+    downloads, tokenizer_path, shards = tmp / "downloads", tmp / "tokenizer" / "tokenizer.json", tmp / "shards"
+    with static_server(tmp / "hub") as url:
+        env = {**os.environ, "HF_ENDPOINT": url}
+
+        def cli(*args):
+            run = subprocess.run([sys.executable, *args], cwd=HERE, env=env, capture_output=True, text=True, timeout=600)
+            assert run.returncode == 0, run.stderr[-2000:]
+            return run.stdout
+        cli("data.py", "download", "--source", "fineweb-edu", "--shards", "3", "--out", str(downloads))
+    cli("data.py", "train-tokenizer", "--input", str(downloads / "001_00000.parquet"), "--heldout",
+        str(downloads / "000_00000.parquet"), "--vocab-size", "512", "--out", str(tokenizer_path))
+    per_file = int(cli("data.py", "tokens-per-file", str(downloads / "001_00000.parquet"), "--tokenizer",
+                       str(tokenizer_path)))
+    needed = int(cli("train_gpt.py", "shards-needed", "--preset", "rehearsal", "--tokens-per-file", str(per_file)))
+    cli("data.py", "tokenize", "--input", str(downloads / "001_00000.parquet"), str(downloads / "002_00000.parquet"),
+        "--val-input", str(downloads / "000_00000.parquet"), "--val-tokens", "20000", "--tokenizer",
+        str(tokenizer_path), "--out", str(shards), "--name", "fineweb")
+    return dict(tmp=tmp, tokenizer=str(tokenizer_path), shards=str(shards / "fineweb"), per_file=per_file,
+                needed=needed, downloads=downloads)
+
+
+def test_rehearsal_data_has_its_own_tokenizer_and_a_val_split_of_at_least_one_step(rehearsal_data):
+    tok = Tokenizer.load(rehearsal_data["tokenizer"])
+    assert tok.vocab_size == 512
+    meta = json.loads(open(os.path.join(rehearsal_data["shards"], "meta.json")).read())
+    assert 20000 <= meta["splits"]["val"]["tokens"] < 40000  # whole documents up to --val-tokens
+    cfg = train_gpt.PRESETS["rehearsal"]
+    # the val loader of the 2-process rehearsal is filled: one step of 2 x batch x seq_len (+1) tokens
+    val = data.DataLoader(os.path.join(rehearsal_data["shards"], "fineweb_val_*.bin"), cfg["batch_size"],
+                          cfg["seq_len"], 0, 2)
+    assert val.total > val.step_tokens
+    # val comes only from file 000, training only from 001-002: no document is in both
+    val_text = tok.decode(val.tokens(0, val.total).tolist())
+    train_docs = [d["text"] for d in data.read_documents([str(rehearsal_data["downloads"] / "001_00000.parquet")])]
+    assert not any(doc[:200] in val_text for doc in train_docs[:50])
+    assert 1 <= rehearsal_data["needed"] <= 2 and rehearsal_data["per_file"] > 50_000
+
+
+def test_rehearsal_pretrains_on_its_shards_under_the_preset(rehearsal_data, tmp_path):
+    """The rehearsal preset's own flow: --shards folder + its tokenizer; the shard set's meta.json is checked."""
+    flags = ["--preset", "rehearsal", "--shards", rehearsal_data["shards"], "--tokenizer", rehearsal_data["tokenizer"],
+             "--out-dir", str(tmp_path / "base"), "--num-steps", "4", "--eval-every", "2", "--sample-every", "0",
+             "--save-every", "2"]
+    run = run_cli("train_gpt.py", *flags)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "val bpb" in run.stdout and (tmp_path / "base" / "model.pt").exists()
+    other = tmp_path / "other.json"
+    Tokenizer.train(iter(["some other text " * 200]), 300).save(str(other))
+    run = run_cli("train_gpt.py", *flags, "--tokenizer", str(other))
+    assert run.returncode == 2 and "another tokenizer" in run.stderr and len(run.stderr.strip().splitlines()) == 1
+
+
+def test_loaders_are_checked_before_step_0(train_corpus, tmp_path):
+    """A val split too small for one step stops the run before any training, with one clear line."""
+    shards = tmp_path / "shards"
+    data.tokenize_to_shards({"train": [open(train_corpus["text"]).read()], "val": ["A short val text."]}, "small",
+                            train_corpus["tokenizer"], str(shards))
+    cfg = train_run_cfg(train_corpus, tmp_path / "base", input=(), shards=str(shards / "small"))
+    with pytest.raises(train_gpt.UserError, match=r"small_val_\*\.bin: \d+ tokens cannot fill one step"):
+        train_gpt.train(cfg)
+    assert not (tmp_path / "base" / "log.jsonl").exists() and not (tmp_path / "base" / "model.pt").exists()
+
+
+def test_resume_refuses_a_checkpoint_of_another_shape_in_one_line(train_corpus, tmp_path):
+    cfg = train_run_cfg(train_corpus, tmp_path / "base", num_steps=2, eval_every=0, sample_every=0)
+    train_gpt.train(cfg)
+    run = run_cli("train_gpt.py", *train_cli_flags(dataclasses.replace(cfg, depth=3, resume=True)))
+    assert run.returncode == 2 and len(run.stderr.strip().splitlines()) == 1
+    assert "n_layer 2" in run.stderr and "n_layer 3" in run.stderr and "--resume" in run.stderr
+
+
+def test_presets_own_their_outputs():
+    """No two presets share a checkpoint folder, a tokenizer or a shard set; tiny keeps the README's out/."""
+    cfgs = {name: train_gpt.TrainConfig(**p) for name, p in train_gpt.PRESETS.items()}
+    assert cfgs["tiny"].out_dir == os.path.join("out", "base") and not cfgs["tiny"].shards
+    for name, cfg in cfgs.items():
+        if name != "tiny":
+            for path in (cfg.out_dir, cfg.tokenizer, cfg.shards):
+                assert path.startswith(os.path.join("out", name) + os.sep), (name, path)
+
+
+def fake_python(tmp_path):
+    """A `python` that records its arguments and succeeds, printing 1 (for the commands whose output run.sh
+    reads): run.sh's own logic, with no stage really run."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "python").write_text(f'#!/bin/sh\necho "$@" >> {tmp_path}/calls.txt\necho 1\n')
+    (bin_dir / "python").chmod(0o755)
+    return bin_dir
+
+
+def test_a_finished_tiny_run_makes_a_gpu_preset_neither_skip_nor_resume(tmp_path):
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    (repo / "run.sh").write_text(open(os.path.join(HERE, "run.sh")).read())
+    for stage in ("base", "sft", "rl", "rlhf"):  # a finished tiny run, and an interrupted one's checkpoint
+        (repo / "out" / stage).mkdir(parents=True)
+        (repo / "out" / stage / "metrics.json").write_text('{"hack_true_final": 0}')
+    (repo / "out" / "base" / "model.pt").write_text("tiny")
+    env = {**os.environ, "PATH": f"{fake_python(tmp_path)}:{os.environ['PATH']}"}
+    run = subprocess.run(["bash", "run.sh", "d12"], cwd=repo, env=env, capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    calls = (tmp_path / "calls.txt").read_text().splitlines()
+    base = [c for c in calls if c.startswith("train_gpt.py --preset d12") and "--dry-run" not in c]
+    assert base == ["train_gpt.py --preset d12"]  # trained, not skipped, not --resume'd
+    assert "skipped" not in run.stdout
+    assert any(c.startswith("sft.py --preset d12 --base out/d12/base/model.pt --out-dir out/d12/sft") for c in calls)
+    assert any("train-tokenizer" in c and "--out out/d12/tokenizer/tokenizer.json" in c for c in calls)
+    assert any("download --source fineweb-edu --shards 2 --out out/d12/downloads" in c for c in calls)
+
+
+def test_chunked_head_loss_equals_the_whole_batch_loss(monkeypatch):
+    torch.manual_seed(0)
+    model = train_gpt.GPT(train_gpt.GPTConfig(vocab_size=300, seq_len=32, n_layer=2, n_embd=32, n_head=2, n_kv_head=2))
+    with torch.no_grad():
+        model.lm_head.weight.normal_(0, 0.5)  # a non-trivial head, so the loss depends on it
+    x, y = torch.randint(0, 300, (6, 32)), torch.randint(0, 300, (6, 32))
+    y[0, :7] = -1
+
+    def whole_batch():
+        model.zero_grad()
+        logits = model.head(model.hidden_states(x))
+        loss = torch.nn.functional.cross_entropy(logits.view(-1, 300), y.reshape(-1), ignore_index=-1)
+        loss.backward()
+        return loss.item(), [p.grad.clone() for p in model.parameters()]
+
+    def chunked():
+        model.zero_grad()
+        loss = model(x, y)[1]
+        loss.backward()
+        return loss.item(), [p.grad.clone() for p in model.parameters()]
+    old_loss, old_grads = whole_batch()
+    monkeypatch.setattr(train_gpt, "LOSS_CHUNK_TOKENS", 50)  # 192 rows: 4 chunks, the last one short
+    new_loss, new_grads = chunked()
+    assert abs(old_loss - new_loss) < 1e-5
+    assert max((a - b).abs().max().item() for a, b in zip(old_grads, new_grads)) < 1e-5
+    per_token = model(x, y, reduction="none")[1]
+    assert per_token.shape == y.shape and (per_token[0, :7] == 0).all()
+    assert abs(per_token.sum().item() / (y >= 0).sum().item() - old_loss) < 1e-5
+
+
+def test_peak_flops_are_looked_up_by_exact_device_name(monkeypatch):
+    cuda = torch.device("cuda", 0)
+    for name, expected in (("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12),
+                           ("NVIDIA H100 NVL", 835e12), ("NVIDIA H200", 989e12), ("NVIDIA L4", 121e12),
+                           ("NVIDIA H100 something new", None), ("NVIDIA GeForce RTX 4090", None)):
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None, name=name: name)
+        assert train_gpt.peak_flops(cuda) == expected, name
+    assert train_gpt.peak_flops(torch.device("cpu")) is None
+
+
+def test_muon_deals_the_matrices_out_evenly_and_identically_on_every_rank():
+    model = train_gpt.GPT(train_gpt.GPTConfig(vocab_size=64, seq_len=16, n_layer=3, n_embd=32, n_head=2, n_kv_head=2))
+    matrices = list(model.blocks.parameters())
+    deals = [train_gpt.Muon(matrices, rank=r, world=4).owners for r in range(4)]
+    owners = [[deal[p] for p in matrices] for deal in deals]
+    assert all(o == owners[0] for o in owners)
+    load = [sum(p.numel() for p in matrices if deals[0][p] == r) for r in range(4)]
+    assert max(load) - min(load) <= max(p.numel() for p in matrices)  # greedy: within one matrix
+
+
+def test_every_preset_plan_fits_an_80gb_gpu(capsys):
+    for name in ("d12", "d20", "d26"):
+        cfg = train_gpt.TrainConfig(**train_gpt.PRESETS[name], dry_run=True)
+        plan = train_gpt.dry_run(cfg)
+        out = capsys.readouterr().out
+        assert plan["memory_bytes"] < 80e9 and "fits an 80 GB GPU" in out, (name, out)
+        assert "time on 8 x H100 SXM" in out and "FineWeb-Edu files" in out and "estimate" in out
+        assert 18 <= plan["tokens"] / plan["params"] <= 22  # ~20 tokens per parameter
+
+
+def test_saved_activation_bytes_per_token_match_what_autograd_keeps():
+    """The plan's activation figure counts what autograd really saves for the backward pass (one block, CPU)."""
+    def saved(n_layer, autocast):
+        torch.manual_seed(0)
+        model = train_gpt.GPT(train_gpt.GPTConfig(vocab_size=256, seq_len=192, n_layer=n_layer, n_embd=256,
+                                                  n_head=4, n_kv_head=4))
+        weight_shapes, seen = {tuple(p.shape) for p in model.parameters()}, {}
+
+        def pack(t):  # weights (and their bf16 copies) are counted apart in the plan
+            if tuple(t.shape) not in weight_shapes:
+                seen[(t.data_ptr(), t.dtype, tuple(t.shape), t.stride())] = t.numel() * t.element_size()
+            return t
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                model.hidden_states(torch.randint(0, 256, (2, 192)))
+        return sum(seen.values())
+    for dtype, autocast in (("float32", False), ("bfloat16", True)):
+        per_token_layer = (saved(3, autocast) - saved(1, autocast)) / 2 / (2 * 192) / 256
+        assert abs(per_token_layer / train_gpt.SAVED_BYTES_PER_TOKEN_LAYER[dtype] - 1) < 0.15, (dtype, per_token_layer)
+
+
+MEASURE_PEAK = r"""
+import resource, sys, torch, train_gpt, data
+torch.set_num_threads(1)
+cfg = train_gpt.TrainConfig(device="cpu")
+rt = train_gpt.setup_runtime("cpu")
+paths = train_gpt.prepare_data(cfg)
+loader = train_gpt.RandomWindows(paths["train"], cfg.batch_size, cfg.seq_len, 0, 1, 0)
+x, y = loader.next_batch()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+model = train_gpt.build_model(cfg, 4096)
+optimizers = train_gpt.build_optimizers(model, cfg, "cpu")
+for _ in range(2):
+    train_gpt.train_step(model, model, None, optimizers, loader, 1, 1.0, cfg, rt)
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)
+"""
+
+
+def test_tiny_plan_is_within_2x_of_the_peak_memory_measured_on_cpu():
+    run = run_cli("-c", MEASURE_PEAK)
+    assert run.returncode == 0, run.stderr[-2000:]
+    measured = int(run.stdout.split()[-1])
+    cfg = train_gpt.TrainConfig()
+    estimate = sum(train_gpt.memory_plan(cfg, train_gpt.GPTConfig(vocab_size=4096), 1, "float32").values())
+    assert 0.5 < estimate / measured < 2, (estimate, measured)
+
+
+def test_truncate_log_keeps_each_step_once(tmp_path):
+    log = tmp_path / "log.jsonl"
+    rows = [dict(step=s, loss=1.0) for s in range(1, 7)] + [dict(step=4, val_loss=2.0), dict(step=2, val_loss=2.0)]
+    log.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    train_gpt.truncate_log(str(log), 4)  # the checkpoint was at step 4; the killed run went on to 6
+    kept = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [r["step"] for r in kept if "loss" in r] == [1, 2, 3, 4]
+    assert [r["step"] for r in kept if "val_loss" in r] == [2]  # the resumed run evaluates at 4 again
+    (tmp_path / ".tmp-abc.pt").write_bytes(b"half")
+    train_gpt.remove_stale_temp_files(str(tmp_path))
+    assert not (tmp_path / ".tmp-abc.pt").exists() and log.exists()

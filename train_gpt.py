@@ -713,11 +713,15 @@ class TrainConfig:
 GPU_VOCAB_SIZE = 32768  # the GPU presets' tokenizer (run.sh's VOCAB=65536 for a larger one)
 
 
-def _gpu_preset(name, depth, num_steps, batch_size):
+def _gpu_preset(name, depth, batch_size, tokens_per_param=20):
     """A GPU preset: width follows depth (n_embd = 64 x depth, 128-wide heads), ~0.5M tokens per step, and
-    num_steps x 0.5M ~ 20 training tokens per parameter (the "Chinchilla" ratio) at a 32K vocabulary.
-    Everything it reads and writes lives under out/<name>/, so presets never skip, resume or overwrite each
-    other's work (run.sh makes the tokenizer and the shards there)."""
+    as many steps as make ~20 training tokens per parameter (the "Chinchilla" ratio), counting every
+    parameter of the model at the 32K vocabulary: embedding and head (2 x vocab x width) plus 12 x width^2
+    per block. Everything it reads and writes lives under out/<name>/, so presets never skip, resume or
+    overwrite each other's work (run.sh makes the tokenizer and the shards there)."""
+    width = 64 * depth
+    params = 2 * GPU_VOCAB_SIZE * width + 12 * depth * width ** 2
+    num_steps = round(tokens_per_param * params / 524288 / 100) * 100
     root = os.path.join("out", name)
     return dict(depth=depth, n_embd=64 * depth, n_head=depth // 2, n_kv_head=depth // 2, seq_len=2048,
                 batch_size=batch_size, total_batch_tokens=524288, num_steps=num_steps, matrix_lr=0.02,
@@ -730,13 +734,13 @@ def _gpu_preset(name, depth, num_steps, batch_size):
 PRESETS = {
     "tiny": {},
     # d12 ~ GPT-2 small (124M at GPT-2's vocabulary; 110M here) on 1 GPU or a node; d20 and d26 on a node
-    "d12": _gpu_preset("d12", 12, 4200, 32),
-    "d20": _gpu_preset("d20", 20, 17600, 16),
-    "d26": _gpu_preset("d26", 26, 35000, 8),
+    "d12": _gpu_preset("d12", 12, 32),
+    "d20": _gpu_preset("d20", 20, 16),
+    "d26": _gpu_preset("d26", 26, 8),
     # The d12 flow (FineWeb-Edu layout, its own tokenizer, a held-out val file, checkpoints, resume) at a size
     # 2 CPU processes finish in a minute: what CI runs against a local stand-in for the Hub (run.sh rehearsal).
-    "rehearsal": {**_gpu_preset("rehearsal", 2, 40, 4), "n_embd": 64, "n_head": 2, "n_kv_head": 2, "seq_len": 128,
-                  "total_batch_tokens": 2048, "matrix_lr": 0.04, "embed_lr": 0.3, "head_lr": 0.008, "eval_every": 10,
+    "rehearsal": {**_gpu_preset("rehearsal", 2, 4), "n_embd": 64, "n_head": 2, "n_kv_head": 2, "seq_len": 128,
+                  "num_steps": 40, "total_batch_tokens": 2048, "matrix_lr": 0.04, "embed_lr": 0.3, "head_lr": 0.008, "eval_every": 10,
                   "eval_tokens": 4096, "sample_every": 20, "sample_tokens": 24, "save_every": 10},
 }
 
@@ -1329,11 +1333,12 @@ def check_out_dir(out_dir):
 FINEWEB_TOKENS_PER_FILE = 750_000_000
 FINEWEB_FILES = 14  # in sample/10BT; run.sh keeps the first as the validation file
 GIB = 2 ** 30
-# Bytes that autograd keeps per token per block for the backward pass, in units of n_embd: counted with
-# torch.autograd.graph.saved_tensors_hooks on this model (test_all.py repeats the count): ~100 floats'
-# worth in float32 (inputs of every matmul, norms, rotary, attention output and log-sum-exp, the MLP's
-# 4x-wide hidden state twice), ~62 under bf16 autocast, where most of them are stored in 2 bytes.
-SAVED_BYTES_PER_TOKEN_LAYER = {"float32": 100, "bfloat16": 62}
+# Bytes that autograd keeps per token per block for the backward pass, in units of n_embd (the weights it
+# also keeps are counted apart): counted with torch.autograd.graph.saved_tensors_hooks on this model
+# (test_all.py repeats the count): 76 in float32 -- the inputs of every matmul, the norms, rotary, the
+# attention output and its log-sum-exp, the MLP's 4x-wide hidden state twice -- and 50 under bf16 autocast,
+# where the matmul inputs are stored in 2 bytes.
+SAVED_BYTES_PER_TOKEN_LAYER = {"float32": 76, "bfloat16": 50}
 GPU_OVERHEAD_GIB = 3.0  # CUDA context, cuBLAS/compile workspaces, allocator fragmentation (a round guess)
 PLAN_GPUS = {"H100 SXM": 989e12, "H200": 989e12}  # dense bf16 peaks (see PEAK_FLOPS)
 PLAN_MFU = 0.40
