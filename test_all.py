@@ -2234,3 +2234,115 @@ def test_system_message_is_spread_over_every_source_not_only_identity():
     with_system = [r for r in rows if r["messages"][0]["role"] == "system"]
     assert 60 < len(with_system) < 140 and all(r["messages"][0]["content"] == chat.SYSTEM_MESSAGE for r in with_system)
     assert all(sum(m["role"] == "system" for m in sft.with_system_message(r, rng)["messages"]) == 1 for r in with_system)
+
+
+# ----------------------------------------------------------------------------------------------------
+# ---- issue 15: the GPU path, part 2 -- an engine that fits, every stage on every device, real data
+
+
+def seeded_engine_model(seq_len=48):
+    """The tiny model the old engine's outputs below were recorded with (seed 5)."""
+    torch.manual_seed(5)
+    config = train_gpt.GPTConfig(vocab_size=byte_tok().vocab_size, seq_len=seq_len, n_layer=2, n_embd=32, n_head=4,
+                                 n_kv_head=2)
+    model = train_gpt.GPT(config)
+    torch.nn.init.normal_(model.lm_head.weight, std=1.0)
+    for block in model.blocks:
+        torch.nn.init.normal_(block.attn.proj.weight, std=0.2)
+        torch.nn.init.normal_(block.mlp.proj.weight, std=0.2)
+    return model.eval()
+
+
+@pytest.fixture
+def recorded_caches(monkeypatch):
+    """Every KV cache the engine makes, with the tensor it started with (to tell whether it was copied)."""
+    caches = []
+
+    class Recorded(train_gpt.KVCache):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.first_keys = self.keys
+            caches.append(self)
+    monkeypatch.setattr(chat, "KVCache", Recorded)
+    return caches
+
+
+def test_engine_greedy_and_seeded_outputs_equal_the_previous_engine():
+    # recorded with the engine before issue 15 (full-length float32 cache, copied for every n, per-row bans)
+    tok, model = byte_tok(), seeded_engine_model()
+    engine = Engine(model, tok)
+    prompts = [list(b"Hello"), list(b"To be or not")]
+    greedy = [[39, 244, 205, 80, 239, 75, 59, 230]] * 2 + [[80, 21, 182, 168, 75, 80, 239, 75]] * 2
+    sampled = [[177, 255, 134, 16, 242, 70, 182, 66], [39, 107, 124, 244, 134, 120, 182, 181],
+               [80, 239, 186, 244, 205, 114, 95, 117], [75, 142, 207, 75, 68, 70, 182, 168]]
+    assert [c.tokens for c in engine.generate(prompts, n=2, max_tokens=8, temperature=0)] == greedy
+    assert [c.tokens for c in engine.generate(prompts, n=2, max_tokens=8, temperature=1.0, seed=3)] == sampled
+
+
+def test_engine_cache_is_as_long_as_the_call_needs_and_not_copied_for_one_sample(recorded_caches):
+    tok, model = byte_tok(), seeded_engine_model(seq_len=48)
+    engine = Engine(model, tok)
+    prompts = [list(b"Hello"), list(b"To be or not")]  # 5 and 12 tokens
+    engine.generate(prompts, n=1, max_tokens=8, temperature=0)
+    (cache,) = recorded_caches
+    assert cache.keys.shape[1] == 2 and cache.length == 12 + 8  # longest prompt + max_tokens
+    assert cache.keys is cache.first_keys and cache.keys.dtype == torch.float32  # never copied; CPU: float32
+    recorded_caches.clear()
+    engine.generate(prompts, n=3, max_tokens=8, temperature=1.0, seed=1)
+    (cache,) = recorded_caches
+    assert cache.first_keys.shape[1] == 2 and cache.first_keys.shape[3] == 12  # the prefill: prompts only
+    assert cache.keys.shape[1] == 6 and cache.length == 20  # then n copies, room for the replies
+    recorded_caches.clear()
+    engine.generate(prompts, n=1, max_tokens=100, temperature=0)
+    assert recorded_caches[0].length == 48  # never more than the context window
+
+
+def test_engine_cache_is_bfloat16_under_bfloat16_autocast(recorded_caches):
+    tok, model = byte_tok(), seeded_engine_model()
+    engine = Engine(model, tok)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = engine.generate([list(b"Hello")], n=2, max_tokens=6, temperature=0)
+    assert recorded_caches[0].keys.dtype == torch.bfloat16
+    assert all(len(c.tokens) == 6 for c in out)
+
+
+def test_engine_memory_budget_splits_a_call_and_keeps_greedy_outputs(recorded_caches):
+    tok, model = byte_tok(), seeded_engine_model()
+    prompts = [list(b"Hello"), list(b"To be or not"), list(b"abc"), list(b"Once upon a time")]
+    whole = Engine(model, tok).generate(prompts, n=2, max_tokens=8, temperature=0)
+    assert len(recorded_caches) == 1
+    recorded_caches.clear()
+    one_prompt = train_gpt.sampling_bytes(model.config, 1, 2, 16, 8, 4)
+    split = Engine(model, tok, memory_gb=1.5 * one_prompt / 2**30).generate(prompts, n=2, max_tokens=8, temperature=0)
+    assert len(recorded_caches) == 4  # one prompt per call: two would exceed the budget
+    assert [(c.prompt_index, c.tokens) for c in split] == [(c.prompt_index, c.tokens) for c in whole]
+
+
+class EndsWhereTold(torch.nn.Module):
+    """A real model whose rows are steered: rows in `stop_rows` end (<|im_end|>) at their second token (the
+    first comes from the prefill, one row per prompt), the others never end, so they run until the context
+    window is full."""
+
+    def __init__(self, model, end_ids, stop_rows):
+        super().__init__()
+        self.model, self.config, self.end_ids, self.stop_rows = model, model.config, sorted(end_ids), stop_rows
+
+    def forward(self, idx, targets=None, kv_cache=None):
+        logits, _ = self.model(idx, kv_cache=kv_cache)
+        logits[:, :, self.end_ids] = -1e4
+        if idx.size(1) == 1:  # a decoding step: one row per sample
+            logits[self.stop_rows, :, self.end_ids[0]] = 1e4
+        return logits, None
+
+
+@pytest.mark.parametrize("stop_rows, n", [([0], 1), ([1], 1), ([0, 3], 2), ([2], 2)])
+def test_rows_that_stop_early_never_push_the_others_past_the_context_window(stop_rows, n):
+    tok, model = byte_tok(), seeded_engine_model(seq_len=32)
+    engine = Engine(EndsWhereTold(model, Engine(model, tok).end_ids, stop_rows), tok)
+    prompts = [list(b"Hi"), list(b"A longer prompt")]  # 2 and 15 tokens: different lengths
+    out = engine.generate(prompts, n=n, max_tokens=100, temperature=0)  # raised ValueError before issue 15
+    for r, c in enumerate(out):
+        if r in stop_rows:
+            assert c.finish == "stop" and len(c.tokens) == 2
+        else:  # every row fills what the longest prompt leaves of the window (+ a last token never fed back)
+            assert c.finish == "length" and len(c.tokens) == 32 - 15 + 1
