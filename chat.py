@@ -34,7 +34,7 @@ import torch
 
 from tokenizer import TOOL_CALLS, TOOL_OUTPUT, render_conversation, render_for_completion, render_tokens, use_colour
 from train_gpt import (KVCache, UserError, load_checkpoint, opt, parse_config, run_cli, sample_next,
-                       sampling_bytes)
+                       sampling_bytes, setup_runtime)
 
 # ====================================================================================================
 # The code tool: a safe evaluator for small Python expressions
@@ -649,6 +649,8 @@ class ChatConfig:
     max_tokens: int = opt(200, "the most tokens one reply may have")
     seed: int = opt(-1, "random seed (-1 = a fresh one every time)")
     search_folder: str = opt("", "folder of .txt/.md files for the search tool (default: the embedded corpus)")
+    device: str = opt("auto", "cuda, mps, cpu, or auto (the first of them that this machine has)")
+    memory_gb: float = opt(DEFAULT_MEMORY_GB, "most GB one sampling call's KV cache and logits may take")
     web: bool = opt(False, "serve the web chat and the OpenAI-compatible API instead of the terminal chat")
     host: str = opt("127.0.0.1", "with --web: address to listen on")
     port: int = opt(8000, "with --web: port")
@@ -784,7 +786,7 @@ def base_mode(model, tok, cfg):
     if cfg.probs:
         trace_probabilities(model, tok, prompt, cfg.max_tokens, cfg)
         return
-    engine = Engine(model, tok)
+    engine = Engine(model, tok, memory_gb=cfg.memory_gb)
     for k, completion in enumerate(engine.generate(prompt, cfg.n, cfg.max_tokens, **sampling_args(cfg))):
         print(f"--- sample {k + 1} of {cfg.n} ---")
         print(cfg.base + tok.decode(completion.tokens).replace("<|endoftext|>", ""))
@@ -982,9 +984,9 @@ def make_server(engine, cfg, name="scratchgpt"):
 
 def serve(cfg):
     path = find_checkpoint(cfg.checkpoint, False)
-    model, tok, _ = load_checkpoint(path)
+    model, tok, _ = load_checkpoint(path, device=setup_runtime(cfg.device).device)
     model.eval()
-    engine = Engine(model, tok, Search(cfg.search_folder) if cfg.search_folder else None)
+    engine = Engine(model, tok, Search(cfg.search_folder) if cfg.search_folder else None, cfg.memory_gb)
     server = make_server(engine, cfg, name=os.path.basename(os.path.dirname(os.path.abspath(path))) or "scratchgpt")
     print(f"serving {path} on http://{cfg.host}:{server.server_port}/ (chat page) and /v1/chat/completions")
     try:
@@ -1086,11 +1088,12 @@ def main(argv):
     cfg = parse_config(ChatConfig, argv, prog="chat.py", description=__doc__, aliases={"prompt": "-p", "n": "-n"})
     if cfg.web:
         return serve(cfg)
-    model, tok, _ = load_checkpoint(find_checkpoint(cfg.checkpoint, bool(cfg.base)))
+    rt = setup_runtime(cfg.device)
+    model, tok, _ = load_checkpoint(find_checkpoint(cfg.checkpoint, bool(cfg.base)), device=rt.device)
     model.eval()
     if cfg.base:
         return base_mode(model, tok, cfg)
-    engine = Engine(model, tok, Search(cfg.search_folder or None) if cfg.search_folder else None)
+    engine = Engine(model, tok, Search(cfg.search_folder or None) if cfg.search_folder else None, cfg.memory_gb)
     if cfg.prompt:
         messages = ([{"role": "system", "content": cfg.system}] if cfg.system else []) + \
             [{"role": "user", "content": cfg.prompt}]

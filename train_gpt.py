@@ -531,6 +531,36 @@ def all_reduce_mean(tensors, rt):
         t.div_(rt.world)
 
 
+def all_reduce_grads(model, rt):
+    """all_reduce_mean over a model's gradients, for stages whose processes may have had nothing to learn
+    from in a step (RL: no attempt of theirs had a non-zero weight): their missing gradients count as zeros,
+    so every process still joins the same all-reduce and applies the same update."""
+    if rt.world == 1:
+        return
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    all_reduce_mean([p.grad for p in params], rt)
+
+
+def only_master_prints():
+    """A context in which the processes other than rank 0 print nothing (under torchrun every process runs
+    the same code; one of them speaks). The rank is torchrun's, read before any process group exists."""
+    if int(os.environ.get("RANK", 0)) == 0:
+        return contextlib.nullcontext()
+    return contextlib.redirect_stdout(open(os.devnull, "w"))
+
+
+def gather_lists(items, rt):
+    """Every process's list, concatenated in rank order, on every process (small things: rewards, texts)."""
+    if rt.world == 1:
+        return list(items)
+    lists = [None] * rt.world
+    dist.all_gather_object(lists, list(items))
+    return [item for part in lists for item in part]
+
+
 def token_byte_counts(tokenizer):
     """How many UTF-8 bytes of text each token id stands for (special tokens: 0, they are not text).
     Bits per byte divides by these, so it does not depend on how the tokenizer chops the text up."""
