@@ -39,7 +39,8 @@ Tokens that the engine pasted in (tool outputs) get no weight: the model did not
 
     python rl.py                                   # tiny preset, from out/sft, a few minutes on a CPU
     python rl.py --algo best --samples 15          # the lecture's recipe
-    python rl.py --preset gsm8k                    # GSM8K (downloaded once) on a GPU-sized SFT model
+    python rl.py --preset gsm8k --checkpoint out/d12/sft --out-dir out/d12/rl --data-dir out/d12/downloads
+                                                   # GSM8K (downloaded once) on a GPU-sized SFT model
 """
 import json
 import os
@@ -367,9 +368,10 @@ PRESETS = {
     # GSM8K on a GPU-sized SFT model (sft.py's GPU presets train on GSM8K's train solutions, so the policy
     # starts out able to solve some): longer answers, more attempts, the whole 1,319-problem test set.
     # The questions go in as they are, as SFT showed them (no " Use code."): its solutions call the tool
-    # wherever their authors used a calculator.
+    # wherever their authors used a calculator. Micro-batches of 16 attempts keep a d26 training step near
+    # 40 GB (rlhf.post_training_memory; 64 would need ~108 GB).
     "gsm8k": dict(task="gsm8k", use_tool=False, num_steps=500, problems_per_step=32, samples=16, max_tokens=256,
-                  micro_batch=64, eval_every=50, eval_problems=1319, pass_k=16, eval_rows=1024),
+                  micro_batch=16, eval_every=50, eval_problems=1319, pass_k=16, eval_rows=1024),
 }
 
 

@@ -48,10 +48,13 @@ import torch.nn.functional as F
 
 import data
 from chat import DEFAULT_MEMORY_GB, assistant_content
-from rl import group_advantages, learn, make_learner, one_line, pack, prompt_ids, sample_in_chunks
-from train_gpt import (UserError, all_reduce_grads, checkpoint_file, fmt_time, gather_lists, load_checkpoint,
-                       only_master_prints, opt, parse_config, require_positive, run_cli, save_checkpoint,
-                       save_curves, write_metrics)
+import sft
+from rl import PRESETS as RL_PRESETS
+from rl import RLConfig, group_advantages, learn, make_learner, one_line, pack, prompt_ids, sample_in_chunks
+from sft import SFTConfig
+from train_gpt import (GPT, UserError, all_reduce_grads, checkpoint_file, fmt_time, gather_lists, load_checkpoint,
+                       only_master_prints, opt, parse_config, require_positive, run_cli, sampling_bytes,
+                       save_checkpoint, save_curves, write_metrics)
 
 # ====================================================================================================
 # 1. The simulated human
@@ -509,6 +512,64 @@ def check_config(cfg):
     if min(cfg.temperature, cfg.rank_temp_min) <= 0 or cfg.rank_temp_max < cfg.rank_temp_min:
         raise UserError("--temperature and --rank-temp-min must be > 0 for attempts to differ, and --rank-temp-max "
                         f"at least --rank-temp-min; got {cfg.temperature}, {cfg.rank_temp_min}, {cfg.rank_temp_max}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Memory in the plan: will each post-training stage fit the GPU? (estimates, printed by the dry-run)
+
+GIB = 2**30
+PROMPT_TOKENS = {"sft": 64, "rl": 256, "rlhf": 32}  # assumed longest prompts: chat questions, GSM8K, verse
+
+
+def training_bytes(config, models, trained, tokens, body_adam=False):
+    """One training step: `models` copies of the weights held (float32), one of them `trained` (gradients,
+    and optimizer state: AdamW's two moments for the embedding and head -- or for everything when
+    body_adam, as the reward model's -- and Muon's momentum for the matrices), plus the activations kept
+    for the backward pass of `tokens` tokens: ~48 bytes per channel per layer in bfloat16, and the logits
+    (bf16 head output, float32 soft-capped copy, its tanh and its gradient: 14 bytes per vocabulary entry)."""
+    with torch.device("meta"):  # the shape only: no memory, no time
+        params = GPT(config).num_params()
+    ends = 2 * config.vocab_size * config.n_embd
+    optimizer = 8 * params if body_adam else 8 * ends + 4 * (params - ends)
+    activations = tokens * (48 * config.n_embd * config.n_layer + 14 * config.vocab_size)
+    return 4 * params * models + trained * (4 * params + optimizer) + activations
+
+
+def largest_call(config, prompts, n, prompt_tokens, new_tokens, memory_gb):
+    """The Engine's biggest sampling call for this many prompts: as many as fit its memory budget."""
+    budget, per_call = memory_gb * GIB, 1
+    while per_call < prompts and sampling_bytes(config, per_call + 1, n, prompt_tokens, new_tokens, 2) <= budget:
+        per_call += 1
+    return sampling_bytes(config, per_call, n, prompt_tokens, new_tokens, 2)
+
+
+def post_training_memory(config, sft_preset="d20", rl_preset="gsm8k", rlhf_preset="tiny"):
+    """-> {stage: {"sampling": bytes, "training": bytes}}: the estimated peak GPU memory of each stage's
+    largest sampling call (beside the weights it holds) and of one training step, for a model of `config`
+    at the stages' presets. Sampling runs in bfloat16 (CUDA); bytes per process under torchrun."""
+    sft_cfg = SFTConfig(**sft.PRESETS[sft_preset])
+    rl_cfg = RLConfig(**RL_PRESETS[rl_preset])
+    rlhf_cfg = RLHFConfig(**PRESETS[rlhf_preset])
+    seq = config.seq_len
+    held = {"sft": training_bytes(config, 2, 1, 0), "rl": training_bytes(config, 2, 1, 0),
+            "rlhf": training_bytes(config, 3, 1, 0)}  # policy, reference and the reward model's body
+    calls = {  # the biggest call of each: SFT's held-out evaluation, RL's pass@k, RLHF's rankings/rollouts
+        "sft": largest_call(config, 5 * sft_cfg.eval_prompts, 1, PROMPT_TOKENS["sft"], sft_cfg.eval_tokens,
+                            sft_cfg.memory_gb),
+        "rl": largest_call(config, max(1, rl_cfg.eval_rows // rl_cfg.pass_k), rl_cfg.pass_k, PROMPT_TOKENS["rl"],
+                           rl_cfg.max_tokens, rl_cfg.memory_gb),
+        "rlhf": largest_call(config, max(1, rlhf_cfg.max_rows // rlhf_cfg.eval_samples), rlhf_cfg.eval_samples,
+                             PROMPT_TOKENS["rlhf"], rlhf_cfg.max_tokens, rlhf_cfg.memory_gb),
+    }
+    rl_tokens = rl_cfg.micro_batch * min(seq, PROMPT_TOKENS["rl"] + rl_cfg.max_tokens)
+    rlhf_row = PROMPT_TOKENS["rlhf"] + rlhf_cfg.max_tokens
+    steps = {  # SFT: a bucket of full-context conversations; RLHF: an RL micro-batch, or a reward-model batch
+        "sft": training_bytes(config, 1, 1, sft_cfg.bucket_rows * seq),
+        "rl": training_bytes(config, 2, 1, rl_tokens),
+        "rlhf": max(training_bytes(config, 3, 1, rlhf_cfg.micro_batch * rlhf_row),
+                    training_bytes(config, 3, 1, rlhf_cfg.rm_batch * rlhf_cfg.rank_k * rlhf_row, body_adam=True)),
+    }
+    return {stage: {"sampling": held[stage] + calls[stage], "training": steps[stage]} for stage in calls}
 
 
 def hacking_config(cfg):

@@ -29,6 +29,8 @@ thousands of GPUs; here a couple of minutes on a laptop CPU.
     python sft.py                          # finetune out/base -> out/sft, then evaluate (before/after)
     python sft.py --show-data              # a few rendered rows of every data source, with token counts
     python sft.py --data mine.jsonl        # add your own conversations ({"messages": [...]} per line)
+    python sft.py --preset d12 --base out/d12/base --out-dir out/d12/sft --data-dir out/d12/downloads
+                                           # GPU: SmolTalk + GSM8K (downloaded) + the generators
     python sft.py eval                     # evaluate out/sft against out/base on held-out prompts
 """
 import json
@@ -322,7 +324,8 @@ def gsm8k_solution(answer):
         call = calculator_call(match.group(1))
         dropped += call is None
         return call or ""
-    return f"{CALCULATOR_NOTE.sub(replace, steps).strip()}\n{data.ANSWER_PREFIX} {final}.", dropped
+    steps = CALCULATOR_NOTE.sub(replace, steps).strip()
+    return "\n".join(filter(None, [steps, f"{data.ANSWER_PREFIX} {final}."])), dropped
 
 
 def gsm8k_records(split, data_dir, rt):
