@@ -2243,15 +2243,7 @@ def test_system_message_is_spread_over_every_source_not_only_identity():
 
 def seeded_engine_model(seq_len=48):
     """The tiny model the old engine's outputs below were recorded with (seed 5)."""
-    torch.manual_seed(5)
-    config = train_gpt.GPTConfig(vocab_size=byte_tok().vocab_size, seq_len=seq_len, n_layer=2, n_embd=32, n_head=4,
-                                 n_kv_head=2)
-    model = train_gpt.GPT(config)
-    torch.nn.init.normal_(model.lm_head.weight, std=1.0)
-    for block in model.blocks:
-        torch.nn.init.normal_(block.attn.proj.weight, std=0.2)
-        torch.nn.init.normal_(block.mlp.proj.weight, std=0.2)
-    return model.eval()
+    return tiny_model(byte_tok().vocab_size, seq_len, seed=5)
 
 
 @pytest.fixture
