@@ -16,6 +16,7 @@ bounded expression language interpreted from Python's syntax tree -- never `eval
 ranks passages of a local folder with BM25.
 """
 import ast
+import contextlib
 import http.server
 import json
 import math
@@ -32,7 +33,8 @@ from dataclasses import dataclass, field
 import torch
 
 from tokenizer import TOOL_CALLS, TOOL_OUTPUT, render_conversation, render_for_completion, render_tokens, use_colour
-from train_gpt import KVCache, UserError, load_checkpoint, opt, parse_config, run_cli, sample_next
+from train_gpt import (KVCache, UserError, load_checkpoint, opt, parse_config, run_cli, sample_next,
+                       sampling_bytes, setup_runtime)
 
 # ====================================================================================================
 # The code tool: a safe evaluator for small Python expressions
@@ -357,12 +359,23 @@ class Row:
         return bool(self.out.finish)
 
 
-class Engine:
-    """Generation for every stage that samples: chat, SFT evaluation, RL rollouts, RLHF."""
+DEFAULT_MEMORY_GB = 24.0  # see Engine: fits an 80 GB GPU beside a d20 policy, its reference and optimizer
 
-    def __init__(self, model, tokenizer, search=None):
+
+class Engine:
+    """Generation for every stage that samples: chat, SFT evaluation, RL rollouts, RLHF.
+
+    Memory. Sampling holds a KV cache of every row's keys and values, and the logits of the prefill.
+    The cache is made just long enough for the call (its longest prompt + max_tokens, never more than the
+    context window) and in the dtype the model computes in (bfloat16 on CUDA, where the engine runs the
+    model under autocast; float32 on a CPU); and a call that would need more than `memory_gb` GB is split
+    into several calls of fewer prompts each (same results when greedy; sampling draws from one seeded
+    stream either way). train_gpt.sampling_bytes is the estimate both this and the plan use."""
+
+    def __init__(self, model, tokenizer, search=None, memory_gb=DEFAULT_MEMORY_GB):
         self.model, self.tok = model, tokenizer
         self.search = search  # a Search; built on the first search call if None
+        self.memory_bytes = memory_gb * 2**30
         self.end_ids = {tokenizer.special_id("<|im_end|>"), tokenizer.special_id("<|endoftext|>")}
         self.call_ends = {tokenizer.special_id(a): tokenizer.special_id(b) for a, b in TOOL_CALLS.items()}
         self.tool_names = {tokenizer.special_id(end): end.strip("<|>").removesuffix("_end")  # -> "code"
@@ -370,9 +383,16 @@ class Engine:
         self.output_ids = [tokenizer.special_id(name) for name in TOOL_OUTPUT]
         # Tokens the model may never sample at a given point: only the engine writes tool outputs, a turn
         # never opens inside a reply, and tool markup must nest (no call inside a call, no stray ends).
+        # One row of this table per state a row can be in: 0 = outside a tool call, 1.. = inside the call
+        # that `self.call_ends` lists in that place (only its own end token may close it).
         never = self.output_ids + [tokenizer.special_id(n) for n in ("<|im_start|>", "<|im_sep|>")]
-        self.banned_outside_call = never + list(self.call_ends.values())
-        self.banned_inside_call = never + list(self.call_ends) + list(self.end_ids)
+        ends = list(self.call_ends.values())
+        banned = [never + ends] + [never + list(self.call_ends) + list(self.end_ids) + [e for e in ends if e != own]
+                                   for own in ends]
+        self.ban_table = torch.zeros(len(banned), model.config.vocab_size, dtype=torch.bool)
+        for state, tokens in enumerate(banned):
+            self.ban_table[state, tokens] = True
+        self.state_of_call = {end: state for state, end in enumerate(ends, start=1)}
 
     # -- tools -------------------------------------------------------------------------------------
 
@@ -411,23 +431,47 @@ class Engine:
 
     def ban_invalid_tokens(self, logits, rows):
         """Constrained decoding: give -inf to the tokens that would break the protocol for each row, so
-        every reply renders back into exactly the tokens the model saw."""
-        for r, row in enumerate(rows):
-            if row.tool is None:
-                logits[r, self.banned_outside_call] = float("-inf")
-            else:  # inside a call only its own end token may close it
-                logits[r, self.banned_inside_call] = float("-inf")
-                logits[r, [end for end in self.call_ends.values() if end != row.tool]] = float("-inf")
-        return logits
+        every reply renders back into exactly the tokens the model saw. One masked fill for the whole batch:
+        each row picks its state's row of the ban table."""
+        states = torch.tensor([0 if row.tool is None else self.state_of_call[row.tool] for row in rows])
+        mask = self.ban_table.to(logits.device)[states.to(logits.device)]
+        return logits.masked_fill(mask, float("-inf"))
+
+    # -- memory ------------------------------------------------------------------------------------
+
+    def compute_dtype(self):
+        """The dtype the model's activations (and so its keys and values) come out in: the caller's autocast
+        dtype if it set one, bfloat16 on CUDA (the engine then turns autocast on itself), else the weights'."""
+        weights = next(self.model.parameters())
+        if torch.is_autocast_enabled(weights.device.type):
+            return torch.get_autocast_dtype(weights.device.type)
+        return torch.bfloat16 if weights.device.type == "cuda" else weights.dtype
+
+    def split_for_memory(self, prompts, n, max_tokens):
+        """Consecutive groups of prompt indices, each as many as fit self.memory_bytes by
+        train_gpt.sampling_bytes (at least one prompt per group, whatever it needs)."""
+        item_bytes = torch.empty((), dtype=self.compute_dtype()).element_size()
+        groups, current, width = [], [], 0
+        for i, prompt in enumerate(prompts):
+            wider = max(width, len(prompt))
+            need = sampling_bytes(self.model.config, len(current) + 1, n, wider, max_tokens, item_bytes)
+            if current and need > self.memory_bytes:
+                groups.append(current)
+                current, wider = [], len(prompt)
+            current.append(i)
+            width = wider
+        return groups + [current] if current else groups
 
     # -- the decoding loop -------------------------------------------------------------------------
 
     @torch.no_grad()
-    def steps(self, prompts, n=1, max_tokens=256, temperature=1.0, top_k=None, top_p=None, seed=None):
+    def steps(self, prompts, n=1, max_tokens=256, temperature=1.0, top_k=None, top_p=None, seed=None,
+              generator=None):
         """Decode n samples of every prompt at once; row r belongs to prompt r // n. The prompts are
-        prefilled once each (left-padded to a common length), their KV caches copied n times, and then all
-        rows advance together, one token per step. Yields after every step (rows, events), events being
-        (row index, token, kind) for the rows that produced a token (kind: see `observe`)."""
+        prefilled once each (left-padded to a common length) into a cache just long enough for them, copied
+        n times into one long enough for the replies too (no copy when n = 1), and then all rows advance
+        together, one token per step. Yields after every step (rows, events), events being (row index,
+        token, kind) for the rows that produced a token (kind: see `observe`)."""
         prompts = [list(p) for p in prompts]
         capacity = self.model.config.seq_len
         for i, prompt in enumerate(prompts):
@@ -435,16 +479,22 @@ class Engine:
                 raise ValueError(f"prompt {i} has {len(prompt)} tokens; it must have 1 to {capacity - 1} "
                                  f"to leave room in the context window of {capacity}")
         weights = next(self.model.parameters())
-        generator = torch.Generator(device=weights.device)
-        generator.manual_seed(seed if seed is not None else torch.seed())
+        if generator is None:
+            generator = torch.Generator(device=weights.device)
+            generator.manual_seed(seed if seed is not None else torch.seed())
+        dtype = self.compute_dtype()
+        autocast = (torch.autocast(weights.device.type, dtype=dtype) if dtype != weights.dtype
+                    else contextlib.nullcontext())
         width = max(map(len, prompts))
+        length = min(width + max_tokens, capacity)  # the most positions any row can reach
         pads = [width - len(p) for p in prompts]
         batch = torch.tensor([[0] * pad + p for pad, p in zip(pads, prompts)], device=weights.device)
-        cache = KVCache(self.model.config, len(prompts), weights.device, weights.dtype,
-                        pad=pads if any(pads) else None)
-        logits = self.model(batch, kv_cache=cache)[0][:, -1]
-        cache.repeat_rows(n)
-        logits = logits.repeat_interleave(n, dim=0)
+        cache = KVCache(self.model.config, len(prompts), weights.device, dtype, pad=pads if any(pads) else None,
+                        length=length if n == 1 else width)
+        with autocast:
+            logits = self.model(batch, kv_cache=cache)[0][:, -1].float()
+        cache.repeat_rows(n, length)
+        logits = logits.repeat_interleave(n, dim=0) if n > 1 else logits
         rows = [Row(i // n) for i in range(len(prompts) * n)]
         idle_token = min(self.end_ids)  # what finished rows are fed, to keep the batch rectangular
         while True:
@@ -463,23 +513,34 @@ class Engine:
                 if not row.done and len(row.out.tokens) >= max_tokens:
                     row.out.finish = "length"
                 feed.append(token)
-            if not any(row.done for row in rows) and cache.pos >= capacity:
-                for row in rows:  # the context window is full
+            if cache.pos >= cache.length:  # the cache (at most the context window) is full, whoever is done
+                for row in rows:
                     row.out.finish = row.out.finish or "length"
             yield rows, events
             if all(row.done for row in rows):
                 return
-            logits = self.model(torch.tensor(feed, device=weights.device)[:, None], kv_cache=cache)[0][:, -1]
+            with autocast:
+                logits = self.model(torch.tensor(feed, device=weights.device)[:, None], kv_cache=cache)[0][:, -1]
+            logits = logits.float()
 
     def generate(self, prompts, n=1, max_tokens=256, temperature=1.0, top_k=None, top_p=None, seed=None):
         """-> a list of Completion, prompt-major (the n samples of prompt 0 first). `prompts`: a list of
-        token-id lists, or one such list."""
+        token-id lists, or one such list. Calls that would exceed the memory budget run in several parts."""
         if prompts and isinstance(prompts[0], int):
             prompts = [prompts]
-        rows = []
-        for rows, _ in self.steps(prompts, n, max_tokens, temperature, top_k, top_p, seed):
-            pass
-        return [row.out for row in rows]
+        weights = next(self.model.parameters())
+        generator = torch.Generator(device=weights.device)
+        generator.manual_seed(seed if seed is not None else torch.seed())
+        out = []
+        for group in self.split_for_memory(prompts, n, max_tokens):
+            rows = []
+            for rows, _ in self.steps([prompts[i] for i in group], n, max_tokens, temperature, top_k, top_p,
+                                      generator=generator):
+                pass
+            for row in rows:
+                row.out.prompt_index = group[row.out.prompt_index]
+                out.append(row.out)
+        return out
 
     def stream(self, prompt, max_tokens=256, temperature=1.0, top_k=None, top_p=None, seed=None):
         """One sample, as events the moment they are known: {"type": "text", "text"} as soon as the bytes
@@ -588,6 +649,8 @@ class ChatConfig:
     max_tokens: int = opt(200, "the most tokens one reply may have")
     seed: int = opt(-1, "random seed (-1 = a fresh one every time)")
     search_folder: str = opt("", "folder of .txt/.md files for the search tool (default: the embedded corpus)")
+    device: str = opt("auto", "cuda, mps, cpu, or auto (the first of them that this machine has)")
+    memory_gb: float = opt(DEFAULT_MEMORY_GB, "most GB one sampling call's KV cache and logits may take")
     web: bool = opt(False, "serve the web chat and the OpenAI-compatible API instead of the terminal chat")
     host: str = opt("127.0.0.1", "with --web: address to listen on")
     port: int = opt(8000, "with --web: port")
@@ -723,7 +786,7 @@ def base_mode(model, tok, cfg):
     if cfg.probs:
         trace_probabilities(model, tok, prompt, cfg.max_tokens, cfg)
         return
-    engine = Engine(model, tok)
+    engine = Engine(model, tok, memory_gb=cfg.memory_gb)
     for k, completion in enumerate(engine.generate(prompt, cfg.n, cfg.max_tokens, **sampling_args(cfg))):
         print(f"--- sample {k + 1} of {cfg.n} ---")
         print(cfg.base + tok.decode(completion.tokens).replace("<|endoftext|>", ""))
@@ -921,9 +984,9 @@ def make_server(engine, cfg, name="scratchgpt"):
 
 def serve(cfg):
     path = find_checkpoint(cfg.checkpoint, False)
-    model, tok, _ = load_checkpoint(path)
+    model, tok, _ = load_checkpoint(path, device=setup_runtime(cfg.device).device)
     model.eval()
-    engine = Engine(model, tok, Search(cfg.search_folder) if cfg.search_folder else None)
+    engine = Engine(model, tok, Search(cfg.search_folder) if cfg.search_folder else None, cfg.memory_gb)
     server = make_server(engine, cfg, name=os.path.basename(os.path.dirname(os.path.abspath(path))) or "scratchgpt")
     print(f"serving {path} on http://{cfg.host}:{server.server_port}/ (chat page) and /v1/chat/completions")
     try:
@@ -1025,11 +1088,12 @@ def main(argv):
     cfg = parse_config(ChatConfig, argv, prog="chat.py", description=__doc__, aliases={"prompt": "-p", "n": "-n"})
     if cfg.web:
         return serve(cfg)
-    model, tok, _ = load_checkpoint(find_checkpoint(cfg.checkpoint, bool(cfg.base)))
+    rt = setup_runtime(cfg.device)
+    model, tok, _ = load_checkpoint(find_checkpoint(cfg.checkpoint, bool(cfg.base)), device=rt.device)
     model.eval()
     if cfg.base:
         return base_mode(model, tok, cfg)
-    engine = Engine(model, tok, Search(cfg.search_folder or None) if cfg.search_folder else None)
+    engine = Engine(model, tok, Search(cfg.search_folder or None) if cfg.search_folder else None, cfg.memory_gb)
     if cfg.prompt:
         messages = ([{"role": "system", "content": cfg.system}] if cfg.system else []) + \
             [{"role": "user", "content": cfg.prompt}]

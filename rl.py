@@ -39,7 +39,8 @@ Tokens that the engine pasted in (tool outputs) get no weight: the model did not
 
     python rl.py                                   # tiny preset, from out/sft, a few minutes on a CPU
     python rl.py --algo best --samples 15          # the lecture's recipe
-    python rl.py --preset gsm8k                    # GSM8K (downloaded once) on a GPU-sized SFT model
+    python rl.py --preset gsm8k --checkpoint out/d12/sft --out-dir out/d12/rl --data-dir out/d12/downloads
+                                                   # GSM8K (downloaded once) on a GPU-sized SFT model
 """
 import json
 import os
@@ -47,44 +48,38 @@ import time
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 import data
-from chat import Engine, assistant_content
-from sft import collate
+from chat import DEFAULT_MEMORY_GB, Engine, assistant_content
+from sft import collate, gsm8k_records
 from tokenizer import render_for_completion, use_colour
-from train_gpt import (UserError, build_optimizers, fmt_time, load_checkpoint, lr_multiplier, opt,
-                       parse_config, require_positive, run_cli, save_checkpoint, save_curves, setup_runtime,
-                       write_metrics)
+from train_gpt import (UserError, all_reduce_grads, all_reduce_mean, build_optimizers, fmt_time, gather_lists,
+                       load_checkpoint, lr_multiplier, only_master_prints, opt, parse_config, require_positive,
+                       run_cli, save_checkpoint, save_curves, setup_runtime, write_metrics)
 
 # ====================================================================================================
 # 1. Practice problems and the verifier
 # ====================================================================================================
 
-GSM8K_URL = "https://raw.githubusercontent.com/openai/grade-school-math/master/grade_school_math/data/{}.jsonl"
-GSM8K_SPLITS = {"train": "train", "heldout": "test"}
-
-
-def gsm8k_problems(n, split, folder):
-    """The first n GSM8K problems of a split (downloaded into `folder` once). Its solutions end with
-    "#### 72"; we keep only the question and that final number, read by the same extractor as our replies."""
-    path = data.download(GSM8K_URL.format(GSM8K_SPLITS[split]), os.path.join(folder, f"{GSM8K_SPLITS[split]}.jsonl"))
+def gsm8k_problems(n, split, data_dir, rt):
+    """The first n GSM8K problems of a split ("heldout" = its test set of 1,319), downloaded into data_dir
+    once. Its solutions end with "#### 72"; we keep only the question and that final number, read by the
+    same extractor as our replies."""
     problems = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            row = json.loads(line)
-            final = row["answer"].rsplit("####", 1)[-1]
-            answer = data.extract_answer(f"{data.ANSWER_PREFIX} {final}")
-            problems.append({"question": row["question"], "answer": answer})
-    return problems[:n]
+    for row in gsm8k_records(split, data_dir, rt)[:n]:
+        final = str(row["answer"]).rsplit("####", 1)[-1]
+        problems.append({"question": row["question"], "answer": data.extract_answer(f"{data.ANSWER_PREFIX} {final}")})
+    return problems
 
 
-def practice_set(cfg, n, split):
+def practice_set(cfg, n, split, rt):
     """n problems as {"question", "answer"} only: RL never sees a worked solution, only the final answer.
     The held-out split is drawn with another seed, and data.py keeps its questions out of the train split
     whatever the seeds, so held-out accuracy is measured on problems the model never practised on."""
     if cfg.task == "gsm8k":
-        problems = gsm8k_problems(n, split, os.path.join("out", "gsm8k"))
+        problems = gsm8k_problems(n, split, cfg.data_dir, rt)
     else:
         seed = cfg.seed if split == "train" else cfg.seed + 1
         problems = data.practice_problems(n, seed, cfg.difficulty, split)
@@ -190,13 +185,17 @@ def policy_loss(logp, old_logp, ref_logp, weights, mask, clip_eps, kl_coef):
 def learn(policy, reference, optimizers, inputs, targets, weights, cfg, rt, lr_mult):
     """One batch of attempts -> updates_per_batch optimizer steps. Attempts with weight 0 are left out
     before any forward pass: they would contribute nothing. Rows go through in micro-batches whose
-    gradients add up. Returns the mean KL to the reference (SFT) policy over the learned tokens."""
+    gradients add up. Under torchrun each process learns from its own attempts and the gradients are
+    averaged: every process divides by the mean count of learned tokens per process, so the step is the
+    mean over all of them, as in one process. Returns the mean KL to the reference (SFT) policy over the
+    learned tokens."""
     keep = weights != 0
-    if not keep.any():
-        return 0.0
     inputs, targets, weights = inputs[keep].to(rt.device), targets[keep].to(rt.device), weights[keep].to(rt.device)
     mask = (targets >= 0).float()
-    n_tokens = mask.sum().clamp(min=1)
+    n_tokens = mask.sum()
+    all_reduce_mean([n_tokens], rt)
+    if n_tokens.item() == 0:  # no process has anything to learn from: no step at all
+        return 0.0
     chunks = [slice(i, i + cfg.micro_batch) for i in range(0, len(inputs), cfg.micro_batch)]
     with torch.no_grad(), rt.autocast():
         ref_logp = [token_logprobs(reference, inputs[c], targets[c]) for c in chunks]
@@ -213,11 +212,16 @@ def learn(policy, reference, optimizers, inputs, targets, weights, cfg, rt, lr_m
             (loss / n_tokens).backward()
             if update == 0:
                 kl_total += kl.item()
+        all_reduce_grads(policy, rt)
         if cfg.grad_clip:
             torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
         for o in optimizers:
             o.step()
         policy.zero_grad(set_to_none=True)
+    if rt.world > 1:
+        kl_mean = torch.tensor(kl_total, device=rt.device)
+        all_reduce_mean([kl_mean], rt)
+        kl_total = kl_mean.item()
     return kl_total / n_tokens.item()
 
 
@@ -235,17 +239,20 @@ def sample_in_chunks(engine, prompts, n, max_rows, **sampling):
     return out
 
 
-def heldout_scores(engine, tok, problems, cfg):
+def heldout_scores(engine, tok, problems, cfg, rt):
     """pass@1: the greedy answer (temperature 0) is right. pass@k: at least one of k sampled attempts is
-    right -- what RL can turn into pass@1 by making the good attempts the likely ones."""
-    prompts = [prompt_ids(tok, p["question"], cfg.use_tool) for p in problems]
+    right -- what RL can turn into pass@1 by making the good attempts the likely ones. Under torchrun each
+    process answers its share of the problems (rank r: problems r, r + world, ...)."""
+    mine = problems[rt.rank::rt.world]
+    prompts = [prompt_ids(tok, p["question"], cfg.use_tool) for p in mine]
     greedy = sample_in_chunks(engine, prompts, 1, cfg.eval_rows, max_tokens=cfg.max_tokens, temperature=0.0)
     sampled = sample_in_chunks(engine, prompts, cfg.pass_k, cfg.eval_rows, max_tokens=cfg.max_tokens,
-                               temperature=cfg.temperature, top_k=cfg.top_k or None, seed=cfg.seed)
-    pass1 = rewards_of(tok, greedy, problems, 1).mean().item()
-    passk = rewards_of(tok, sampled, problems, cfg.pass_k).view(-1, cfg.pass_k).amax(dim=1).mean().item()
-    length = sum(len(c.tokens) for c in greedy) / len(greedy)
-    return dict(pass1=pass1, passk=passk, length=length, example=assistant_content(tok, greedy[0]))
+                               temperature=cfg.temperature, top_k=cfg.top_k or None, seed=cfg.seed + rt.rank)
+    pass1 = gather_lists(rewards_of(tok, greedy, mine, 1).tolist(), rt)
+    passk = gather_lists(rewards_of(tok, sampled, mine, cfg.pass_k).view(-1, cfg.pass_k).amax(dim=1).tolist(), rt)
+    lengths = gather_lists([len(c.tokens) for c in greedy], rt)
+    return dict(pass1=torch.tensor(pass1).mean().item(), passk=torch.tensor(passk).mean().item(),
+                length=sum(lengths) / len(lengths), example=assistant_content(tok, greedy[0]))
 
 
 # ====================================================================================================
@@ -306,6 +313,7 @@ class RLConfig:
     out_dir: str = opt(os.path.join("out", "rl"), "where the checkpoint, log, curves and metrics go")
     # the practice problems
     task: str = opt("words", "words (data.py's word problems) or gsm8k (downloaded; for GPU-sized models)")
+    data_dir: str = opt(os.path.join("out", "downloads"), "where downloaded datasets (GSM8K) are kept")
     difficulty: int = opt(1, "word-problem difficulty (bigger numbers as it grows)")
     # With the tool the model's misses are slips in copying numbers (into a call, out of its output): one
     # skill shared by every problem, which practice improves on held-out problems too. Without it most misses
@@ -351,14 +359,19 @@ class RLConfig:
     # where and how
     device: str = opt("auto", "cuda, mps, cpu, or auto")
     dtype: str = opt("auto", "autocast dtype for learning: auto (bfloat16 on CUDA), float32, bfloat16")
+    memory_gb: float = opt(DEFAULT_MEMORY_GB, "most GB one sampling call's KV cache and logits may take")
     seed: int = opt(1337, "random seed: problems, attempts and evaluations are the same for the same seed")
 
 
 PRESETS = {
     "tiny": {},
-    # GSM8K on a GPU-sized SFT model: longer answers, more attempts, a bigger held-out set
-    "gsm8k": dict(task="gsm8k", num_steps=500, problems_per_step=32, samples=16, max_tokens=256,
-                  micro_batch=64, eval_every=50, eval_problems=400, pass_k=16, eval_rows=1024),
+    # GSM8K on a GPU-sized SFT model (sft.py's GPU presets train on GSM8K's train solutions, so the policy
+    # starts out able to solve some): longer answers, more attempts, the whole 1,319-problem test set.
+    # The questions go in as they are, as SFT showed them (no " Use code."): its solutions call the tool
+    # wherever their authors used a calculator. Micro-batches of 16 attempts keep a d26 training step near
+    # 40 GB (rlhf.post_training_memory; 64 would need ~108 GB).
+    "gsm8k": dict(task="gsm8k", use_tool=False, num_steps=500, problems_per_step=32, samples=16, max_tokens=256,
+                  micro_batch=16, eval_every=50, eval_problems=1319, pass_k=16, eval_rows=1024),
 }
 
 
@@ -395,19 +408,21 @@ def make_learner(cfg):
     policy, tok, meta = load_checkpoint(cfg.checkpoint, device=rt.device)
     reference, _, _ = load_checkpoint(cfg.checkpoint, device=rt.device, tokenizer=tok)
     reference.requires_grad_(False)
-    return Learner(rt, policy, reference, tok, Engine(policy, tok), build_optimizers(policy, cfg, rt.device.type),
-                   meta.get("stage", "?"))
+    return Learner(rt, policy, reference, tok, Engine(policy, tok, memory_gb=cfg.memory_gb),
+                   build_optimizers(policy, cfg, rt.device.type), meta.get("stage", "?"))
 
 
 def rl_step(step, problems, learner, cfg):
-    """Sample N attempts at each problem, score them, weight them, learn. -> the step's log row (and the
-    attempts, for display)."""
-    tok = learner.tok
+    """Sample N attempts at each problem, score them, weight them, learn. -> the step's log row (and this
+    process's attempts, for display). Under torchrun each process takes its share of the problems (every
+    attempt at a problem on the same process: the group is the baseline), and the row sums up all of them."""
+    tok, rt = learner.tok, learner.rt
+    problems = problems[rt.rank::rt.world]
     prompts = [prompt_ids(tok, p["question"], cfg.use_tool) for p in problems]
     t0 = time.time()
     completions = learner.engine.generate(prompts, n=cfg.samples, max_tokens=cfg.max_tokens,
                                           temperature=cfg.temperature, top_k=cfg.top_k or None,
-                                          seed=cfg.seed * 100_003 + step)
+                                          seed=cfg.seed * 100_003 + step + 7919 * rt.rank)
     t1 = time.time()
     rewards = rewards_of(tok, completions, problems, cfg.samples)
     lengths = [len(c.tokens) for c in completions]
@@ -417,12 +432,13 @@ def rl_step(step, problems, learner, cfg):
     kl = learn(learner.policy, learner.reference, learner.optimizers, inputs, targets, weights, cfg, learner.rt,
                lr_mult)
     t2 = time.time()
-    groups = rewards.view(-1, cfg.samples)
+    all_rewards, all_lengths = torch.tensor(gather_lists(rewards.tolist(), rt)), gather_lists(lengths, rt)
+    groups = all_rewards.view(-1, cfg.samples)
     no_signal = (groups.amax(dim=1) == groups.amin(dim=1)).float().mean().item()
-    row = dict(step=step + 1, reward=rewards.mean().item(), no_signal=no_signal, length=sum(lengths) / len(lengths),
-               kl=kl, kept=int((weights != 0).sum()), sample_s=t1 - t0, learn_s=t2 - t1,
-               rollout_tok_s=sum(lengths) / max(t1 - t0, 1e-9))
-    return row, completions, rewards, weights
+    row = dict(step=step + 1, reward=all_rewards.mean().item(), no_signal=no_signal,
+               length=sum(all_lengths) / len(all_lengths), kl=kl, kept=sum(gather_lists([int((weights != 0).sum())], rt)),
+               sample_s=t1 - t0, learn_s=t2 - t1, rollout_tok_s=sum(all_lengths) / max(t1 - t0, 1e-9))
+    return row, completions, all_rewards, weights
 
 
 def train(cfg):
@@ -431,11 +447,12 @@ def train(cfg):
     started = time.time()
     check_config(cfg)
     learner = make_learner(cfg)
-    tok = learner.tok
-    train_problems = practice_set(cfg, cfg.num_steps * cfg.problems_per_step, "train")
-    heldout = practice_set(cfg, cfg.eval_problems, "heldout")
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    log_file = open(os.path.join(cfg.out_dir, "log.jsonl"), "w")
+    tok, rt = learner.tok, learner.rt
+    train_problems = practice_set(cfg, cfg.num_steps * cfg.problems_per_step, "train", rt)
+    heldout = practice_set(cfg, cfg.eval_problems, "heldout", rt)
+    if rt.master:
+        os.makedirs(cfg.out_dir, exist_ok=True)
+    log_file = open(os.path.join(cfg.out_dir, "log.jsonl"), "w") if rt.master else open(os.devnull, "w")
     colour = use_colour()
     print(f"policy: {cfg.checkpoint} ({learner.stage} checkpoint, {learner.policy.num_params():,} parameters), "
           f"device {learner.rt.device}")
@@ -445,7 +462,7 @@ def train(cfg):
 
     def evaluate(step):
         t = time.time()
-        scores = heldout_scores(learner.engine, tok, heldout, cfg)
+        scores = heldout_scores(learner.engine, tok, heldout, cfg, rt)
         print(f"step {step}/{cfg.num_steps} | held-out pass@1 {scores['pass1']:.3f} | pass@{cfg.pass_k} "
               f"{scores['passk']:.3f} | greedy length {scores['length']:.1f} | {time.time() - t:.1f}s")
         scores = dict(step=step, **scores)
@@ -467,7 +484,7 @@ def train(cfg):
               f"{row['no_signal']:.2f} | length {row['length']:.1f} | KL {row['kl']:.4f} | kept {row['kept']} | "
               f"sample {row['sample_s']:.1f}s ({row['rollout_tok_s']:,.0f} tok/s) learn {row['learn_s']:.1f}s | "
               f"rl time {fmt_time(rl_seconds)} | correct of {cfg.samples}: {correct}")
-        if cfg.show_every and row["step"] % cfg.show_every == 0:
+        if cfg.show_every and row["step"] % cfg.show_every == 0 and rt.master:
             show_attempts(tok, problems[0], completions[:cfg.samples], rewards[:cfg.samples],
                           weights[:cfg.samples], cfg.algo, colour)
         if cfg.eval_every and row["step"] % cfg.eval_every == 0 and row["step"] < cfg.num_steps:
@@ -479,7 +496,10 @@ def train(cfg):
     metrics = dict(pass1_before=before["pass1"], pass1_after=after["pass1"], passk_before=before["passk"],
                    passk_after=after["passk"], k=cfg.pass_k, train_seconds=rl_seconds,
                    length_before=before["length"], length_after=after["length"], algo=cfg.algo,
-                   steps=cfg.num_steps, heldout_problems=len(heldout), wall_seconds=time.time() - started)
+                   steps=cfg.num_steps, heldout_problems=len(heldout), wall_seconds=time.time() - started,
+                   processes=rt.world)
+    if not rt.master:
+        return metrics
     save_checkpoint(os.path.join(cfg.out_dir, "model.pt"), learner.policy, tok, cfg.num_steps, cfg, metrics, stage="rl")
     print(write_curves(cfg.out_dir, history, evals))
     write_metrics(cfg.out_dir, metrics)  # after the curves, so the report card shows them
@@ -493,7 +513,12 @@ def train(cfg):
 
 def main(argv):
     cfg = parse_config(RLConfig, argv, PRESETS, prog="rl.py", description=__doc__)
-    train(cfg)
+    try:
+        with only_master_prints():
+            train(cfg)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

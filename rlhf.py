@@ -42,14 +42,19 @@ import time
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
 import data
-from chat import assistant_content
-from rl import group_advantages, learn, make_learner, one_line, pack, prompt_ids, sample_in_chunks
-from train_gpt import (UserError, checkpoint_file, fmt_time, load_checkpoint, opt, parse_config, require_positive,
-                       run_cli, save_checkpoint, save_curves, write_metrics)
+from chat import DEFAULT_MEMORY_GB, assistant_content
+import sft
+from rl import PRESETS as RL_PRESETS
+from rl import RLConfig, group_advantages, learn, make_learner, one_line, pack, prompt_ids, sample_in_chunks
+from sft import SFTConfig
+from train_gpt import (GPT, UserError, all_reduce_grads, checkpoint_file, fmt_time, gather_lists, load_checkpoint,
+                       only_master_prints, opt, parse_config, require_positive, run_cli, sampling_bytes,
+                       save_checkpoint, save_curves, write_metrics)
 
 # ====================================================================================================
 # 1. The simulated human
@@ -131,7 +136,10 @@ class RewardModel(nn.Module):
         nn.init.zeros_(self.head.bias)
 
     def forward(self, ids, first, last):
-        """ids (B, L) right-padded; first, last (B,): where each row's reply starts and ends -> logits (B,)."""
+        """ids (B, L) right-padded; first, last (B,): where each row's reply starts and ends -> logits (B,).
+        The inputs may come from the CPU: they are moved to wherever the model is."""
+        device = self.head.weight.device
+        ids, first, last = ids.to(device), first.to(device), last.to(device)
         hidden = self.backbone.hidden_states(ids)
         positions = torch.arange(ids.size(1), device=ids.device)[None]
         in_reply = ((positions >= first[:, None]) & (positions <= last[:, None])).to(hidden.dtype)
@@ -157,7 +165,7 @@ def reward_scores(rm, tok, prompts, replies, batch=64):
     scores = []
     for i in range(0, len(prompts), batch):
         scores.append(torch.sigmoid(rm(*reward_batch(tok, prompts[i:i + batch], replies[i:i + batch]))))
-    return torch.cat(scores)
+    return torch.cat(scores).cpu()
 
 
 def better_pairs(human):
@@ -193,12 +201,14 @@ def rank_temperatures(cfg):
     return [cfg.rank_temp_min + i * step for i in range(cfg.rank_k)]
 
 
-def collect_rankings(engine, tok, prompts, cfg, seed, rng):
+def collect_rankings(engine, tok, prompts, cfg, seed, rng, rt):
     """Sample K attempts at each prompt from the starting policy and have the person order them -> a list
-    of groups {question, topic, prompt (ids), replies (token lists), texts, human (scores), order}."""
+    of groups {question, topic, prompt (ids), replies (token lists), texts, human (scores), order}. Under
+    torchrun each process samples its share of the prompts, and every process gets all the groups."""
+    prompts = prompts[rt.rank::rt.world]
     ids = [prompt_ids(tok, p["question"]) for p in prompts]
     by_temperature = [sample_in_chunks(engine, ids, 1, cfg.max_rows, max_tokens=cfg.max_tokens, temperature=t,
-                                       seed=seed * 1009 + i) for i, t in enumerate(rank_temperatures(cfg))]
+                                       seed=seed * 1009 + i + 7919 * rt.rank) for i, t in enumerate(rank_temperatures(cfg))]
     groups = []
     for g, p in enumerate(prompts):
         attempts = [completions[g] for completions in by_temperature]
@@ -206,14 +216,15 @@ def collect_rankings(engine, tok, prompts, cfg, seed, rng):
         order, human = human_order(texts, p["topic"], cfg.human_noise, rng)
         groups.append(dict(p, prompt=ids[g], replies=[c.tokens for c in attempts], texts=texts, human=human,
                            order=order))
-    return groups
+    return gather_lists(groups, rt)
 
 
 def group_tensors(rm, tok, groups):
     """Reward-model logits (G, K) and human scores (G, K) of a list of groups (one forward pass)."""
     prompts = [g["prompt"] for g in groups for _ in g["replies"]]
     human = torch.tensor([g["human"] for g in groups])
-    return rm(*reward_batch(tok, prompts, [r for g in groups for r in g["replies"]])).view(human.shape), human
+    logits = rm(*reward_batch(tok, prompts, [r for g in groups for r in g["replies"]])).view(human.shape)
+    return logits, human.to(logits.device)
 
 
 @torch.no_grad()
@@ -231,10 +242,11 @@ def show_example(group, before, after):
               f"{one_line(group['texts'][i], 80)}")
 
 
-def train_reward_model(cfg, tok, train_groups, heldout_groups):
+def train_reward_model(cfg, tok, train_groups, heldout_groups, rt):
     """Fit a reward model to the orderings -> (model, held-out pairwise accuracy). The groups of one prompt
-    stay together in a batch: the loss compares attempts *at the same prompt*."""
-    backbone, _, _ = load_checkpoint(cfg.checkpoint, tokenizer=tok)
+    stay together in a batch: the loss compares attempts *at the same prompt*. It lives on the policy's
+    device; under torchrun each process takes its share of every batch and the gradients are averaged."""
+    backbone, _, _ = load_checkpoint(cfg.checkpoint, device=rt.device, tokenizer=tok)
     rm = RewardModel(backbone)
     example = heldout_groups[0]
     before = reward_scores(rm, tok, [example["prompt"]] * cfg.rank_k, example["replies"]).tolist()
@@ -259,9 +271,13 @@ def train_reward_model(cfg, tok, train_groups, heldout_groups):
         for i in range(0, len(order), cfg.rm_batch):
             for group in optimizer.param_groups:  # linear decay to zero: settle into the fit at the end
                 group["lr"] = group["base_lr"] * (1 - step / steps)
-            logits, human = group_tensors(rm, tok, [train_groups[k] for k in order[i:i + cfg.rm_batch]])
-            loss = ranking_loss(logits, human, cfg.rm_centering)
-            loss.backward()
+            batch = [train_groups[k] for k in order[i:i + cfg.rm_batch]][rt.rank::rt.world]
+            if batch:  # a process whose share of the last batch is empty joins the average with zeros
+                with rt.autocast():
+                    logits, human = group_tensors(rm, tok, batch)
+                loss = ranking_loss(logits, human, cfg.rm_centering)
+                loss.backward()
+            all_reduce_grads(rm, rt)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
@@ -302,20 +318,23 @@ def distinct_bigrams(texts):
 def evaluate(learner, rm, prompts, cfg):
     """Held-out prompts, a few samples each (same seed every time) -> proxy reward (reward model) and true
     reward (the simulated person: only watched, never trained on), degenerate share, diversity, length and
-    the reply the reward model likes best."""
-    tok = learner.tok
+    the reply the reward model likes best. Under torchrun each process samples its share of the prompts,
+    and every process computes the figures from all of them (so all agree on when to stop)."""
+    tok, rt = learner.tok, learner.rt
+    prompts = prompts[rt.rank::rt.world]
     ids = [prompt_ids(tok, p["question"]) for p in prompts]
     completions = sample_in_chunks(learner.engine, ids, cfg.eval_samples, cfg.max_rows, max_tokens=cfg.max_tokens,
-                                   temperature=cfg.temperature, seed=cfg.seed + 7)
-    texts = [assistant_content(tok, c) for c in completions]
-    topics = [p["topic"] for p in prompts for _ in range(cfg.eval_samples)]
+                                   temperature=cfg.temperature, seed=cfg.seed + 7 + 7919 * rt.rank)
     proxy = reward_scores(rm, tok, [i for i in ids for _ in range(cfg.eval_samples)], [c.tokens for c in completions])
+    topics = [p["topic"] for p in prompts for _ in range(cfg.eval_samples)]
+    texts = gather_lists([assistant_content(tok, c) for c in completions], rt)
+    topics, proxy = gather_lists(topics, rt), torch.tensor(gather_lists(proxy.tolist(), rt))
+    lengths = gather_lists([len(c.tokens) for c in completions], rt)
     true = torch.tensor([human_score(t, topic) for t, topic in zip(texts, topics)])
     best = int(proxy.argmax())
     return dict(proxy=proxy.mean().item(), true=true.mean().item(),
                 degenerate=sum(map(is_degenerate, texts)) / len(texts), distinct=distinct_bigrams(texts),
-                length=sum(len(c.tokens) for c in completions) / len(completions),
-                top=texts[best], top_proxy=proxy[best].item(), example=texts[0])
+                length=sum(lengths) / len(lengths), top=texts[best], top_proxy=proxy[best].item(), example=texts[0])
 
 
 # ====================================================================================================
@@ -325,21 +344,24 @@ def evaluate(learner, rm, prompts, cfg):
 
 def rlhf_step(step, prompts, learner, rm, cfg):
     """Sample N attempts per prompt, let the reward model score them, reinforce by group-relative advantage
-    (rl.py's learn, with its per-token KL penalty to the SFT policy) -> the step's log row."""
-    tok = learner.tok
+    (rl.py's learn, with its per-token KL penalty to the SFT policy) -> the step's log row. Under torchrun
+    each process takes its share of the prompts; the row sums up all of them."""
+    tok, rt = learner.tok, learner.rt
+    prompts = prompts[rt.rank::rt.world]
     ids = [prompt_ids(tok, p["question"]) for p in prompts]
     repeated = [i for i in ids for _ in range(cfg.samples)]
     t0 = time.time()
     completions = learner.engine.generate(ids, n=cfg.samples, max_tokens=cfg.max_tokens,
-                                          temperature=cfg.temperature, seed=cfg.seed * 100_003 + step)
+                                          temperature=cfg.temperature, seed=cfg.seed * 100_003 + step + 7919 * rt.rank)
     proxy = reward_scores(rm, tok, repeated, [c.tokens for c in completions])
     weights = group_advantages(proxy, cfg.samples, cfg.std_norm)
     inputs, targets = pack(tok, repeated, completions)
     kl = learn(learner.policy, learner.reference, learner.optimizers, inputs, targets, weights, cfg, learner.rt, 1.0)
-    texts = [assistant_content(tok, c) for c in completions]
-    tokens = sum(len(c.tokens) for c in completions)
-    return dict(step=step + 1, proxy=proxy.mean().item(), kl=kl, degenerate=sum(map(is_degenerate, texts)) / len(texts),
-                length=tokens / len(completions), tokens=tokens, seconds=time.time() - t0)
+    texts = gather_lists([assistant_content(tok, c) for c in completions], rt)
+    lengths, proxies = gather_lists([len(c.tokens) for c in completions], rt), gather_lists(proxy.tolist(), rt)
+    return dict(step=step + 1, proxy=torch.tensor(proxies).mean().item(), kl=kl,
+                degenerate=sum(map(is_degenerate, texts)) / len(texts), length=sum(lengths) / len(lengths),
+                tokens=sum(lengths), seconds=time.time() - t0)
 
 
 def stop_reason(row, cfg):
@@ -474,6 +496,7 @@ class RLHFConfig:
     max_rows: int = opt(256, "most attempts decoded at once (KV-cache memory)")
     device: str = opt("auto", "cuda, mps, cpu, or auto")
     dtype: str = opt("auto", "autocast dtype for learning: auto (bfloat16 on CUDA), float32, bfloat16")
+    memory_gb: float = opt(DEFAULT_MEMORY_GB, "most GB one sampling call's KV cache and logits may take")
     seed: int = opt(1337, "random seed: rankings, attempts and evaluations are the same for the same seed")
 
 
@@ -491,6 +514,64 @@ def check_config(cfg):
                         f"at least --rank-temp-min; got {cfg.temperature}, {cfg.rank_temp_min}, {cfg.rank_temp_max}")
 
 
+# ----------------------------------------------------------------------------------------------------
+# Memory in the plan: will each post-training stage fit the GPU? (estimates, printed by the dry-run)
+
+GIB = 2**30
+PROMPT_TOKENS = {"sft": 64, "rl": 256, "rlhf": 32}  # assumed longest prompts: chat questions, GSM8K, verse
+
+
+def training_bytes(config, models, trained, tokens, body_adam=False):
+    """One training step: `models` copies of the weights held (float32), one of them `trained` (gradients,
+    and optimizer state: AdamW's two moments for the embedding and head -- or for everything when
+    body_adam, as the reward model's -- and Muon's momentum for the matrices), plus the activations kept
+    for the backward pass of `tokens` tokens: ~48 bytes per channel per layer in bfloat16, and the logits
+    (bf16 head output, float32 soft-capped copy, its tanh and its gradient: 14 bytes per vocabulary entry)."""
+    with torch.device("meta"):  # the shape only: no memory, no time
+        params = GPT(config).num_params()
+    ends = 2 * config.vocab_size * config.n_embd
+    optimizer = 8 * params if body_adam else 8 * ends + 4 * (params - ends)
+    activations = tokens * (48 * config.n_embd * config.n_layer + 14 * config.vocab_size)
+    return 4 * params * models + trained * (4 * params + optimizer) + activations
+
+
+def largest_call(config, prompts, n, prompt_tokens, new_tokens, memory_gb):
+    """The Engine's biggest sampling call for this many prompts: as many as fit its memory budget."""
+    budget, per_call = memory_gb * GIB, 1
+    while per_call < prompts and sampling_bytes(config, per_call + 1, n, prompt_tokens, new_tokens, 2) <= budget:
+        per_call += 1
+    return sampling_bytes(config, per_call, n, prompt_tokens, new_tokens, 2)
+
+
+def post_training_memory(config, sft_preset="d20", rl_preset="gsm8k", rlhf_preset="tiny"):
+    """-> {stage: {"sampling": bytes, "training": bytes}}: the estimated peak GPU memory of each stage's
+    largest sampling call (beside the weights it holds) and of one training step, for a model of `config`
+    at the stages' presets. Sampling runs in bfloat16 (CUDA); bytes per process under torchrun."""
+    sft_cfg = SFTConfig(**sft.PRESETS[sft_preset])
+    rl_cfg = RLConfig(**RL_PRESETS[rl_preset])
+    rlhf_cfg = RLHFConfig(**PRESETS[rlhf_preset])
+    seq = config.seq_len
+    held = {"sft": training_bytes(config, 2, 1, 0), "rl": training_bytes(config, 2, 1, 0),
+            "rlhf": training_bytes(config, 3, 1, 0)}  # policy, reference and the reward model's body
+    calls = {  # the biggest call of each: SFT's held-out evaluation, RL's pass@k, RLHF's rankings/rollouts
+        "sft": largest_call(config, 5 * sft_cfg.eval_prompts, 1, PROMPT_TOKENS["sft"], sft_cfg.eval_tokens,
+                            sft_cfg.memory_gb),
+        "rl": largest_call(config, max(1, rl_cfg.eval_rows // rl_cfg.pass_k), rl_cfg.pass_k, PROMPT_TOKENS["rl"],
+                           rl_cfg.max_tokens, rl_cfg.memory_gb),
+        "rlhf": largest_call(config, max(1, rlhf_cfg.max_rows // rlhf_cfg.eval_samples), rlhf_cfg.eval_samples,
+                             PROMPT_TOKENS["rlhf"], rlhf_cfg.max_tokens, rlhf_cfg.memory_gb),
+    }
+    rl_tokens = rl_cfg.micro_batch * min(seq, PROMPT_TOKENS["rl"] + rl_cfg.max_tokens)
+    rlhf_row = PROMPT_TOKENS["rlhf"] + rlhf_cfg.max_tokens
+    steps = {  # SFT: a bucket of full-context conversations; RLHF: an RL micro-batch, or a reward-model batch
+        "sft": training_bytes(config, 1, 1, sft_cfg.bucket_rows * seq),
+        "rl": training_bytes(config, 2, 1, rl_tokens),
+        "rlhf": max(training_bytes(config, 3, 1, rlhf_cfg.micro_batch * rlhf_row),
+                    training_bytes(config, 3, 1, rlhf_cfg.rm_batch * rlhf_cfg.rank_k * rlhf_row, body_adam=True)),
+    }
+    return {stage: {"sampling": held[stage] + calls[stage], "training": steps[stage]} for stage in calls}
+
+
 def hacking_config(cfg):
     """--hack: the same run with the guard rails off, pushed harder (larger steps: the same drift in fewer
     of them, to keep the demonstration short), and not stopped."""
@@ -501,9 +582,9 @@ def hacking_config(cfg):
 
 def reward_model_for(cfg, learner, rm_path):
     """Train the reward model, or (for --hack) load the one the main run trained from the same SFT model."""
-    tok = learner.tok
+    tok, rt = learner.tok, learner.rt
     if cfg.hack and os.path.exists(rm_path):
-        backbone, _, meta = load_checkpoint(rm_path, tokenizer=tok)
+        backbone, _, meta = load_checkpoint(rm_path, device=rt.device, tokenizer=tok)
         if meta["config"]["checkpoint"] == cfg.checkpoint:
             rm = RewardModel(backbone)
             rm.head.load_state_dict(meta["reward_head"])
@@ -512,14 +593,15 @@ def reward_model_for(cfg, learner, rm_path):
     rng = random.Random(cfg.seed)
     t0 = time.time()
     train_groups = collect_rankings(learner.engine, tok, data.verse_prompts(cfg.rank_prompts, cfg.seed, "train"),
-                                    cfg, cfg.seed, rng)
+                                    cfg, cfg.seed, rng, rt)
     heldout_groups = collect_rankings(learner.engine, tok, data.verse_prompts(cfg.heldout_prompts, cfg.seed + 1,
-                                                                              "heldout"), cfg, cfg.seed + 1, rng)
+                                                                              "heldout"), cfg, cfg.seed + 1, rng, rt)
     print(f"rankings: {len(train_groups)} prompts x {cfg.rank_k} attempts ordered by the simulated person "
           f"(+ {len(heldout_groups)} held out) in {time.time() - t0:.1f}s")
-    rm, accuracy = train_reward_model(cfg, tok, train_groups, heldout_groups)
-    save_checkpoint(rm_path, rm.backbone, tok, 0, cfg, dict(rm_pair_accuracy=accuracy), stage="reward_model",
-                    extra=dict(reward_head=rm.head.state_dict()))
+    rm, accuracy = train_reward_model(cfg, tok, train_groups, heldout_groups, rt)
+    if rt.master:
+        save_checkpoint(rm_path, rm.backbone, tok, 0, cfg, dict(rm_pair_accuracy=accuracy), stage="reward_model",
+                        extra=dict(reward_head=rm.head.state_dict()))
     return rm, accuracy
 
 
@@ -530,7 +612,9 @@ def train(cfg):
     if cfg.hack:
         cfg = hacking_config(cfg)
     learner = make_learner(cfg)
-    os.makedirs(cfg.out_dir, exist_ok=True)
+    rt = learner.rt
+    if rt.master:
+        os.makedirs(cfg.out_dir, exist_ok=True)
     print(f"policy and reward-model body: {checkpoint_file(cfg.checkpoint)} ({learner.stage} checkpoint, "
           f"{learner.policy.num_params():,} parameters)")
     print_cost(cfg, cfg.num_steps * cfg.prompts_per_step * cfg.samples)
@@ -541,10 +625,12 @@ def train(cfg):
           f"degenerate-reply stop {cfg.max_degenerate or 'off'}; {cfg.num_steps} steps x {cfg.prompts_per_step} "
           f"prompts x {cfg.samples} attempts")
     name = "hack" if cfg.hack else "rl"
-    with open(os.path.join(cfg.out_dir, f"{name}_log.jsonl"), "w") as log:
+    with open(os.path.join(cfg.out_dir, f"{name}_log.jsonl") if rt.master else os.devnull, "w") as log:
         t0 = time.time()
         evals, reason, tokens = run_rl(cfg, learner, rm, heldout, log)
         rl_seconds = time.time() - t0
+    if not rt.master:  # one process writes
+        return {}
     curves = write_curves(cfg.out_dir, f"{name}_curves", evals,
                           "reward hacking (no KL, no early stop)" if cfg.hack else "RLHF with KL and early stopping")
     print(curves)
@@ -571,7 +657,13 @@ def train(cfg):
 
 
 def main(argv):
-    train(parse_config(RLHFConfig, argv, PRESETS, prog="rlhf.py", description=__doc__))
+    cfg = parse_config(RLHFConfig, argv, PRESETS, prog="rlhf.py", description=__doc__)
+    try:
+        with only_master_prints():
+            train(cfg)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

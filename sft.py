@@ -29,10 +29,13 @@ thousands of GPUs; here a couple of minutes on a laptop CPU.
     python sft.py                          # finetune out/base -> out/sft, then evaluate (before/after)
     python sft.py --show-data              # a few rendered rows of every data source, with token counts
     python sft.py --data mine.jsonl        # add your own conversations ({"messages": [...]} per line)
+    python sft.py --preset d12 --base out/d12/base --out-dir out/d12/sft --data-dir out/d12/downloads
+                                           # GPU: SmolTalk + GSM8K (downloaded) + the generators
     python sft.py eval                     # evaluate out/sft against out/base on held-out prompts
 """
 import json
 import math
+import multiprocessing
 import os
 import random
 import re
@@ -40,12 +43,16 @@ import time
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 import data
 from data import DEFAULT_DIFFICULTY
-from chat import MAX_TOOL_OUTPUT_TOKENS, SYSTEM_MESSAGE, Engine, Search, format_search_results, run_code
-from tokenizer import SPECIAL_TOKENS, Tokenizer, render_conversation, render_for_completion, render_tokens, use_colour
+from chat import (DEFAULT_MEMORY_GB, MAX_TOOL_OUTPUT_TOKENS, SYSTEM_MESSAGE, Engine, Search, format_search_results,
+                  run_code)
+from tokenizer import (SPECIAL_TOKENS, Tokenizer, available_cpus, check_messages, render_conversation,
+                       render_for_completion, render_tokens, use_colour)
+from train_gpt import PRESETS as PRETRAINING_PRESETS
 from train_gpt import (UserError, all_reduce_mean, build_optimizers, checkpoint_file, fmt_time, load_checkpoint,
                        lr_multiplier, opt, parse_config, run_cli, save_checkpoint, setup_runtime, write_metrics)
 
@@ -58,6 +65,11 @@ class SFTConfig:
     out_dir: str = opt(os.path.join("out", "sft"), "where the checkpoint, log and metrics go")
     data: tuple = opt((), "extra conversations: JSONL files of {\"messages\": [...]} per line")
     conversations: int = opt(6000, "generated training conversations (before --data)")
+    # real conversations, downloaded (the GPU presets): see "Real conversations" below
+    smoltalk_rows: int = opt(0, "SmolTalk conversations to add (0 = none; more than there are = all)")
+    smoltalk_files: int = opt(4, "how many of SmolTalk's 4 train parquet files to read")
+    gsm8k_rows: int = opt(0, "GSM8K train solutions to add, calculator notes as code-tool calls (0 = none)")
+    data_dir: str = opt(os.path.join("out", "downloads"), "where downloaded datasets are kept")
     # training: the pretraining optimizer, with lower learning rates and a short schedule. Many small steps
     # rather than a few big ones: copying a 6-digit number into a code call is a skill the model forms
     # suddenly after enough updates (measured on 1 core: 220 steps x 32 conversations left tool accuracy at
@@ -85,14 +97,32 @@ class SFTConfig:
     show_data: bool = opt(False, "print a few rendered rows of every data source and exit")
     device: str = opt("auto", "cuda, mps, cpu, or auto")
     dtype: str = opt("auto", "autocast dtype: auto (bfloat16 on CUDA), float32, bfloat16")
+    memory_gb: float = opt(DEFAULT_MEMORY_GB, "most GB one sampling call's KV cache and logits may take")
     seed: int = opt(1337, "random seed for the training data and the run")
     eval_seed: int = opt(4242, "seed of the held-out evaluation prompts (different from --seed)")
 
 
+# The GPU presets finetune on real conversations (SmolTalk, GSM8K) with the generators as a minority, at a
+# fixed fraction of the pretraining preset's learning rates. SFT_LR_FRACTION is not measured at GPU scale
+# yet (no GPU was at hand): 0.25 lies between nanochat's mid-training on the same data (1.0) and its final
+# SFT (0.02); the tiny preset's measured 0.5 is for a far shorter run. Tune it when a GPU is at hand.
+SFT_LR_FRACTION = 0.25
+
+
+def _gpu_preset(depth, steps, batch, smoltalk_rows, conversations):
+    pre = PRETRAINING_PRESETS[f"d{depth}"]
+    return dict(conversations=conversations, smoltalk_rows=smoltalk_rows, gsm8k_rows=10**9, batch_size=batch,
+                num_steps=steps, eval_every=250, sample_every=500, eval_prompts=200, eval_tokens=256,
+                **{k: SFT_LR_FRACTION * pre[k] for k in ("matrix_lr", "embed_lr", "head_lr")})
+
+
+# about one pass over the mixture: d12 3,000 x 64 = 192K rows (160K SmolTalk + 7.5K GSM8K + 20K generated);
+# d20 (and d26) 4,000 x 128 = 512K rows (all 460K of SmolTalk + GSM8K + 40K generated)
 PRESETS = {
     "tiny": {},
-    "d12": dict(conversations=200_000, batch_size=64, num_steps=3000, eval_every=250, sample_every=500,
-                eval_prompts=200, eval_tokens=256),
+    "d12": _gpu_preset(12, 3000, 64, 160_000, 20_000),
+    "d20": _gpu_preset(20, 4000, 128, 10**9, 40_000),
+    "d26": _gpu_preset(26, 4000, 128, 10**9, 40_000),
 }
 
 # The SFT mixture: what share of the generated conversations each labeler's task gets.
@@ -177,6 +207,160 @@ def search_rows(rng, n, search, tok):
 
 
 # ----------------------------------------------------------------------------------------------------
+# Real conversations (the GPU presets): SmolTalk for general conversation, GSM8K for worked math
+#
+# A few hundred template conversations teach a model the protocol, not how to talk: at GPU scale most of
+# the mixture is real. SmolTalk (smol-smoltalk, 460K conversations written for models under 1B parameters)
+# covers everyday requests; GSM8K's 7,473 grade-school solutions teach worked arithmetic. Their authors
+# wrote every calculation as a calculator note, "48/2 = <<48/2=24>>24": we turn each note into a call of
+# our code tool, answered by exactly what the engine will paste at chat time, so the model learns to
+# reach for the tool where a person reached for a calculator. The generators of data.py stay, as a
+# minority (identity, refusals, tools, lectures).
+
+SMOLTALK = ("HuggingFaceTB/smol-smoltalk", "data/train-{index:05d}-of-00004.parquet")
+GSM8K = ("openai/gsm8k", "main/{split}-00000-of-00001.parquet")
+GSM8K_SPLITS = {"train": "train", "heldout": "test"}
+CALCULATOR_NOTE = re.compile(r"<<([^<>]*)>>")
+THOUSANDS_COMMA = re.compile(r"(?<=\d),(?=\d{3}(?!\d))")  # 1,200 -> 1200 (not the comma of "f(1,2)")
+
+
+def broadcast_from_master(rt, fn):
+    """fn() computed by the master process only, and handed to every process (the same answer everywhere,
+    e.g. the interrogation's verdicts, which the mixture of every process must agree on)."""
+    result = [fn() if rt.master else None]
+    if rt.world > 1:
+        dist.broadcast_object_list(result, src=0)
+    return result[0]
+
+
+def master_first(rt, fn):
+    """fn() on the master process first, then on the others: the master downloads, the others then find
+    the file in place (several processes writing one file would trip over each other)."""
+    result = fn() if rt.master else None
+    if rt.world > 1:
+        dist.barrier()
+    return result if rt.master else fn()
+
+
+def hub_file(repo, path, data_dir):
+    """A file of a Hugging Face dataset, downloaded once to data_dir/<org>/<name>/<path> (data.download:
+    resumable, verified; the base URL is $HF_ENDPOINT's)."""
+    return data.download(data.hf_url(repo, path), os.path.join(data_dir, repo, path))
+
+
+def parquet_records(path, columns):
+    """The rows of a parquet file as dicts of the given columns; a file without them is one clear error."""
+    import pyarrow.parquet as pq  # only the real-data presets need it
+    try:
+        return pq.read_table(path, columns=list(columns)).to_pylist()
+    except Exception as e:  # not parquet, or another schema
+        first_line = (str(e).strip().splitlines() or [""])[0]
+        raise data.DataError(f"{path}: expected a parquet file with columns {', '.join(columns)} ({first_line})") from None
+
+
+def clean_messages(messages):
+    """SmolTalk's messages -> our conversation, or None when it is not one we can train on (malformed, no
+    assistant turn, or text that looks like our protocol's markup)."""
+    if not isinstance(messages, list):
+        return None
+    messages = [{"role": m.get("role"), "content": m.get("content")} for m in messages if isinstance(m, dict)]
+    try:
+        check_messages(messages)
+    except ValueError:
+        return None
+    if not any(m["role"] == "assistant" for m in messages) or any("<|" in m["content"] for m in messages):
+        return None
+    return messages
+
+
+def smoltalk_conversations(cfg, rt, log=print):
+    """The first cfg.smoltalk_rows usable SmolTalk conversations (of cfg.smoltalk_files train files)."""
+    rows, dropped = [], 0
+    for index in range(cfg.smoltalk_files):
+        path = master_first(rt, lambda: hub_file(SMOLTALK[0], SMOLTALK[1].format(index=index), cfg.data_dir))
+        for record in parquet_records(path, ["messages"]):
+            if len(rows) == cfg.smoltalk_rows:
+                break
+            messages = clean_messages(record["messages"])
+            if messages is None:
+                dropped += 1
+            else:
+                rows.append({"messages": messages, "split": "train"})
+    log(f"SmolTalk: {len(rows):,} conversations ({dropped:,} unusable dropped)")
+    return rows
+
+
+def calculator_call(note):
+    """One GSM8K calculator note ("48/2=24", "1,200*3=3,600", "10-12=-2") -> our code-tool call answered by
+    what run_code returns for it, or None when the note is malformed: no "=", an expression our tool cannot
+    evaluate, or a result that disagrees with the tool (a training example must never show the tool saying
+    something it would not say)."""
+    expression, equals, result = note.rpartition("=")
+    expression, result = THOUSANDS_COMMA.sub("", expression).strip(), THOUSANDS_COMMA.sub("", result).strip()
+    if not equals or not expression:
+        return None
+    output = run_code(expression)
+    try:
+        if not math.isclose(float(output), float(result), rel_tol=1e-6, abs_tol=1e-9):
+            return None
+    except ValueError:  # "Error: ..." from the tool, or a result that is no number
+        return None
+    return f"<|code_start|>{expression}<|code_end|><|output_start|>{output}<|output_end|>"
+
+
+def gsm8k_solution(answer):
+    """A GSM8K answer (steps with calculator notes, then "#### 72") -> (our assistant reply, notes dropped):
+    the steps with tool calls for the notes, then the final line our verifier reads ("The answer is 72.").
+    A malformed note is dropped (the text around it already states its result); an answer without a final
+    number gives (None, 0)."""
+    steps, hashes, final = answer.rpartition("####")
+    final = data.extract_answer(f"{data.ANSWER_PREFIX} {final}") if hashes else None
+    if final is None:
+        return None, 0
+    dropped = 0
+
+    def replace(match):
+        nonlocal dropped
+        call = calculator_call(match.group(1))
+        dropped += call is None
+        return call or ""
+    steps = CALCULATOR_NOTE.sub(replace, steps).strip()
+    return "\n".join(filter(None, [steps, f"{data.ANSWER_PREFIX} {final}."])), dropped
+
+
+def gsm8k_records(split, data_dir, rt):
+    """GSM8K's rows of one split ("train", or "heldout" = its 1,319-problem test set): question, answer."""
+    path = master_first(rt, lambda: hub_file(GSM8K[0], GSM8K[1].format(split=GSM8K_SPLITS[split]), data_dir))
+    return parquet_records(path, ["question", "answer"])
+
+
+def gsm8k_conversations(cfg, rt, log=print):
+    """Up to cfg.gsm8k_rows GSM8K train problems, solved step by step with the code tool."""
+    rows, dropped_notes, unusable = [], 0, 0
+    for record in gsm8k_records("train", cfg.data_dir, rt)[:cfg.gsm8k_rows]:
+        reply, dropped = gsm8k_solution(str(record["answer"]))
+        dropped_notes += dropped
+        if reply is None or not isinstance(record["question"], str):
+            unusable += 1
+            continue
+        rows.append({"messages": [{"role": "user", "content": record["question"]},
+                                  {"role": "assistant", "content": reply}], "split": "train"})
+    log(f"GSM8K: {len(rows):,} solutions with code-tool calls ({dropped_notes:,} malformed calculator notes "
+        f"dropped, {unusable:,} rows without a final answer)")
+    return rows
+
+
+def real_conversations(cfg, rt, log=print):
+    """{source: rows} of the downloaded sources the config asks for (none for the tiny preset)."""
+    real = {}
+    if cfg.smoltalk_rows:
+        real["smoltalk"] = smoltalk_conversations(cfg, rt, log)
+    if cfg.gsm8k_rows:
+        real["gsm8k"] = gsm8k_conversations(cfg, rt, log)
+    return real
+
+
+# ----------------------------------------------------------------------------------------------------
 # The mixture
 
 def generated_rows(source, rng, n, cfg):
@@ -241,17 +425,37 @@ def interrogate_base(cfg, engine, tok, log=print):
 # ----------------------------------------------------------------------------------------------------
 # Training
 
+PARALLEL_RENDER_ROWS = 20_000  # below this, rendering in one process is quicker than starting workers
+
+
 def render_rows(tok, rows, seq_len, log=print):
     """Conversations -> [(ids, mask)] for the model's context (seq_len + 1 tokens: inputs and the shifted
-    targets). Longer ones are cut: the start of a conversation is still a valid lesson."""
-    rendered, cut = [], 0
-    for row in rows:
-        ids, mask = render_conversation(tok, row["messages"])
-        cut += len(ids) > seq_len + 1
-        rendered.append((ids[:seq_len + 1], mask[:seq_len + 1]))
+    targets). Longer ones are cut: the start of a conversation is still a valid lesson. A big mixture is
+    rendered on every core this process may use (its share of them when torchrun started one process
+    per GPU on the machine)."""
+    messages = [row["messages"] for row in rows]
+    workers = max(1, available_cpus() // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    if len(rows) < PARALLEL_RENDER_ROWS or workers == 1:
+        rendered = [render_conversation(tok, m) for m in messages]
+    else:  # fork: the workers inherit the tokenizer instead of unpickling a copy each
+        with multiprocessing.get_context("fork").Pool(workers, _adopt_tokenizer, (tok,)) as pool:
+            rendered = pool.map(_render_in_worker, messages, chunksize=max(1, len(rows) // (workers * 16)))
+    cut = sum(len(ids) > seq_len + 1 for ids, _ in rendered)
     if cut:
         log(f"{cut} of {len(rows)} conversations were longer than the context ({seq_len + 1}) and were cut")
-    return rendered
+    return [(ids[:seq_len + 1], mask[:seq_len + 1]) for ids, mask in rendered]
+
+
+_worker_tok = None
+
+
+def _adopt_tokenizer(tok):
+    global _worker_tok
+    _worker_tok = tok
+
+
+def _render_in_worker(messages):
+    return render_conversation(_worker_tok, messages)
 
 
 def collate(batch, pad_id):
@@ -486,9 +690,9 @@ def finetune(cfg):
     extra = [row for path in cfg.data for row in data.read_conversations(path)]  # bad input fails first
     model, tok, base_meta = load_model(cfg.base, rt, given_tokenizer(cfg.tokenizer))
     seq_len, pad_id = model.config.seq_len, tok.special_id("<|endoftext|>")
-    engine, search = Engine(model, tok), Search()
-    known = interrogate_base(cfg, engine, tok, log)
-    mixture = build_mixture(cfg, known, search, tok)
+    engine, search = Engine(model, tok, memory_gb=cfg.memory_gb), Search()
+    known = broadcast_from_master(rt, lambda: interrogate_base(cfg, engine, tok, log))
+    mixture = {**build_mixture(cfg, known, search, tok), **real_conversations(cfg, rt, log)}
     heldout = build_mixture(cfg, known, search, tok, "heldout", cfg.eval_seed, max(200, cfg.conversations // 20))
     rows = [r for rs in mixture.values() for r in rs] + extra
     train_rows = render_rows(tok, rows, seq_len, log)
@@ -536,7 +740,7 @@ def finetune(cfg):
         log(f"held-out loss {final_loss:.4f}; finetuning took {fmt_time(train_seconds)} "
             f"(for scale: production SFT takes ~3 hours against ~3 months of pretraining)")
         base_model, _, _ = load_model(cfg.base, rt, tok)
-        metrics = run_eval(cfg, Engine(base_model, tok), engine, tok, known)
+        metrics = run_eval(cfg, Engine(base_model, tok, memory_gb=cfg.memory_gb), engine, tok, known)
         metrics.update(heldout_loss=final_loss, train_seconds=train_seconds, conversations=len(train_rows))
         save_checkpoint(os.path.join(cfg.out_dir, "model.pt"), model, tok, cfg.num_steps, cfg, metrics,
                         stage="sft")
@@ -593,7 +797,11 @@ def main(argv):
     cfg = parse_config(SFTConfig, argv, PRESETS, prog="sft.py", description=__doc__ + "\nsubcommands: eval (--help)")
     if cfg.show_data:
         return show_data(cfg)
-    finetune(cfg)
+    try:
+        finetune(cfg)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

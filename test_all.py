@@ -2239,6 +2239,295 @@ def test_system_message_is_spread_over_every_source_not_only_identity():
     assert all(sum(m["role"] == "system" for m in sft.with_system_message(r, rng)["messages"]) == 1 for r in with_system)
 
 
+# ----------------------------------------------------------------------------------------------------
+# ---- issue 15: the GPU path, part 2 -- an engine that fits, every stage on every device, real data
+
+
+def seeded_engine_model(seq_len=48):
+    """The tiny model the old engine's outputs below were recorded with (seed 5)."""
+    return tiny_model(byte_tok().vocab_size, seq_len, seed=5)
+
+
+@pytest.fixture
+def recorded_caches(monkeypatch):
+    """Every KV cache the engine makes, with the tensor it started with (to tell whether it was copied)."""
+    caches = []
+
+    class Recorded(train_gpt.KVCache):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.first_keys = self.keys
+            caches.append(self)
+    monkeypatch.setattr(chat, "KVCache", Recorded)
+    return caches
+
+
+def test_engine_greedy_and_seeded_outputs_equal_the_previous_engine():
+    # recorded with the engine before issue 15 (full-length float32 cache, copied for every n, per-row bans)
+    tok, model = byte_tok(), seeded_engine_model()
+    engine = Engine(model, tok)
+    prompts = [list(b"Hello"), list(b"To be or not")]
+    greedy = [[39, 244, 205, 80, 239, 75, 59, 230]] * 2 + [[80, 21, 182, 168, 75, 80, 239, 75]] * 2
+    sampled = [[177, 255, 134, 16, 242, 70, 182, 66], [39, 107, 124, 244, 134, 120, 182, 181],
+               [80, 239, 186, 244, 205, 114, 95, 117], [75, 142, 207, 75, 68, 70, 182, 168]]
+    assert [c.tokens for c in engine.generate(prompts, n=2, max_tokens=8, temperature=0)] == greedy
+    assert [c.tokens for c in engine.generate(prompts, n=2, max_tokens=8, temperature=1.0, seed=3)] == sampled
+
+
+def test_engine_cache_is_as_long_as_the_call_needs_and_not_copied_for_one_sample(recorded_caches):
+    tok, model = byte_tok(), seeded_engine_model(seq_len=48)
+    engine = Engine(model, tok)
+    prompts = [list(b"Hello"), list(b"To be or not")]  # 5 and 12 tokens
+    engine.generate(prompts, n=1, max_tokens=8, temperature=0)
+    (cache,) = recorded_caches
+    assert cache.keys.shape[1] == 2 and cache.length == 12 + 8  # longest prompt + max_tokens
+    assert cache.keys is cache.first_keys and cache.keys.dtype == torch.float32  # never copied; CPU: float32
+    recorded_caches.clear()
+    engine.generate(prompts, n=3, max_tokens=8, temperature=1.0, seed=1)
+    (cache,) = recorded_caches
+    assert cache.first_keys.shape[1] == 2 and cache.first_keys.shape[3] == 12  # the prefill: prompts only
+    assert cache.keys.shape[1] == 6 and cache.length == 20  # then n copies, room for the replies
+    recorded_caches.clear()
+    engine.generate(prompts, n=1, max_tokens=100, temperature=0)
+    assert recorded_caches[0].length == 48  # never more than the context window
+
+
+def test_engine_cache_is_bfloat16_under_bfloat16_autocast(recorded_caches):
+    tok, model = byte_tok(), seeded_engine_model()
+    engine = Engine(model, tok)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = engine.generate([list(b"Hello")], n=2, max_tokens=6, temperature=0)
+    assert recorded_caches[0].keys.dtype == torch.bfloat16
+    assert all(len(c.tokens) == 6 for c in out)
+
+
+def test_engine_memory_budget_splits_a_call_and_keeps_greedy_outputs(recorded_caches):
+    tok, model = byte_tok(), seeded_engine_model()
+    prompts = [list(b"Hello"), list(b"To be or not"), list(b"abc"), list(b"Once upon a time")]
+    whole = Engine(model, tok).generate(prompts, n=2, max_tokens=8, temperature=0)
+    assert len(recorded_caches) == 1
+    recorded_caches.clear()
+    one_prompt = train_gpt.sampling_bytes(model.config, 1, 2, 16, 8, 4)
+    split = Engine(model, tok, memory_gb=1.5 * one_prompt / 2**30).generate(prompts, n=2, max_tokens=8, temperature=0)
+    assert len(recorded_caches) == 4  # one prompt per call: two would exceed the budget
+    assert [(c.prompt_index, c.tokens) for c in split] == [(c.prompt_index, c.tokens) for c in whole]
+
+
+class EndsWhereTold(torch.nn.Module):
+    """A real model whose rows are steered: rows in `stop_rows` end (<|im_end|>) at their second token (the
+    first comes from the prefill, one row per prompt), the others never end, so they run until the context
+    window is full."""
+
+    def __init__(self, model, end_ids, stop_rows):
+        super().__init__()
+        self.model, self.config, self.end_ids, self.stop_rows = model, model.config, sorted(end_ids), stop_rows
+
+    def forward(self, idx, targets=None, kv_cache=None):
+        logits, _ = self.model(idx, kv_cache=kv_cache)
+        logits[:, :, self.end_ids] = -1e4
+        if idx.size(1) == 1:  # a decoding step: one row per sample
+            logits[self.stop_rows, :, self.end_ids[0]] = 1e4
+        return logits, None
+
+
+@pytest.mark.parametrize("stop_rows, n", [([0], 1), ([1], 1), ([0, 3], 2), ([2], 2)])
+def test_rows_that_stop_early_never_push_the_others_past_the_context_window(stop_rows, n):
+    tok, model = byte_tok(), seeded_engine_model(seq_len=32)
+    engine = Engine(EndsWhereTold(model, Engine(model, tok).end_ids, stop_rows), tok)
+    prompts = [list(b"Hi"), list(b"A longer prompt")]  # 2 and 15 tokens: different lengths
+    out = engine.generate(prompts, n=n, max_tokens=100, temperature=0)  # raised ValueError before issue 15
+    for r, c in enumerate(out):
+        if r in stop_rows:
+            assert c.finish == "stop" and len(c.tokens) == 2
+        else:  # every row fills what the longest prompt leaves of the window (+ a last token never fed back)
+            assert c.finish == "length" and len(c.tokens) == 32 - 15 + 1
+
+
+# -- the Hub stand-in: SmolTalk- and GSM8K-schema parquet files under <root>/datasets/<org>/<name>/resolve/main/
+
+GSM8K_ROWS = [  # the real format: steps with <<calculation=result>> notes, then "#### answer"
+    ("Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. How many "
+     "clips did Natalia sell altogether in April and May?",
+     "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\nNatalia sold 48+24 = <<48+24=72>>72 clips altogether in "
+     "April and May.\n#### 72"),
+    ("A shop sells 1,200 pens a week at $3 each. How much money does it take in a week?",  # thousands commas
+     "It takes in 1,200*3 = $<<1,200*3=3,600>>3,600 a week.\n#### 3,600"),
+    ("Weng earns $12 an hour for babysitting. Yesterday, she just did 50 minutes of babysitting. How much did "
+     "she earn?", "Weng earns 12/60 = $<<12/60=0.2>>0.2 per minute.\nWorking 50 minutes, she earned 0.2 x 50 = "
+     "$<<0.2*50=10>>10.\n#### 10"),  # decimals
+    ("The temperature was 5 degrees and fell by 8 degrees. What is it now?",
+     "It is 5-8 = <<5-8=-3>>-3 degrees now.\n#### -3"),  # a negative number
+    ("Tom has 3 bags of 4 apples and eats 2. How many are left?",  # malformed notes: no "=", "x", a wrong sum
+     "He had <<3*4>>12 apples, that is 3 x 4 = <<3x4=12>>12. After eating 2 he has <<12-2=11>>10.\n#### 10"),
+]
+
+
+def smoltalk_messages(i):
+    """Conversations in SmolTalk's schema: a list of {content, role}; some with a system message, some with
+    several turns, and a few that cannot be used (a tool role; no assistant turn)."""
+    if i % 17 == 5:
+        return [{"content": "Call the weather API.", "role": "tool"}]
+    if i % 17 == 11:
+        return [{"content": "Hello?", "role": "user"}]
+    messages = [{"content": "You are a helpful assistant.", "role": "system"}] if i % 3 == 0 else []
+    for turn in range(1 + i % 2):
+        messages += [{"content": f"Conversation {i}, question {turn}: how do I boil an egg?", "role": "user"},
+                     {"content": f"Put the egg in boiling water for {7 + turn} minutes, then cool it.",
+                      "role": "assistant"}]
+    return messages
+
+
+def write_hub_fixtures(root, smoltalk_rows_per_file=40, gsm8k_copies=8):
+    """Write parquet files with the real schemas and the real paths into `root`, laid out as the Hub
+    serves them (`<root>/datasets/<org>/<name>/resolve/main/<path>`), so that `python -m http.server -d ROOT`
+    and HF_ENDPOINT=http://127.0.0.1:PORT stand in for the Hub:
+      HuggingFaceTB/smol-smoltalk data/train-0000{0..3}-of-00004.parquet (+ the test file): messages, source
+      openai/gsm8k main/{train,test}-00000-of-00001.parquet: question, answer
+    Returns the paths written. (The rehearsal calls it: python -c "import test_all; test_all.write_hub_fixtures('DIR')")"""
+    def put(repo, path, columns):
+        dest = os.path.join(root, "datasets", repo, "resolve", "main", path)
+        os.makedirs(os.path.dirname(dest), exist_ok=True)
+        pq.write_table(pa.table(columns), dest)
+        return dest
+    written = []
+    for name, index in [(f"train-{k:05d}-of-00004", k) for k in range(4)] + [("test-00000-of-00001", 4)]:
+        rows = range(index * smoltalk_rows_per_file, (index + 1) * smoltalk_rows_per_file)
+        written.append(put("HuggingFaceTB/smol-smoltalk", f"data/{name}.parquet",
+                           {"messages": [smoltalk_messages(i) for i in rows], "source": ["fixture"] * len(rows)}))
+    for split in ("train", "test"):
+        rows = [(f"{q} (copy {k})" if k else q, a) for k in range(gsm8k_copies) for q, a in GSM8K_ROWS]
+        written.append(put("openai/gsm8k", f"main/{split}-00000-of-00001.parquet",
+                           {"question": [q for q, _ in rows], "answer": [a for _, a in rows]}))
+    return written
+
+
+@pytest.fixture
+def hub(tmp_path, monkeypatch):
+    """A local http.server on 127.0.0.1 serving write_hub_fixtures' tree, with HF_ENDPOINT pointing at it."""
+    root = tmp_path / "hub"
+    write_hub_fixtures(str(root))
+    with static_server(root) as url:
+        monkeypatch.setenv("HF_ENDPOINT", url)
+        yield root
+
+
+class QuietFileHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
+def test_gsm8k_calculator_notes_become_code_tool_calls_answered_as_the_tool_would():
+    reply, dropped = sft.gsm8k_solution(GSM8K_ROWS[0][1])
+    assert dropped == 0 and reply == (
+        "Natalia sold 48/2 = <|code_start|>48/2<|code_end|><|output_start|>24.0<|output_end|>24 clips in May.\n"
+        "Natalia sold 48+24 = <|code_start|>48+24<|code_end|><|output_start|>72<|output_end|>72 clips altogether "
+        "in April and May.\nThe answer is 72.")
+    commas, _ = sft.gsm8k_solution(GSM8K_ROWS[1][1])
+    assert "<|code_start|>1200*3<|code_end|><|output_start|>3600<|output_end|>" in commas
+    assert commas.endswith("The answer is 3600.")
+    decimals, _ = sft.gsm8k_solution(GSM8K_ROWS[2][1])
+    assert "<|code_start|>12/60<|code_end|><|output_start|>0.2<|output_end|>" in decimals
+    assert "<|code_start|>0.2*50<|code_end|><|output_start|>10.0<|output_end|>" in decimals
+    negative, _ = sft.gsm8k_solution(GSM8K_ROWS[3][1])
+    assert "<|code_start|>5-8<|code_end|><|output_start|>-3<|output_end|>" in negative
+    assert data.extract_answer(negative) == -3
+    malformed, dropped = sft.gsm8k_solution(GSM8K_ROWS[4][1])
+    assert dropped == 3 and "<<" not in malformed and "<|code_start|>" not in malformed
+    assert malformed.endswith("The answer is 10.")
+    assert sft.gsm8k_solution("no final answer line") == (None, 0)
+    assert sft.gsm8k_solution("<<1/0=1>> #### 2") == ("The answer is 2.", 1)  # the tool's error: dropped
+    for answer in (a for _, a in GSM8K_ROWS):  # every tool output is exactly what the engine would paste
+        reply, _ = sft.gsm8k_solution(answer)
+        for call, output in re.findall(r"<\|code_start\|>(.*?)<\|code_end\|><\|output_start\|>(.*?)<\|output_end\|>",
+                                       reply):
+            assert run_code(call) == output
+
+
+def test_sft_mixture_from_the_served_hub_holds_smoltalk_and_gsm8k_tool_call_rows(hub, tmp_path):
+    tok = byte_tok()
+    cfg = sft.SFTConfig(smoltalk_rows=10**9, gsm8k_rows=10**9, data_dir=str(tmp_path / "downloads"))
+    real = sft.real_conversations(cfg, train_gpt.setup_runtime("cpu"), log=lambda *a: None)
+    unusable = sum(i % 17 in (5, 11) for i in range(4 * 40))
+    assert len(real["smoltalk"]) == 4 * 40 - unusable  # the 4 train files, not the test file
+    assert len(real["gsm8k"]) == len(GSM8K_ROWS) * 8
+    assert any(m["role"] == "system" for r in real["smoltalk"] for m in r["messages"])
+    assert all("<|code_start|>" in r["messages"][-1]["content"] for r in real["gsm8k"][:4])
+    for row in real["smoltalk"][:20] + real["gsm8k"][:5]:  # every row renders, and trains on the assistant only
+        ids, mask = render_conversation(tok, row["messages"])
+        assert 0 < sum(mask) < len(ids)
+    assert os.path.exists(tmp_path / "downloads" / "openai" / "gsm8k" / "main" / "train-00000-of-00001.parquet")
+    rendered = sft.render_rows(tok, real["smoltalk"] * 130, 512, log=lambda *a: None)  # > PARALLEL_RENDER_ROWS
+    assert rendered[:len(real["smoltalk"])] == [render_conversation(tok, r["messages"]) for r in real["smoltalk"]]
+
+
+def test_rl_gsm8k_reads_the_whole_served_test_set(hub, tmp_path):
+    cfg = rl.RLConfig(**{**rl.PRESETS["gsm8k"], "data_dir": str(tmp_path / "dl")})
+    assert cfg.eval_problems == 1319  # GSM8K's whole test set
+    problems = rl.practice_set(cfg, cfg.eval_problems, "heldout", train_gpt.setup_runtime("cpu"))
+    assert len(problems) == len(GSM8K_ROWS) * 8  # every row the server has, here fewer than 1,319
+    assert [p["answer"] for p in problems[:5]] == [72, 3600, 10, -3, 10]
+
+
+def test_a_parquet_file_of_another_schema_is_one_clear_error(tmp_path):
+    path = tmp_path / "wrong.parquet"
+    write_parquet(path, ["some text"])
+    with pytest.raises(data.DataError, match="expected a parquet file with columns question, answer"):
+        sft.parquet_records(str(path), ["question", "answer"])
+
+
+@pytest.mark.parametrize("depth", [12, 20, 26])
+def test_every_post_training_stage_fits_an_80gb_gpu_at_the_gpu_presets(depth):
+    preset = train_gpt.PRESETS[f"d{depth}"]
+    config = train_gpt.GPTConfig(vocab_size=65536, seq_len=preset["seq_len"], n_layer=depth, n_embd=preset["n_embd"],
+                                 n_head=preset["n_head"], n_kv_head=preset["n_kv_head"])  # the larger vocabulary
+    plan = rlhf.post_training_memory(config)
+    assert set(plan) == {"sft", "rl", "rlhf"}
+    for stage, figures in plan.items():
+        for what, need in figures.items():
+            assert 0 < need < 80e9, (stage, what, need / 2**30)
+    # the same call in the engine before issue 15: a float32 cache of the whole window, for the prompts and
+    # again for their 16 copies each
+    head_dim = config.n_embd // config.n_head
+    old_cache = 2 * depth * config.n_kv_head * head_dim * config.seq_len * 4 * (64 + 64 * 16)
+    assert old_cache > 80e9 > plan["rl"]["sampling"]
+
+
+def torchrun_two(script, *args):
+    """`torchrun --standalone --nproc_per_node=2 script args` on CPU (gloo), once more after a one-off
+    start-up failure (see the pretraining test above) -> the CompletedProcess."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               os.path.join(HERE, script), *map(str, args)]
+    for _ in range(2):
+        run = subprocess.run(command, cwd=HERE, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                             text=True, timeout=900)
+        if run.returncode == 0:
+            break
+    assert run.returncode == 0, f"torchrun {script} exited {run.returncode}:\n{run.stderr[-3000:]}"
+    return run
+
+
+@pytest.mark.slow
+def test_sft_rl_rlhf_run_data_parallel_under_torchrun_on_the_served_hub(hub, tmp_path):
+    tok = byte_tok()
+    base, downloads = tmp_path / "base.pt", tmp_path / "downloads"
+    train_gpt.save_checkpoint(str(base), small_model(tok, seq_len=512), tok, 0, {})
+    torchrun_two("sft.py", "--preset", "d12", "--base", base, "--out-dir", tmp_path / "sft", "--data-dir", downloads,
+                 "--smoltalk-rows", 60, "--gsm8k-rows", 20, "--conversations", 60, "--num-steps", 2, "--batch-size", 8,
+                 "--eval-prompts", 2, "--eval-tokens", 8, "--interrogate-samples", 1, "--eval-every", 1)
+    sft_metrics = json.loads((tmp_path / "sft" / "metrics.json").read_text())
+    assert sft_metrics["conversations"] > 60 + 40 and 0 <= sft_metrics["format_rate"] <= 1
+    torchrun_two("rl.py", "--preset", "gsm8k", "--checkpoint", tmp_path / "sft", "--out-dir", tmp_path / "rl",
+                 "--data-dir", downloads, "--num-steps", 2, "--problems-per-step", 4, "--samples", 2, "--max-tokens", 8,
+                 "--pass-k", 2, "--eval-every", 0)
+    rl_metrics = json.loads((tmp_path / "rl" / "metrics.json").read_text())
+    assert rl_metrics["processes"] == 2 and rl_metrics["heldout_problems"] == len(GSM8K_ROWS) * 8
+    torchrun_two("rlhf.py", "--checkpoint", tmp_path / "rl", "--out-dir", tmp_path / "rlhf", "--rank-prompts", 8,
+                 "--heldout-prompts", 4, "--rm-epochs", 1, "--num-steps", 2, "--prompts-per-step", 4, "--samples", 2,
+                 "--max-tokens", 8, "--eval-every", 1, "--eval-samples", 2)
+    rlhf_metrics = json.loads((tmp_path / "rlhf" / "metrics.json").read_text())
+    assert 0 <= rlhf_metrics["rm_pair_accuracy"] <= 1 and (tmp_path / "rlhf" / "model.pt").exists()
+
+
 # ---- issue 14: the GPU path, part 1 (pretraining at scale, and its rehearsal on a CPU)
 
 FINEWEB_SCHEMA = ("text", "id", "dump", "url", "file_path", "language", "language_score", "token_count", "score",
@@ -2272,15 +2561,10 @@ def write_fineweb_fixtures(root, files=3, chars_per_file=400_000):
     return folder
 
 
-class QuietStaticHandler(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, *args):
-        pass
-
-
 @contextlib.contextmanager
 def static_server(root):
     """A plain static file server for `root` on 127.0.0.1 (a random free port) -> its base URL."""
-    handler = functools.partial(QuietStaticHandler, directory=str(root))
+    handler = functools.partial(QuietFileHandler, directory=str(root))
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
@@ -2534,3 +2818,10 @@ def test_truncate_log_keeps_each_step_once(tmp_path):
     (tmp_path / ".tmp-abc.pt").write_bytes(b"half")
     train_gpt.remove_stale_temp_files(str(tmp_path))
     assert not (tmp_path / ".tmp-abc.pt").exists() and log.exists()
+
+
+def write_rehearsal_hub(root):
+    """Everything `run.sh rehearsal` downloads, in the Hub's layout under root (.ci/run serves it):
+    FineWeb-Edu, SmolTalk and GSM8K in their real schemas."""
+    write_fineweb_fixtures(root)
+    write_hub_fixtures(root)

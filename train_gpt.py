@@ -92,11 +92,13 @@ def apply_rotary(x, cos, sin):
 class KVCache:
     """Memory for incremental decoding. When generating, token t+1 needs the keys and values of all the
     tokens before it; recomputing them every step would cost O(T^2). The cache keeps each layer's keys and
-    values, so each new token costs one small forward pass."""
+    values, so each new token costs one small forward pass. It holds `length` positions (default: the whole
+    context window): a caller that knows how long its prompts and replies can get asks for no more, since
+    the cache is most of the memory that sampling takes."""
 
-    def __init__(self, config, batch_size, device, dtype=torch.float32, pad=None):
+    def __init__(self, config, batch_size, device, dtype=torch.float32, pad=None, length=None):
         head_dim = config.n_embd // config.n_head
-        shape = (config.n_layer, batch_size, config.n_kv_head, config.seq_len, head_dim)
+        shape = (config.n_layer, batch_size, config.n_kv_head, length or config.seq_len, head_dim)
         self.keys = torch.zeros(shape, device=device, dtype=dtype)
         self.values = torch.zeros(shape, device=device, dtype=dtype)
         self.pos = 0  # how many tokens are stored; also the position of the next token
@@ -105,11 +107,23 @@ class KVCache:
         # would alone. None = no padding.
         self.pad = None if pad is None else torch.as_tensor(pad, dtype=torch.long, device=device)
 
-    def repeat_rows(self, n):
-        """Each row n times over (row b becomes rows b*n .. b*n+n-1): prefill a prompt once, then sample
-        n different continuations of it."""
-        self.keys = self.keys.repeat_interleave(n, dim=1)
-        self.values = self.values.repeat_interleave(n, dim=1)
+    @property
+    def length(self):
+        return self.keys.size(3)
+
+    def repeat_rows(self, n, length=None):
+        """Each row n times over (row b becomes rows b*n .. b*n+n-1), in a cache of `length` positions
+        (default: the same): prefill a prompt once, into a cache just long enough for it, then sample n
+        different continuations of it. With n = 1 and the same length nothing is copied."""
+        length = length or self.length
+        if n == 1 and length == self.length:
+            return
+        shape = (self.keys.size(0), self.keys.size(1) * n, *self.keys.shape[2:3], length, self.keys.size(4))
+        for name in ("keys", "values"):
+            old = getattr(self, name)
+            new = old.new_zeros(shape)
+            new.unflatten(1, (old.size(1), n))[:, :, :, :, :self.pos] = old[:, :, None, :, :self.pos]
+            setattr(self, name, new)
         if self.pad is not None:
             self.pad = self.pad.repeat_interleave(n)
 
@@ -117,9 +131,27 @@ class KVCache:
         """Append this step's keys/values (B, kv_heads, T, head_dim) for one layer; return everything
         stored so far for that layer. GPT.forward advances `pos` once all layers have stored."""
         end = self.pos + k.size(2)
+        if end > self.length:
+            raise ValueError(f"{end} tokens exceed the KV cache's {self.length} positions")
         self.keys[layer, :, :, self.pos:end] = k
         self.values[layer, :, :, self.pos:end] = v
         return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
+
+
+def sampling_bytes(config, prompts, n, prompt_tokens, new_tokens, item_bytes=4):
+    """Estimated peak memory of sampling n continuations of `new_tokens` tokens for each of `prompts`
+    prompts of up to `prompt_tokens` tokens, with activations of `item_bytes` bytes (2 for bfloat16):
+      * the KV caches: the prompts' (prefilled once), then the n copies, as long as prompt + reply;
+      * the prefill's logits: one vocabulary-wide row per prompt position, in the compute dtype and as the
+        float32 soft-capped copy (the widest tensors of all at a big vocabulary), plus its activations;
+      * one decoding step's logits, float32, and the few copies sampling makes of them.
+    The weights are not included: the caller holds them whatever it samples."""
+    per_position = 2 * config.n_layer * config.n_kv_head * (config.n_embd // config.n_head) * item_bytes
+    length = min(prompt_tokens + new_tokens, config.seq_len)
+    cache = prompts * n * length * per_position + (prompts * prompt_tokens * per_position if n > 1 else 0)
+    prefill = prompts * prompt_tokens * (config.vocab_size * (item_bytes + 8) + 12 * config.n_embd * item_bytes)
+    decode = prompts * n * config.vocab_size * 4 * 4
+    return cache + prefill + decode
 
 
 class CausalSelfAttention(nn.Module):
@@ -557,6 +589,36 @@ def all_reduce_mean(tensors, rt):
         h.wait()
     for t in tensors:
         t.div_(rt.world)
+
+
+def all_reduce_grads(model, rt):
+    """all_reduce_mean over a model's gradients, for stages whose processes may have had nothing to learn
+    from in a step (RL: no attempt of theirs had a non-zero weight): their missing gradients count as zeros,
+    so every process still joins the same all-reduce and applies the same update."""
+    if rt.world == 1:
+        return
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    all_reduce_mean([p.grad for p in params], rt)
+
+
+def only_master_prints():
+    """A context in which the processes other than rank 0 print nothing (under torchrun every process runs
+    the same code; one of them speaks). The rank is torchrun's, read before any process group exists."""
+    if int(os.environ.get("RANK", 0)) == 0:
+        return contextlib.nullcontext()
+    return contextlib.redirect_stdout(open(os.devnull, "w"))
+
+
+def gather_lists(items, rt):
+    """Every process's list, concatenated in rank order, on every process (small things: rewards, texts)."""
+    if rt.world == 1:
+        return list(items)
+    lists = [None] * rt.world
+    dist.all_gather_object(lists, list(items))
+    return [item for part in lists for item in part]
 
 
 def token_byte_counts(tokenizer):
