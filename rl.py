@@ -49,7 +49,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 import data
 from chat import DEFAULT_MEMORY_GB, Engine, assistant_content
@@ -161,9 +160,8 @@ def pack(tok, prompts, completions):
 
 def token_logprobs(model, inputs, targets):
     """log p(target token | everything before it) at every position (0 where targets == -1)."""
-    logits, _ = model(inputs)
-    nll = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1, reduction="none")
-    return -nll.view_as(targets)
+    _, nll = model(inputs, targets, reduction="none")  # no whole-batch logits (see GPT.head_loss)
+    return -nll
 
 
 def policy_loss(logp, old_logp, ref_logp, weights, mask, clip_eps, kl_coef):

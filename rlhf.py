@@ -52,7 +52,8 @@ import sft
 from rl import PRESETS as RL_PRESETS
 from rl import RLConfig, group_advantages, learn, make_learner, one_line, pack, prompt_ids, sample_in_chunks
 from sft import SFTConfig
-from train_gpt import (GPT, UserError, all_reduce_grads, checkpoint_file, fmt_time, gather_lists, load_checkpoint,
+from train_gpt import PRESETS as TRAIN_PRESETS
+from train_gpt import (GIB, GPT, LOSS_CHUNK_TOKENS, GPTConfig, TrainConfig, dry_run, SAVED_BYTES_PER_TOKEN_LAYER, UserError, all_reduce_grads, checkpoint_file, fmt_time, gather_lists, load_checkpoint,
                        only_master_prints, opt, parse_config, require_positive, run_cli, sampling_bytes,
                        save_checkpoint, save_curves, write_metrics)
 
@@ -517,7 +518,6 @@ def check_config(cfg):
 # ----------------------------------------------------------------------------------------------------
 # Memory in the plan: will each post-training stage fit the GPU? (estimates, printed by the dry-run)
 
-GIB = 2**30
 PROMPT_TOKENS = {"sft": 64, "rl": 256, "rlhf": 32}  # assumed longest prompts: chat questions, GSM8K, verse
 
 
@@ -525,13 +525,15 @@ def training_bytes(config, models, trained, tokens, body_adam=False):
     """One training step: `models` copies of the weights held (float32), one of them `trained` (gradients,
     and optimizer state: AdamW's two moments for the embedding and head -- or for everything when
     body_adam, as the reward model's -- and Muon's momentum for the matrices), plus the activations kept
-    for the backward pass of `tokens` tokens: ~48 bytes per channel per layer in bfloat16, and the logits
-    (bf16 head output, float32 soft-capped copy, its tanh and its gradient: 14 bytes per vocabulary entry)."""
+    for the backward pass of `tokens` tokens (train_gpt.SAVED_BYTES_PER_TOKEN_LAYER under bf16 autocast), and
+    the logits of one chunk of the loss (train_gpt.LOSS_CHUNK_TOKENS rows: bf16 head output, float32
+    soft-capped copy, its tanh and its gradient, 14 bytes per vocabulary entry)."""
     with torch.device("meta"):  # the shape only: no memory, no time
         params = GPT(config).num_params()
     ends = 2 * config.vocab_size * config.n_embd
     optimizer = 8 * params if body_adam else 8 * ends + 4 * (params - ends)
-    activations = tokens * (48 * config.n_embd * config.n_layer + 14 * config.vocab_size)
+    activations = (tokens * SAVED_BYTES_PER_TOKEN_LAYER["bfloat16"] * config.n_embd * config.n_layer
+                   + min(tokens, LOSS_CHUNK_TOKENS) * 14 * config.vocab_size)
     return 4 * params * models + trained * (4 * params + optimizer) + activations
 
 
@@ -656,8 +658,28 @@ def train(cfg):
     return metrics
 
 
+def plan_main(argv):
+    """`python rlhf.py plan --preset d20`: the whole run's plan before it starts -- pretraining's (train_gpt.py
+    --dry-run: size, tokens, shards, memory per GPU, time) and then, for each post-training stage at the
+    preset's defaults, the memory of its largest sampling call and of one training step. Estimates; nothing
+    is read or allocated. (It lives here because only this file sees every stage's presets.)"""
+    cfg = parse_config(TrainConfig, argv, TRAIN_PRESETS, prog="rlhf.py plan", description=plan_main.__doc__)
+    plan = dry_run(cfg)
+    config = GPTConfig(vocab_size=plan["vocab_size"], seq_len=cfg.seq_len, n_layer=cfg.depth, n_embd=cfg.n_embd,
+                       n_head=cfg.n_head, n_kv_head=cfg.n_kv_head)
+    preset = argv[argv.index("--preset") + 1] if "--preset" in argv[:-1] else "tiny"
+    sft_preset = preset if preset in sft.PRESETS and preset != "tiny" else "d12"  # run.sh's choice for the rest
+    print(f"post-training at this size (per process, bf16; SFT preset {sft_preset}, RL gsm8k, RLHF defaults):")
+    for stage, figures in post_training_memory(config, sft_preset).items():
+        print(f"  {stage:<5} largest sampling call {figures['sampling'] / GIB:5.1f} GiB, one training step "
+              f"{figures['training'] / GIB:5.1f} GiB "
+              f"({'fits' if max(figures.values()) < 80e9 else 'does NOT fit'} an 80 GB GPU)")
+
+
 def main(argv):
-    cfg = parse_config(RLHFConfig, argv, PRESETS, prog="rlhf.py", description=__doc__)
+    if argv and argv[0] == "plan":
+        return plan_main(argv[1:])
+    cfg = parse_config(RLHFConfig, argv, PRESETS, prog="rlhf.py", description=__doc__ + "\nsubcommand: plan (--help)")
     try:
         with only_master_prints():
             train(cfg)

@@ -44,7 +44,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 import data
 from data import DEFAULT_DIFFICULTY
@@ -486,9 +485,8 @@ def masked_loss(model, x, y, rt):
     """-> (sum of cross-entropy over the trained positions, their count). Summed, not averaged, so a batch
     with nothing to learn gives 0 (not 0/0 = NaN), and the caller can average over the whole step."""
     with rt.autocast():
-        logits, _ = model(x)
-    loss = F.cross_entropy(logits.view(-1, logits.size(-1)), y.reshape(-1), ignore_index=-1, reduction="sum")
-    return loss, (y >= 0).sum()
+        _, losses = model(x, y, reduction="none")  # per position, 0 where y is -1 (see GPT.head_loss)
+    return losses.sum(), (y >= 0).sum()
 
 
 def train_step(model, optimizers, batch, lr_mult, cfg, rt, pad_id):

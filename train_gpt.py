@@ -1467,7 +1467,7 @@ def dry_run(cfg):
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         print(f"  {key:<{width}}  {value}")
-    return dict(params=n, tokens=tokens, files=files, memory_bytes=total, parts=parts)
+    return dict(params=n, tokens=tokens, files=files, memory_bytes=total, parts=parts, vocab_size=vocab)
 
 
 def shards_needed(tokens, tokens_per_file):
