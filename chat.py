@@ -1119,6 +1119,12 @@ def stage_command(module, *argv):
     return lambda cfg, name: run_stage_command(module, [a.format(out=cfg.out_dir) for a in argv])
 
 
+def show_tokens_of(*texts):
+    """`tokenizer.py show` for each text, with the tokenizer of --out-dir."""
+    shows = [stage_command("tokenizer", "show", text, "--tokenizer", "{out}/tokenizer/tokenizer.json") for text in texts]
+    return lambda cfg, name: [show(cfg, name) for show in shows]
+
+
 # -- the base model: an internet-document simulator (lecture §5) --------------------------------------
 
 def demo_stochastic(cfg, name):
@@ -1546,13 +1552,9 @@ LECTURE_DEMOS = [
                 stage_command("tokenizer", "show", "The weather today is sunny.  Isn't it?", "--whitespace",
                               "--tokenizer", "{out}/tokenizer/tokenizer.json")),
     LectureDemo("T8", "spaces-and-case", "'hello world', 'helloworld', a double space, 'Hello World': other tokens",
-                lambda cfg, name: [stage_command("tokenizer", "show", text, "--tokenizer",
-                                                 "{out}/tokenizer/tokenizer.json")(cfg, name)
-                                   for text in ("hello world", "helloworld", "hello  world", "Hello World")]),
+                show_tokens_of(*("hello world", "helloworld", "hello  world", "Hello World"))),
     LectureDemo("T12", "subwords", "'Ubiquitous' and 'strawberry' split into sub-word chunks",
-                lambda cfg, name: [stage_command("tokenizer", "show", text, "--tokenizer",
-                                                 "{out}/tokenizer/tokenizer.json")(cfg, name)
-                                   for text in ("Ubiquitous", "How many R's in strawberry")]),
+                show_tokens_of(*("Ubiquitous", "How many R's in strawberry"))),
     LectureDemo("T13", "token-stream", "the first token ids of the training shards, as the model reads them",
                 demo_token_stream),
     LectureDemo("G7", "nudge", "next-token probabilities before/after one update (the true token goes up)",
