@@ -22,6 +22,7 @@ import json
 import math
 import operator
 import os
+import random
 import re
 import threading
 import time
@@ -33,8 +34,9 @@ from dataclasses import dataclass, field
 import torch
 
 from tokenizer import TOOL_CALLS, TOOL_OUTPUT, render_conversation, render_for_completion, render_tokens, use_colour
-from train_gpt import (KVCache, UserError, load_checkpoint, opt, parse_config, run_cli, sample_next,
-                       sampling_bytes, setup_runtime)
+import data
+from train_gpt import (KVCache, TrainConfig, UserError, build_optimizers, load_checkpoint, opt, parse_config,
+                       require_positive, run_cli, sample_next, sampling_bytes, setup_runtime)
 
 # ====================================================================================================
 # The code tool: a safe evaluator for small Python expressions
@@ -307,7 +309,6 @@ class Search:
 def documents_in(folder):
     """(source, text) pairs: the .txt/.md files of a folder, or the embedded corpus when folder is None."""
     if folder is None:
-        import data
         for split in data.EMBEDDED_SPLITS:
             for n, text in enumerate(data.embedded_documents(split)):
                 yield f"embedded-{split}-{n}", text
@@ -642,6 +643,7 @@ class ChatConfig:
     base: str = opt("", "base-model mode: continue this text like a document")
     n: int = opt(1, "with --base: how many samples of the same prompt (-n)")
     probs: bool = opt(False, "with --base: print the top next-token probabilities at every step")
+    stop: tuple = opt((), "with --base: end each sample at the first of these strings (e.g. '\\nHuman:')")
     system: str = opt(SYSTEM_MESSAGE, "the system message at the top of every conversation ('' for none)")
     temperature: float = opt(0.7, "sampling temperature (0 = greedy)")
     top_k: int = opt(50, "sample only among the k likeliest tokens (0 = all)")
@@ -787,9 +789,21 @@ def base_mode(model, tok, cfg):
         trace_probabilities(model, tok, prompt, cfg.max_tokens, cfg)
         return
     engine = Engine(model, tok, memory_gb=cfg.memory_gb)
+    stops = [s.encode().decode("unicode_escape") for s in cfg.stop]  # '\nHuman:' typed in a shell
     for k, completion in enumerate(engine.generate(prompt, cfg.n, cfg.max_tokens, **sampling_args(cfg))):
         print(f"--- sample {k + 1} of {cfg.n} ---")
-        print(cfg.base + tok.decode(completion.tokens).replace("<|endoftext|>", ""))
+        text, stopped = cut_at_stop(tok.decode(completion.tokens).replace("<|endoftext|>", ""), stops)
+        print(cfg.base + text + (f"\n[stopped at {stopped!r}]" if stopped else ""))
+
+
+def cut_at_stop(text, stops):
+    """-> (text up to the earliest stop string, that stop string or None). A base model has no end of turn:
+    asked to play an assistant on a page of Human/Assistant turns, it writes the human's next turn too."""
+    found = [(text.find(s), s) for s in stops if s and s in text]
+    if not found:
+        return text, None
+    cut, stop = min(found)
+    return text[:cut], stop
 
 
 # ====================================================================================================
@@ -1084,7 +1098,587 @@ if (q) { input.value = q; send(); }
 """
 
 
+# ====================================================================================================
+# The lecture tour: `python chat.py demo NAME` runs one demonstration of the lecture, `demo --list` lists
+# them in the lecture's order. Each prints its SPEC.md id in its header and what the lecture shows, from
+# the tiny pipeline's checkpoints (out/base, out/sft, out/rl, out/rlhf), in well under a minute on 2 CPU
+# cores. Demonstrations that another stage already prints (the tokenizer's views, the nudge) are run
+# from that stage's own command; the ones here are about talking to the models.
+# ====================================================================================================
+
+@dataclass
+class DemoConfig:
+    out_dir: str = opt("out", "the folder holding base/, sft/, rl/, rlhf/ (the tiny pipeline's layout)")
+    n: int = opt(20, "prompts (or samples) a rate is measured over")
+    seed: int = opt(0, "random seed of the samples")
+    list: bool = opt(False, "list the demonstrations in the lecture's order and exit")
+
+
+@dataclass
+class LectureDemo:
+    spec: str    # the SPEC.md id(s) it demonstrates
+    name: str    # what `chat.py demo NAME` calls it
+    shows: str   # what you see (one line, for --list and the README table)
+    run: object  # run(cfg, name): prints the demonstration
+
+
+STAGE_COMMANDS = {"base": "python train_gpt.py", "sft": "python sft.py", "rl": "python rl.py",
+                  "rlhf": "python rlhf.py", "sft-norefusal": "python sft.py --no-refusals --out-dir out/sft-norefusal"}
+
+
+def demo_checkpoint(cfg, stage):
+    """(model, tokenizer, meta) of out/<stage>, or a one-line error naming the checkpoint and how to make it."""
+    path = os.path.join(cfg.out_dir, stage, "model.pt")
+    if not os.path.exists(path):
+        raise UserError(f"this demo needs the {stage} checkpoint {path}: run `{STAGE_COMMANDS[stage]}` "
+                        f"(or `bash run.sh`) first")
+    model, tok, meta = load_checkpoint(path)
+    return model.eval(), tok, meta
+
+
+def demo_model(cfg, stage):
+    return demo_checkpoint(cfg, stage)[:2]
+
+
+def complete_text(engine, prompts, cfg, n=1, max_tokens=48, temperature=0.0, stop=()):
+    """Base-model completions of text prompts -> list of strings (prompt-major), cut at the first stop."""
+    ids = [engine.tok.encode_ordinary(p) for p in prompts]
+    done = engine.generate(ids, n=n, max_tokens=max_tokens, temperature=temperature, top_k=50, seed=cfg.seed)
+    return [cut_at_stop(engine.tok.decode(c.tokens).replace("<|endoftext|>", ""), stop)[0] for c in done]
+
+
+def chat_replies(engine, questions, cfg, n=1, temperature=0.0, max_tokens=96, primer=""):
+    """Assistant replies (text with tool markup) to one-question conversations; `primer` is text forced at
+    the start of the reply, e.g. "The answer is" to make the model answer before it works anything out."""
+    prompts = [render_for_completion(engine.tok, [{"role": "user", "content": q}]) +
+               engine.tok.encode_ordinary(primer) for q in questions]
+    done = engine.generate(prompts, n=n, max_tokens=max_tokens, temperature=temperature, top_k=50, seed=cfg.seed)
+    return [primer + engine.tok.decode(c.tokens).removesuffix("<|im_end|>") for c in done]
+
+
+def shown(reply):
+    """A reply for the terminal: the tool markup as the chat shows it, on one line."""
+    reply = re.sub(r"<\|code_start\|>(.*?)<\|code_end\|>", r"[Analyzed: \1]", reply, flags=re.S)
+    reply = re.sub(r"<\|search_start\|>(.*?)<\|search_end\|>", r"[Searching: \1]", reply, flags=re.S)
+    reply = re.sub(r"<\|output_start\|>(.*?)<\|output_end\|>", r" [Result: \1]", reply, flags=re.S)
+    return " | ".join(line for line in reply.splitlines() if line.strip())
+
+
+def rate(hits):
+    hits = list(hits)
+    return f"{sum(hits)} of {len(hits)} = {sum(hits) / max(len(hits), 1):.2f}"
+
+
+def run_stage_command(module, argv):
+    """A demonstration another stage's command already prints: run that command here."""
+    import importlib  # the stage files import chat.py, so they are imported only when a demo needs them
+    print(f"(this is `python {module}.py {' '.join(argv)}`)")
+    return importlib.import_module(module).main(argv)
+
+
+def stage_command(module, *argv):
+    return lambda cfg, name: run_stage_command(module, [a.format(out=cfg.out_dir) for a in argv])
+
+
+def show_tokens_of(*texts):
+    """`tokenizer.py show` for each text, with the tokenizer of --out-dir."""
+    shows = [stage_command("tokenizer", "show", text, "--tokenizer", "{out}/tokenizer/tokenizer.json") for text in texts]
+    return lambda cfg, name: [show(cfg, name) for show in shows]
+
+
+# -- the base model: an internet-document simulator (lecture §5) --------------------------------------
+
+def demo_stochastic(cfg, name):
+    """I3: sampling is a biased coin per token, so one prompt gives a different document every time."""
+    model, tok = demo_model(cfg, "base")
+    prompt = "The king"
+    for k, text in enumerate(complete_text(Engine(model, tok), [prompt], cfg, n=3, temperature=1.0), 1):
+        print(f"--- sample {k} ---\n{prompt}{text}")
+    print("The same prompt, three different continuations: remixes of the training text, not copies.")
+
+
+def demo_next_token(cfg, name):
+    """I5: the model's output is a probability for every token of the vocabulary."""
+    model, tok = demo_model(cfg, "base")
+    for prompt in ("The weather today is", "To be, or not to"):
+        print(f"prompt: {prompt!r}")
+        with torch.no_grad():
+            probs = model(torch.tensor([tok.encode_ordinary(prompt)]))[0][0, -1].softmax(-1)
+        best = probs.topk(8)
+        print("  " + "  ".join(f"{tok.token_text(i)!r} {p:.1%}" for p, i in zip(best.values.tolist(), best.indices.tolist())))
+        print(f"  (the other {len(probs) - 8:,} tokens share {1 - best.values.sum().item():.1%})")
+    print("For the step-by-step trace: python chat.py --base 'The king' --probs --max-tokens 8")
+
+
+def demo_not_assistant(cfg, name):
+    """B1: asked a question, the base model does not answer: it continues a document."""
+    model, tok = demo_model(cfg, "base")
+    prompt = "What is 2+2?"
+    replies = complete_text(Engine(model, tok), [prompt], cfg, n=cfg.n, temperature=1.0, max_tokens=32)
+    for k, text in enumerate(replies[:3], 1):
+        print(f"--- sample {k} ---\n{prompt}{text}")
+    print(f"samples containing '4': {rate('4' in r for r in replies)}; distinct samples: "
+          f"{len(set(replies))} of {len(replies)} -- it rambles on, differently each time")
+
+
+# A list the corpus holds in every play: the persons of the drama. Primed with the start of a play's list,
+# the base model continues it -- knowledge comes out in the format of a document it has seen.
+def demo_priming(cfg, name):
+    """B2: knowledge by priming: the start of a "Dramatis Personae" list makes the model recite one."""
+    model, tok = demo_model(cfg, "base")
+    names = {c[0].split()[0].upper() for c in data.play_characters()}
+    prompt = "HAMLET, PRINCE OF DENMARK\n\nDramatis Personae\n\nCLAUDIUS, King of Denmark.\nHAMLET, son to the former, and nephew to the present King.\n"
+    replies = complete_text(Engine(model, tok), [prompt], cfg, n=cfg.n, temperature=0.8, max_tokens=64)
+    print(prompt + replies[0])
+    lines = [line for r in replies for line in r.splitlines()[:6] if "," in line]
+    real = [line.split(",")[0].strip().split(" ")[0].upper() in names for line in lines]
+    print(f"-- over {len(replies)} samples: {len(lines)} list lines 'NAME, description'; "
+          f"names that are real characters of the plays: {rate(real)}")
+
+
+def match_count(model, tok, passage, prompt_tokens=16, m=48):
+    """Greedy continuation of a passage's first prompt_tokens tokens; -> (N tokens equal to the passage at
+    the same position, M compared, the continuation as text)."""
+    ids = tok.encode_ordinary(passage)
+    prompt, truth = ids[:prompt_tokens], ids[prompt_tokens:prompt_tokens + m]
+    out = Engine(model, tok).generate(prompt, max_tokens=len(truth), temperature=0.0, seed=0)[0].tokens
+    return sum(a == b for a, b in zip(out, truth)), len(truth), tok.decode(prompt), tok.decode(out)
+
+
+# The lecture's zebra page is regurgitated because the training mix shows it ~10 times. The embedded
+# corpus holds nothing that often (its most repeated passage, from Milton's Comus, three times), and the
+# tiny run reads its corpus less than once, so this demo repeats one passage on purpose: a copy of the base
+# model takes REPEATS ordinary pretraining steps in which every batch also holds the passage.
+REPEATED_PASSAGE = ("He that has light within his own clear breast\nMay sit i' the centre, and enjoy bright day:\n"
+                    "But he that hides a dark soul and foul thoughts\nBenighted walks under the mid-day sun;\n"
+                    "Himself is his own dungeon.")
+REPEATS = 10
+
+
+def demo_regurgitation(cfg, name):
+    """B3: a document seen many times is recited nearly verbatim; an unseen one is not."""
+    model, tok = demo_model(cfg, "base")
+    unseen = next(d for d in data.embedded_documents("val"))[5000:5600]  # a work the base model never read
+    for label, text in (("the repeated passage", REPEATED_PASSAGE), ("an unseen passage", unseen)):
+        n, m, _, _ = match_count(model, tok, text)
+        print(f"base model, {label}: {n} of {m} tokens match the training text")
+    passage = tok.encode_ordinary(REPEATED_PASSAGE)
+    stream = data.DataLoader(data.shard_pattern("embedded", "train", os.path.join(cfg.out_dir, "shards")), 1, 1)
+    rng = random.Random(cfg.seed)
+    optimizers = build_optimizers(model, TrainConfig(), "cpu")
+    model.train()
+    for step in range(REPEATS):  # batch: the passage + 7 random windows of the corpus, as in pretraining
+        windows = [passage] + [stream.tokens(s, len(passage)).tolist()
+                               for s in (rng.randrange(stream.total - len(passage)) for _ in range(7))]
+        x = torch.tensor([w[:-1] for w in windows])
+        y = torch.tensor([w[1:] for w in windows])
+        model(x, y)[1].backward()
+        for o in optimizers:
+            o.step()
+        model.zero_grad(set_to_none=True)
+    model.eval()
+    print(f"-- after {REPEATS} more pretraining steps that each also held the passage (seen {REPEATS} times):")
+    for label, text in (("the repeated passage", REPEATED_PASSAGE), ("an unseen passage", unseen)):
+        n, m, prompt, out = match_count(model, tok, text)
+        print(f"{label}: {n} of {m} tokens match the training text = {n / m:.2f}")
+        print(f"   prompt {prompt!r}\n   model  {out!r}")
+
+
+def demo_cutoff(cfg, name):
+    """B4: asked about what its data never held, the model still writes -- a parallel universe per sample."""
+    model, tok = demo_model(cfg, "base")
+    prompt = "In the year 2024 the people of England chose a new king, and his name was"
+    replies = complete_text(Engine(model, tok), [prompt], cfg, n=cfg.n, temperature=1.0, max_tokens=12)
+    for k, text in enumerate(replies[:4], 1):
+        print(f"--- sample {k} ---\n{prompt}{text.splitlines()[0] if text.strip() else text}")
+    firsts = Counter(r.split()[0].strip(",.;:") if r.split() else "" for r in replies)
+    print(f"-- {len(replies)} samples: {len(firsts)} different first words after 'his name was' "
+          f"(most common: {firsts.most_common(3)}); no corpus line can say it (the corpus ends centuries "
+          f"before 2024), so every answer is invented")
+
+
+def play_pairs():
+    """(character, play title) pairs of the embedded corpus, one per play, in a fixed order."""
+    seen, pairs = set(), []
+    for name, _, title in data.play_characters():
+        if title not in seen and len(name.split()) == 1:
+            seen.add(title)
+            pairs.append((name, title))
+    return pairs
+
+
+def demo_few_shot(cfg, name):
+    """B5: in-context learning: ten "Q: Which play is X in? / A: title." pairs, then a new character. The
+    pattern is in the context window, not in the weights: with the examples the answer should be a title
+    (and the text go on with a new "Q:"), without them the model just continues a play."""
+    model, tok = demo_model(cfg, "base")
+    pairs = play_pairs()
+    shots, tests = pairs[:10], pairs[10:10 + cfg.n]
+    prefix = "".join(f"Q: Which play is {who} in?\nA: {title}.\n\n" for who, title in shots)
+    engine = Engine(model, tok)
+    questions = [f"Q: Which play is {who} in?\nA:" for who, _ in tests]
+    few = complete_text(engine, [prefix + q for q in questions], cfg, max_tokens=24)
+    zero = complete_text(engine, questions, cfg, max_tokens=24)
+    print(prefix + questions[0] + few[0])
+    titles = {title for _, title in pairs}
+
+    def answer(reply):
+        return reply.split("\n")[0].strip().rstrip(".")
+
+    print(f"-- {len(tests)} new characters, 10-shot vs 0-shot: the answer is a play's title "
+          f"{rate(answer(r) in titles for r in few)} vs {rate(answer(r) in titles for r in zero)}; the right play "
+          f"{rate(answer(r) == t for r, (_, t) in zip(few, tests))} vs {rate(answer(r) == t for r, (_, t) in zip(zero, tests))}; "
+          f"the text goes on with a new 'Q:' {rate(chr(10) + 'Q:' in r for r in few)} vs {rate(chr(10) + 'Q:' in r for r in zero)}")
+
+
+ASSISTANT_PAGE = ("A conversation between a helpful AI assistant and a human. The assistant answers every question "
+                  "kindly, truthfully and briefly.\n\nHuman: Who wrote Hamlet?\nAssistant: William Shakespeare "
+                  "wrote Hamlet.\n\nHuman: What is the sea?\nAssistant: The sea is the great body of salt water "
+                  "that covers most of the earth.\n\nHuman: Why is the sky blue?\nAssistant:")
+
+
+def demo_assistant_by_prompt(cfg, name):
+    """B6: an assistant made by a prompt alone: a page of Human/Assistant turns; the base model answers as
+    the Assistant, then goes on to invent the human's next turn, unless a stop string ends it there."""
+    model, tok = demo_model(cfg, "base")
+    engine = Engine(model, tok)
+    raw = complete_text(engine, [ASSISTANT_PAGE], cfg, n=cfg.n, temperature=0.8, max_tokens=64)
+    print(ASSISTANT_PAGE + raw[0])
+    print(f"-- without a stop string, samples that invent the next 'Human:' turn: {rate('Human:' in r for r in raw)}")
+    stopped = complete_text(engine, [ASSISTANT_PAGE], cfg, n=1, temperature=0.8, max_tokens=64, stop=("\nHuman:",))
+    print(f"with --stop '\\nHuman:' the reply ends where the human's turn would start:\n  Assistant:{stopped[0]}")
+    print("in the chat command: python chat.py --base \"$PAGE\" --stop $'\\nHuman:' (the stop string ends the sample)")
+
+
+# -- the assistant: SFT, hallucinations, tools, thinking (lecture §6) ---------------------------------
+
+def demo_protocol(cfg, name):
+    """S5: the lecture's conversation in the chat protocol, as tokens: one 1-D sequence."""
+    _, tok = demo_model(cfg, "sft")
+    messages = list(data.LECTURE_CONVERSATIONS[0][:2])
+    ids, mask = render_conversation(tok, messages)
+    print(render_tokens(tok, ids, colour=use_colour()))
+    print(f"token ids: {ids}\nloss mask: {mask}\nToken count {len(ids)}, "
+          f"{len(render_for_completion(tok, messages[:1]))} for the prompt with the assistant primer "
+          f"(the lecture's GPT-4o tokenizer: 49 and 52; its ids are not ours)")
+
+
+def demo_before_after(cfg, name):
+    """S12: the same question to the base model (it continues a document) and to the SFT model (it answers)."""
+    base, tok = demo_model(cfg, "base")
+    sft, _ = demo_model(cfg, "sft")
+    questions = ("What is 2+2?", "What is your name?", "Who is Hamlet?", "Write a line about the sea.")
+    as_documents = complete_text(Engine(base, tok), [q + "\n" for q in questions], cfg, max_tokens=32)
+    answers = chat_replies(Engine(sft, tok), questions, cfg, max_tokens=48)
+    for q, b, a in zip(questions, as_documents, answers):
+        print(f"Q: {q}\n  base: {b.strip()[:120]!r}\n  sft:  {shown(a)[:160]}")
+
+
+# The lecture's four tool prompts, worded as the lecture words them. sft.py measures the same families on
+# held-out wordings (`python sft.py eval`: dots_rate, letter_count_rate, every_kth_rate, emily_code_rate).
+LECTURE_TOOL_PROMPTS = (
+    ("How many dots are here? " + "." * 56, 56),
+    ("How many R's in strawberry", 3),
+    ("Print every third character of ubiquitous starting from the first.", "uqts"),
+    ("Emily buys 23 apples and 177 oranges. Each orange costs $4. The total cost of all the fruit is $869. "
+     "What is the cost of each apple? Use code.", 7),
+)
+
+
+def final_answer(reply):
+    """What follows the last "The answer is" of a reply (without the final period), or ''."""
+    found = re.findall(r"The answer is (.*)", reply)
+    return found[-1].strip().rstrip(".") if found else ""
+
+
+def demo_tools(cfg, name):
+    """K4-K6: counting, spelling and a word problem through the code tool: the model copies the user's text
+    into the call, and the tool -- not the model -- counts."""
+    model, tok = demo_model(cfg, "sft")
+    engine = Engine(model, tok)
+    replies = chat_replies(engine, [q for q, _ in LECTURE_TOOL_PROMPTS], cfg)
+    for (question, answer), reply in zip(LECTURE_TOOL_PROMPTS, replies):
+        verdict = "right" if final_answer(reply) == str(answer) else f"wrong (expected {answer})"
+        print(f"you> {question}\nassistant> {shown(reply)}   <- {verdict}")
+    questions, counts = [f"How many dots are here? {'.' * k}" for k in range(1, 81, 80 // cfg.n or 1)], None
+    counts = [q.count(".") for q in questions]
+    with_tool = chat_replies(engine, questions, cfg)
+    in_head = chat_replies(engine, questions, cfg, primer="The answer is")  # no room for a call: answer now
+    print(f"-- dots 1..80 ({len(questions)} counts): with the code tool {rate(final_answer(r) == str(c) for r, c in zip(with_tool, counts))}; "
+          f"answered at once, without the tool {rate(final_answer(r) == str(c) for r, c in zip(in_head, counts))}")
+
+
+def demo_hallucination(cfg, name):
+    """H1: the cause of hallucination. An SFT model whose training always answered "Who is X?" confidently
+    answers "Who is Orson Kovacs?" confidently too -- something different on every sample; the default SFT
+    model, whose data refuses where the base model did not know (interrogation), says it doesn't know."""
+    confident, tok = demo_model(cfg, "sft-norefusal")
+    careful, _ = demo_model(cfg, "sft")
+    names = ["Orson Kovacs"] + [data.invented_name(random.Random(f"{cfg.seed}:{k}"), data.corpus_text_lower())
+                                for k in range(cfg.n - 1)]
+    questions = [f"Who is {who}?" for who in names]
+    for label, model in (("SFT without refusal rows", confident), ("SFT with refusals (default)", careful)):
+        replies = chat_replies(Engine(model, tok), questions, cfg, n=3, temperature=1.0, max_tokens=40)
+        per_name = [replies[3 * k:3 * k + 3] for k in range(len(names))]
+        refused = [any(s in r for s in ("don't believe I know", "I'm sorry")) for r in replies]
+        print(f"{label}:")
+        for r in per_name[0]:
+            print(f"  Who is Orson Kovacs? -> {shown(r)[:110]}")
+        print(f"  over {len(names)} invented names x 3 samples: refusals {rate(refused)}; names whose 3 answers "
+              f"all differ: {rate(len(set(rs)) == 3 for rs in per_name)}")
+
+
+def demo_working_memory(cfg, name):
+    """H4: vague recollection (the parameters) vs working memory (the context): "which line comes after
+    ...?" answered from memory, then with the passage pasted into the context."""
+    model, tok = demo_model(cfg, "sft")
+    engine, search = Engine(model, tok), Search()
+    rng, items = random.Random(cfg.seed), []
+    while len(items) < cfg.n:
+        lines = [l.strip() for l in rng.choice(search.passages)[1].splitlines()]
+        k = rng.randrange(max(len(lines) - 1, 1))
+        if k + 1 < len(lines) and len(lines[k].split()) >= 5 and len(lines[k + 1].split()) >= 3:
+            items.append((lines[k], lines[k + 1], "\n".join(lines[max(k - 2, 0):k + 3])))  # fits 256 tokens
+    memory = chat_replies(engine, [f'Which line comes after "{line}"?' for line, _, _ in items], cfg)
+    context = chat_replies(engine, [f'Here is a passage:\n{passage}\n\nWhich line comes after "{line}"?'
+                                    for line, _, passage in items], cfg)
+    print(f'Which line comes after "{items[0][0]}"?  (it is "{items[0][1]}")\n  from memory:  {shown(memory[0])[:120]}'
+          f"\n  with the passage in the context: {shown(context[0])[:120]}")
+    print(f"-- {len(items)} lines of the corpus: the right next line from memory {rate(f[1] in r for f, r in zip(items, memory))}; "
+          f"with the passage in the context window {rate(f[1] in r for f, r in zip(items, context))}")
+
+
+def demo_tokens_to_think(cfg, name):
+    """K3: each token gets a fixed amount of compute. Forced to answer first ("The answer is" right away)
+    the model fails as the numbers grow; written out step by step it holds up longer."""
+    model, tok = demo_model(cfg, "sft")
+    engine = Engine(model, tok)
+    print("difficulty (numbers up to) | step by step | answer first")
+    for difficulty in (1, 2, 3):
+        problems = data.practice_problems(cfg.n, cfg.seed, difficulty, split="heldout")
+        questions = [p["question"] for p in problems]
+        stepwise = chat_replies(engine, questions, cfg, max_tokens=96)
+        first = chat_replies(engine, questions, cfg, max_tokens=8, primer="The answer is")
+        right = lambda replies: rate(data.extract_answer(r) == p["answer"] for r, p in zip(replies, problems))
+        print(f"{difficulty} ({data.number_range(difficulty)[1]:>2}) | {right(stepwise)} | {right(first)}")
+    print(f"e.g. {questions[0]}\n  step by step: {shown(stepwise[0])}\n  answer first: {shown(first[0])}")
+
+
+def demo_jagged(cfg, name):
+    """K7: Swiss-cheese capability: "What is bigger 9.11 or 9.9?" sampled many times."""
+    model, tok = demo_model(cfg, "sft")
+    replies = chat_replies(Engine(model, tok), ["What is bigger 9.11 or 9.9?"], cfg, n=cfg.n, temperature=0.7, max_tokens=40)
+    for r in replies[:3]:
+        print(f"  -> {shown(r)[:120]}")
+    says = Counter("9.9" if re.search(r"9\.9(?!\d)", r) and "9.11" not in r else "9.11" if "9.11" in r and not re.search(r"9\.9(?!\d)", r)
+                   else "both/neither" for r in replies)
+    print(f"-- {len(replies)} samples name: {dict(says)} (right: 9.9); a model that multiplies 6-digit numbers "
+          f"through its tool can still trip on this")
+
+
+# -- RL and RLHF (lecture §7-§8) -----------------------------------------------------------------------
+
+
+def demo_rl_thinking(cfg, name):
+    """R8: what RL did to the solutions: response length and accuracy over RL steps (out/rl/log.jsonl) and
+    the same problem solved by the SFT policy and by the RL policy."""
+    demo_model(cfg, "rl")
+    rows = [json.loads(line) for line in open(os.path.join(cfg.out_dir, "rl", "log.jsonl"))]
+    steps = [r for r in rows if "reward" in r]
+    for r in steps[::max(len(steps) // 6, 1)] + steps[-1:]:
+        print(f"RL step {r['step']:3d}: fraction of attempts correct {r['reward']:.2f}, mean response length "
+              f"{r['length']:.1f} tokens")
+    print("(this project's RL has no <think> format: its solutions stay short worked steps -- see README)")
+
+
+def demo_sft_vs_rl(cfg, name):
+    """R9: SFT-style vs RL-style answers: the same held-out problems to both policies."""
+    sft, tok = demo_model(cfg, "sft")
+    rl, _ = demo_model(cfg, "rl")
+    problems = data.practice_problems(cfg.n, cfg.seed, split="heldout")
+    questions = [p["question"] for p in problems]
+    for label, model in (("SFT", sft), ("RL", rl)):
+        replies = chat_replies(Engine(model, tok), questions, cfg, max_tokens=96)
+        lengths = [len(tok.encode_ordinary(r)) for r in replies]
+        print(f"{label}: correct {rate(data.extract_answer(r) == p['answer'] for r, p in zip(replies, problems))}, "
+              f"mean length {sum(lengths) / len(lengths):.1f} tokens\n  {questions[0]}\n  -> {shown(replies[0])}")
+
+
+# The lecture's worked example: five jokes, the reward model's scores, the person's ranking (1 = best).
+LECTURE_SCORES = (0.1, 0.8, 0.3, 0.4, 0.5)
+LECTURE_ORDER = (2, 1, 3, 5, 4)
+
+
+def demo_reward_example(cfg, name):
+    """F5: one ranking-loss update on the lecture's numbers: scores move toward the person's order."""
+    import rlhf  # imports chat.py: so only here
+    logits = torch.logit(torch.tensor([LECTURE_SCORES])).requires_grad_(True)
+    human = -torch.tensor([LECTURE_ORDER], dtype=torch.float)  # a higher human score = a better rank
+    loss = rlhf.ranking_loss(logits, human)
+    loss.backward()
+    with torch.no_grad():
+        after = torch.sigmoid(logits - 1.0 * logits.grad)[0]  # one step of plain gradient descent, lr 1
+    print(f"ranking loss {loss.item():.3f}; one gradient step (lr 1.0) on the five scores:")
+    print("attempt | person's rank | RM score before -> after")
+    for i, (s, r, a) in enumerate(zip(LECTURE_SCORES, LECTURE_ORDER, after.tolist()), 1):
+        print(f"{i:7d} | {r:13d} | {s:.2f} -> {a:.2f}")
+    print("The person's best (rank 1: 0.8) goes up, rank 2 (0.1) goes up most, rank 5 (0.4) goes down "
+          "(the lecture: 0.8 -> ~0.81, 0.1 -> ~0.15, 0.4 -> ~0.3-0.35)")
+
+
+def demo_discriminator(cfg, name):
+    """F7: the discriminator-generator gap: judging is easier than writing. The reward model picks the
+    person's favourite of 5 attempts far more often than chance, while the policy's own attempt is rarely
+    the best of five."""
+    metrics = json.load(open(os.path.join(cfg.out_dir, "rlhf", "metrics.json"))) if os.path.exists(
+        os.path.join(cfg.out_dir, "rlhf", "metrics.json")) else demo_model(cfg, "rlhf")
+    print(f"judging: the reward model orders a pair of attempts as the person does in "
+          f"{metrics['rm_pair_accuracy']:.2f} of held-out pairs (chance 0.50)")
+    print(f"writing: the policy's replies score {metrics['true_reward_final']:.2f} with the person "
+          f"(started at {metrics['true_reward_sft']:.2f}) on a 0..1 scale")
+    print("It is easier to say which of five poems is best than to write the best one: people rank, "
+          "and the reward model learns to rank.")
+
+
+def demo_reward_hacking(cfg, name):
+    """F8: RL against the reward model for too long: the proxy reward keeps rising while the true one falls,
+    and the top sample degenerates (from the `python rlhf.py --hack` run in out/rlhf)."""
+    import rlhf
+    path = os.path.join(cfg.out_dir, "rlhf", "hack_log.jsonl")
+    if not os.path.exists(path):
+        raise UserError(f"this demo needs {path}: run `python rlhf.py --hack` (about 1-2 minutes) first")
+    evals = [json.loads(line) for line in open(path) if '"eval": true' in line]
+    for e in evals:
+        print(f"step {e['step']:3d}: proxy (reward model) {e['proxy']:.3f} | true (the person) {e['true']:.3f} | "
+              f"degenerate {e['degenerate']:.0%}")
+    rlhf.report_hacking(evals)
+
+
+# -- facts and scale (lecture §1, §3) ------------------------------------------------------------------
+
+GPT2_SHAPES = {"124M": (12, 768), "355M": (24, 1024), "774M": (36, 1280), "1.5B": (48, 1600)}  # layers, width
+BASE_MODELS_IN_THE_WILD = (("GPT-2 (2019)", "1.6B parameters", "~100B tokens"),
+                           ("Llama 3 (2024)", "405B parameters", "15T tokens"),
+                           ("DeepSeek-V3 (2024)", "671B parameters", "14.8T tokens"))
+GPT2_RUN = (32_000, 1_000_000)  # the lecture's llm.c run: steps x tokens per step
+
+
+def demo_scale(cfg, name):
+    """G12-G18: the plan and the architecture of our base model, beside GPT-2 and today's base models."""
+    from train_gpt import GPT2_FACTS, GPT, GPTConfig
+    model, tok, meta = demo_checkpoint(cfg, "base")
+    train = meta.get("config", {})
+    steps, batch = train.get("num_steps", meta.get("step", 0)), train.get("total_batch_tokens", 0)
+    print(f"G12 plan: ours {steps:,} steps x {batch:,} tokens = {steps * batch:,} tokens, "
+          f"{min(meta.get('step', 0) / max(steps, 1), 1):.0%} done; the lecture's GPT-2 run "
+          f"{GPT2_RUN[0]:,} x {GPT2_RUN[1]:,} = {GPT2_RUN[0] * GPT2_RUN[1] / 1e9:.0f}B tokens")
+    print("G13 GPT-2's shapes in this architecture (ctx 1024, GPT-2's 50,257 vocab; RoPE, untied head):")
+    for label, (depth, width) in GPT2_SHAPES.items():
+        with torch.device("meta"):
+            params = GPT(GPTConfig(vocab_size=50257, seq_len=1024, n_layer=depth, n_embd=width,
+                                   n_head=width // 64, n_kv_head=width // 64)).num_params()
+        print(f"  GPT-2 {label:>4}: {depth} layers x {width} wide -> {params / 1e6:,.0f}M parameters here")
+    print(f"  ours (tiny): {model.config.n_layer} layers x {model.config.n_embd} wide -> {model.num_params():,}")
+    print(f"G14 {GPT2_FACTS}; about $3 per GPU-hour; cheaper now through better data, hardware and software")
+    print("G16 base models in the wild: " + "; ".join(" ".join(m) for m in BASE_MODELS_IN_THE_WILD) +
+          f"; ours: {model.num_params() / 1e6:.1f}M parameters, {steps * batch / 1e6:.1f}M tokens")
+    print("G18 the layers, shape by shape (the lecture's 3-D visualiser, as text):")
+    for pname, p in model.named_parameters():
+        print(f"  {pname:<40} {tuple(p.shape)}")
+
+
+PII_EXAMPLE = ("Call Ann at 555-0199 or (415) 555-0134, or write to ann.lee@example.com; she lives at "
+               "221 Baker Street. Her SSN is 078-05-1120 and her laptop is on 192.168.0.12.")
+
+
+def demo_pii(cfg, name):
+    """D9: the PII filter's redaction, on one example (data.redact_pii, the funnel's last filter)."""
+    print(f"before: {PII_EXAMPLE}\nafter:  {data.redact_pii(PII_EXAMPLE)}")
+    print("the whole funnel, filter by filter: python data.py process")
+
+
+def demo_token_stream(cfg, name):
+    """T13: what the model actually reads: the corpus as one stream of token ids."""
+    data.show_token_stream(data.shard_pattern("embedded", "train", os.path.join(cfg.out_dir, "shards")),
+                           os.path.join(cfg.out_dir, "tokenizer", "tokenizer.json"))
+
+
+# -- the tour, in the lecture's order ------------------------------------------------------------------
+
+LECTURE_DEMOS = [
+    LectureDemo("D9", "pii", "an e-mail, phones, a street address, an SSN and an IP redacted", demo_pii),
+    LectureDemo("T6", "compression", "~5000 characters as bits, bytes, our tokens (and GPT-4's)",
+                stage_command("tokenizer", "compare", "--tokenizer", "{out}/tokenizer/tokenizer.json")),
+    LectureDemo("T7", "tokens", "tiktokenizer-style chunks, the ids, 'Token count N', whitespace shown",
+                stage_command("tokenizer", "show", "The weather today is sunny.  Isn't it?", "--whitespace",
+                              "--tokenizer", "{out}/tokenizer/tokenizer.json")),
+    LectureDemo("T8", "spaces-and-case", "'hello world', 'helloworld', a double space, 'Hello World': other tokens",
+                show_tokens_of(*("hello world", "helloworld", "hello  world", "Hello World"))),
+    LectureDemo("T12", "subwords", "'Ubiquitous' and 'strawberry' split into sub-word chunks",
+                show_tokens_of(*("Ubiquitous", "How many R's in strawberry"))),
+    LectureDemo("T13", "token-stream", "the first token ids of the training shards, as the model reads them",
+                demo_token_stream),
+    LectureDemo("G7", "nudge", "next-token probabilities before/after one update (the true token goes up)",
+                stage_command("train_gpt", "demo", "--checkpoint", "{out}/base")),
+    LectureDemo("G12-G18", "scale", "the plan and % done, GPT-2 shapes, 405B/671B base models, every layer's shape",
+                demo_scale),
+    LectureDemo("I3", "stochastic", "one prompt, three different continuations", demo_stochastic),
+    LectureDemo("I5", "next-token", "the top next-token probabilities for a prompt", demo_next_token),
+    LectureDemo("B1", "not-an-assistant", "'What is 2+2?' -> the base model rambles, differently each time",
+                demo_not_assistant),
+    LectureDemo("B2", "priming", "a play's list of persons recited from a primed start; share of real names",
+                demo_priming),
+    LectureDemo("B3", "regurgitation", "'N of M tokens match the training text' on a passage seen 10 times vs unseen",
+                demo_regurgitation),
+    LectureDemo("B4", "cutoff", "an event after the data ends: a different invented answer per sample", demo_cutoff),
+    LectureDemo("B5", "few-shot", "10 'character: play' lines, then a new character: 10-shot vs 0-shot rates",
+                demo_few_shot),
+    LectureDemo("B6", "assistant-page", "a Human/Assistant page makes an assistant; a stop string ends its turn",
+                demo_assistant_by_prompt),
+    LectureDemo("S5", "protocol", "the lecture's conversation as protocol tokens, ids, mask and count", demo_protocol),
+    LectureDemo("S12", "before-after", "the same questions to the base model and to the SFT model", demo_before_after),
+    LectureDemo("H1", "hallucination", "'Who is Orson Kovacs?': SFT without refusals invents, SFT with refuses",
+                demo_hallucination),
+    LectureDemo("H4", "working-memory", "'which line comes after ...?' from memory vs with the passage in context",
+                demo_working_memory),
+    LectureDemo("K3", "tokens-to-think", "answer-first vs step-by-step accuracy as the numbers grow",
+                demo_tokens_to_think),
+    LectureDemo("K4-K6", "tools", "the lecture's dots, strawberry, ubiquitous and Emily prompts through code",
+                demo_tools),
+    LectureDemo("K7", "jagged", "'What is bigger 9.11 or 9.9?' over many samples", demo_jagged),
+    LectureDemo("R8", "rl-curves", "accuracy and response length over RL steps", demo_rl_thinking),
+    LectureDemo("R9", "sft-vs-rl", "the same problems solved by the SFT and the RL policy", demo_sft_vs_rl),
+    LectureDemo("F5", "reward-example", "scores 0.1 0.8 0.3 0.4 0.5 vs order 2 1 3 5 4, one update's nudge",
+                demo_reward_example),
+    LectureDemo("F7", "discriminator", "judging (RM pair accuracy) vs writing (the policy's true reward)",
+                demo_discriminator),
+    LectureDemo("F8", "reward-hacking", "proxy reward up, true reward down, the top sample degenerate",
+                demo_reward_hacking),
+]
+
+
+def demo_main(argv):
+    """`python chat.py demo NAME [--flags]` / `python chat.py demo --list`: the lecture, demo by demo."""
+    names = {d.name: d for d in LECTURE_DEMOS}
+    name = argv[0] if argv and not argv[0].startswith("-") else None
+    cfg = parse_config(DemoConfig, argv[1:] if name else argv, prog="chat.py demo",
+                       description=demo_main.__doc__ + "\n\n" + "\n".join(
+                           f"  {d.name:<18} [{d.spec}] {d.shows}" for d in LECTURE_DEMOS))
+    if cfg.list or name is None:
+        for d in LECTURE_DEMOS:
+            print(f"{d.name:<18} [{d.spec}] {d.shows}")
+        return
+    if name not in names:
+        raise UserError(f"no demo {name!r}; `python chat.py demo --list` lists them")
+    demo = names[name]
+    require_positive(cfg, ["n"])
+    print(f"== [{demo.spec}] {demo.name}: {demo.shows}")
+    demo.run(cfg, name)
+
+
 def main(argv):
+    if argv and argv[0] == "demo":
+        return demo_main(argv[1:])
     cfg = parse_config(ChatConfig, argv, prog="chat.py", description=__doc__, aliases={"prompt": "-p", "n": "-n"})
     if cfg.web:
         return serve(cfg)

@@ -801,7 +801,10 @@ PII_PATTERNS = (  # order matters: an e-mail or an IP contains digits a phone pa
                                 r"(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)(?![\d.]*\d)")),
     ("<ID_NUMBER>", re.compile(r"(?<!\d)\d{3}-\d{2}-\d{4}(?!\d)")),  # US social security number layout
     ("<PHONE>", re.compile(r"(?<![\w+])(?:\+\d{1,3}[ .-]?(?:\(\d{1,4}\)|\d{1,4})(?:[ .-]?\d{2,4}){2,4}"
-                           r"|\(?\d{3}\)?[ .-]?\d{3}[ .-]\d{4})(?!\w)")),
+                           r"|\(?\d{3}\)?[ .-]?\d{3}[ .-]\d{4}"
+                           r"|\d{3}-\d{4})(?!\w)")),  # a 7-digit local number (555-0199); hyphen only: 123.4567 is a decimal
+    ("<ADDRESS>", re.compile(r"\b\d{1,5} (?:[A-Z][a-z]+ ){1,3}(?:Street|St|Avenue|Ave|Road|Rd|Lane|Ln|Boulevard|"
+                             r"Blvd|Drive|Dr|Court|Ct|Place|Pl|Square|Sq|Way)\b")),  # "221 Baker Street"
 )
 
 
@@ -1446,32 +1449,127 @@ def arithmetic_conversation(rng, digits=(3, 6)):
     return {**row, "answer": value}
 
 
-# Counting and spelling: tokens hide the characters ("strawberry" is a few chunks, not ten letters), so
-# these go through code too.
+# Counting and spelling: tokens hide the characters ("strawberry" is a few chunks, not ten letters; a run of
+# dots is a run of ".." tokens), so these go through code too. What the model must do is *copy* the user's
+# text into the call, exactly. The call quotes the copied text with a space on each side, `' strawberry '`,
+# because of how text splits into chunks before BPE: `'strawberry'` would start with the chunk
+# `'strawberry` (other tokens than the user's ` strawberry`) and `'.....'.count` would glue the last dot to
+# the quote. With the spaces the copied span is the very same token sequence as in the message, so copying
+# is a token-for-token lookup (what attention does well). The spaces change no count; `.strip()` drops
+# them where positions matter ("every third letter"). Wordings come in two sets: "train" ones for the SFT
+# mixture, and "heldout" ones (the lecture's own among them) that only evaluation and the demos ask, so
+# the measured rates are on wordings the model never saw. The lecture's words are held out too.
+COUNTING_WORDINGS = {
+    "dots": {"train": ("How many dots are here? {dots}", "Count the dots: {dots}", "How many dots? {dots}",
+                       "How many periods are in this? {dots}", "Please count these dots: {dots}",
+                       "How many dots do you see? {dots}", "Tell me how many dots this is: {dots}"),
+             "heldout": ("How many dots are below? {dots}", "how many dots are here?\n{dots}",
+                         "Can you count the dots? {dots}", "What is the number of dots here? {dots}",
+                         "How many dots are in this line? {dots}", "Count them: {dots}",
+                         "How many dots are there? {dots}", "I typed some dots, how many? {dots}")},
+    "letter": {"train": ("How many {letter}'s are in the word {word}?", "How many times does {letter} occur in {word}?",
+                         "Count the letter {letter} in {word}.", "How many {letter}'s are there in {word}?",
+                         "In the word {word}, how many times does the letter {letter} appear?",
+                         "Count how many {letter}'s the word {word} has."),
+               "heldout": ("How many {letter}'s in {word}", "How many {letter}'s are in {word}?",
+                           "How often does the letter {letter} appear in {word}?",
+                           "Count the {letter}'s in the word {word}.")},
+    "every_kth": {"train": ("Spell every {nth} letter of {word}, starting from the first.",
+                            "Write every {nth} letter of the word {word}, beginning with the first.",
+                            "Take every {nth} character of {word}, starting with the first one.",
+                            "What is every {nth} letter of {word}, from the first?"),
+                  "heldout": ("Print every {nth} character of {word} starting from the first.",
+                              "Give me every {nth} letter of the word {word}, starting with the first one.",
+                              "Every {nth} letter of {word}, starting from the first, please.")},
+}
+ORDINALS = {2: "second", 3: "third", 4: "fourth"}
+LECTURE_WORDS = ("strawberry", "ubiquitous")  # the lecture's words: asked in evaluation and demos, never trained
+MAX_DOTS = 80
+
+
+def check_wordings(wordings):
+    if wordings not in ("train", "heldout"):
+        raise DataError(f"wordings must be 'train' or 'heldout', not {wordings!r}")
+
+
 @functools.lru_cache(maxsize=None)
-def spelling_words():
-    """Words of 6 to 12 letters from the embedded corpus: plenty of real words to count letters in."""
-    return sorted({w.lower() for w in re.findall(r"\b[a-zA-Z]{6,12}\b", " ".join(embedded_documents("train")))})
+def spelling_words(split="train"):
+    """Words of 6 to 12 letters from the embedded corpus: plenty of real words to count letters in. Each
+    word belongs to one split by its hash, and the lecture's words only to "heldout", so evaluation asks
+    about words no training row spelled."""
+    words = {w.lower() for w in re.findall(r"\b[a-zA-Z]{6,12}\b", " ".join(embedded_documents("train")))}
+    words = {w for w in words if split_of(w) == split and w not in LECTURE_WORDS}
+    return sorted(words | (set(LECTURE_WORDS) if split == "heldout" else set()))
 
 
-def counting_conversation(rng):
-    kind = rng.choice(("dots", "letter", "every_third"))
+def quoted(span):
+    """The code tool's string literal holding a span copied from the message (see above)."""
+    return f"' {span} '"
+
+
+def counting_item(rng, kind, wordings="train"):
+    """One counting or spelling question -> (question, code, value): the code copies the user's dots or
+    word, and run_code(code) gives value."""
+    check_wordings(wordings)
+    template = rng.choice(COUNTING_WORDINGS[kind][wordings])
     if kind == "dots":
-        dots = "." * rng.randint(3, 40)
-        question, code = f"How many dots are here? {dots}", f"'{dots}'.count('.')"
-        value = len(dots)
-    else:
-        word = rng.choice(spelling_words())
-        if kind == "letter":
-            letter = rng.choice(word)
-            question, code = f"How many {letter}'s are in the word {word}?", f"'{word}'.count('{letter}')"
-            value = word.count(letter)
-        else:
-            question, code = f"Spell every third letter of {word}, starting from the first.", f"'{word}'[::3]"
-            value = word[::3]
+        dots = "." * rng.randint(1, MAX_DOTS)
+        return template.format(dots=dots), f"{quoted(dots)}.count('.')", len(dots)
+    word = rng.choice(spelling_words("heldout" if wordings == "heldout" else "train"))
+    if kind == "letter":
+        letter = rng.choice(word)
+        shown = letter.upper() if rng.random() < 0.3 else letter  # "How many R's in strawberry"
+        return template.format(letter=shown, word=word), f"{quoted(word)}.count('{letter}')", word.count(letter)
+    k = rng.choice(sorted(ORDINALS))
+    return template.format(nth=ORDINALS[k], word=word), f"{quoted(word)}.strip()[::{k}]", word[::k]
+
+
+def tool_answer(code, value):
+    """The assistant's reply to a counting question: the call, the tool's output, the answer line."""
     shown = value if isinstance(value, str) else repr(value)  # the code tool prints strings bare
-    answer = f"<|code_start|>{code}<|code_end|><|output_start|>{shown}<|output_end|>\n{ANSWER_PREFIX} {value}."
-    return conversation(question, answer)
+    return f"<|code_start|>{code}<|code_end|><|output_start|>{shown}<|output_end|>\n{ANSWER_PREFIX} {value}."
+
+
+def counting_conversation(rng, wordings="train"):
+    question, code, value = counting_item(rng, rng.choice(sorted(COUNTING_WORDINGS)), wordings)
+    return {**conversation(question, tool_answer(code, value)), "answer": value}
+
+
+# The lecture's "Use code." word problem with its big numbers (23 apples, 177 oranges at $4, $869): the
+# arithmetic is the tool's, so the model's whole job is to copy four numbers from the question into one
+# expression, `(869 - 177 * 4) / 23` -> 7.0, and read the answer off the output.
+EMILY_CODE_WORDINGS = {
+    "train": ("{name} buys {a} {many} and {b} {others}. Each {other} costs ${p}. The total cost is ${total}. "
+              "What is the cost of each {one}?",
+              "{name} bought {a} {many} and {b} {others} for ${total} in all. One {other} costs ${p}. "
+              "How much does one {one} cost?",
+              "{a} {many} and {b} {others} cost ${total} together. Each {other} is ${p}. "
+              "What does each {one} cost?",
+              "{name} pays ${total} for {a} {many} and {b} {others}. The {others} are ${p} each. "
+              "Find the price of one {one}."),
+    "heldout": ("{name} buys {a} {many} and {b} {others}. Each {other} costs ${p}. The total cost of all the "
+                "fruit is ${total}. What is the cost of each {one}?",
+                "{name} got {a} {many} and {b} {others}, paying ${total} in total. One {other} costs ${p}. "
+                "What is the price of each {one}?"),
+}
+FRUIT = (("apple", "apples"), ("orange", "oranges"), ("pear", "pears"), ("lemon", "lemons"))
+
+
+def emily_code_problem(rng, wordings="train"):
+    """-> (question ending in "Use code.", code, price): the lecture's problem shape with its number sizes."""
+    check_wordings(wordings)
+    (one, many), (other, others) = rng.sample(FRUIT, 2)
+    a, b, price, p = rng.randint(2, 60), rng.randint(2, 300), rng.randint(2, 20), rng.randint(2, 20)
+    total = a * price + b * p
+    question = rng.choice(EMILY_CODE_WORDINGS[wordings]).format(
+        name=rng.choice(NAMES), a=a, many=many, b=b, others=others, other=other, p=p, total=total, one=one)
+    return question + USE_CODE, f"({total} - {b} * {p}) / {a}", price
+
+
+def emily_code_conversation(rng, wordings="train"):
+    question, code, price = emily_code_problem(rng, wordings)
+    answer = f"<|code_start|>{code}<|code_end|><|output_start|>{float(price)!r}<|output_end|>\n{ANSWER_PREFIX} {price}."
+    return {**conversation(question, answer), "answer": price}
 
 
 # Knowledge: who is who in the plays, read off each play's list of persons ("Dramatis Personae"). The

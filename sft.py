@@ -94,6 +94,8 @@ class SFTConfig:
     sample_every: int = opt(200, "steps between sample chats (0 = never)")
     difficulty: int = opt(DEFAULT_DIFFICULTY, "word-problem difficulty (1 = easiest)")
     show_data: bool = opt(False, "print a few rendered rows of every data source and exit")
+    no_refusals: bool = opt(False, "the lecture's cause of hallucination (H1): answer every knowledge question "
+                                   "confidently and drop the refusal rows (for `chat.py demo hallucination`)")
     device: str = opt("auto", "cuda, mps, cpu, or auto")
     dtype: str = opt("auto", "autocast dtype: auto (bfloat16 on CUDA), float32, bfloat16")
     memory_gb: float = opt(DEFAULT_MEMORY_GB, "most GB one sampling call's KV cache and logits may take")
@@ -371,6 +373,7 @@ def generated_rows(source, rng, n, cfg):
         "arithmetic_tool": lambda: data.arithmetic_conversation(rng),
         "mental_arithmetic": lambda: data.mental_arithmetic_conversation(rng, cfg.difficulty),
         "counting_tool": lambda: data.counting_conversation(rng),
+        "emily_code": lambda: data.emily_code_conversation(rng),
         "unknown_name": lambda: data.unknown_name_conversation(rng),
         "lecture": lambda: data.lecture_conversation(rng),
         "verse": lambda: data.verse_conversation(rng),
@@ -387,6 +390,8 @@ def build_mixture(cfg, known, search, tok, split="train", seed=None, n=None):
     characters = data.play_characters()
     mixture = {}
     for source, share in MIXTURE.items():
+        if cfg.no_refusals and source == "unknown_name":
+            continue
         want, rows = max(1, round(n * share)), []
         for _ in range(50):  # a held-out set needs ~10 draws per row; hand-written rows are never held out
             if len(rows) >= want:
@@ -557,8 +562,13 @@ def reply_texts(engine, tok, questions, cfg, chat=True):
 
 
 def tool_call_correct(text, answer):
-    """A correct code call (its expression evaluates to the answer) and a final answer line equal to it."""
+    """A correct code call (its expression evaluates to the answer) and a final answer line equal to it.
+    A number must match as a number (7.0 from the tool, "The answer is 7."); a string (the letters of
+    "every third letter") comes back from the tool bare and is the answer line's word."""
     calls = re.findall(r"<\|code_start\|>(.*?)<\|code_end\|>", text, re.S)
+    if isinstance(answer, str):
+        lines = [m.group(1).strip().rstrip(".") for m in map(data.ANSWER_LINE.search, text.splitlines()) if m]
+        return any(run_code(c) == answer for c in calls) and bool(lines) and lines[-1] == answer
     return any(run_code(c) == repr(answer) for c in calls) and data.extract_answer(text) == answer
 
 
@@ -588,7 +598,16 @@ def eval_sets(cfg, known):
     unknown = heldout_items(lambda: question_and(data.unknown_name_conversation(rng)), n)
     known_questions = heldout_items(lambda: (data.knowledge_item(rng, known_characters)["question"], None),
                                     n) if known_characters else []
+    # The lecture's tool prompts, on wordings (and words) that training never used: copy, call, answer.
+    def question_and_value(item):  # (question, code, value) -> (question, value): the code is the model's job
+        return item[0], item[2]
+
+    copying = {kind: heldout_items(lambda kind=kind: question_and_value(data.counting_item(rng, kind, "heldout")), n)
+               for kind in data.COUNTING_WORDINGS}
+    emily_code = heldout_items(lambda: question_and_value(data.emily_code_problem(rng, "heldout")), n)
     return {
+        **{kind: [(q, lambda t, a=a: tool_call_correct(t, a)) for q, a in items] for kind, items in copying.items()},
+        "emily_code": [(q, lambda t, a=a: tool_call_correct(t, float(a))) for q, a in emily_code],
         "identity": [(q, lambda t: data.IDENTITY_NAME in t.lower()) for q, _ in identity],
         "word_problem": [(p["question"], lambda t, a=p["answer"]: data.extract_answer(t) == a) for p in problems],
         "tool": [(q, lambda t, a=a: tool_call_correct(t, a)) for q, a in arithmetic],
@@ -597,7 +616,8 @@ def eval_sets(cfg, known):
     }
 
 
-METRIC_OF = {"identity": "identity_rate", "word_problem": "word_problem_accuracy", "tool": "tool_accuracy",
+METRIC_OF = {"dots": "dots_rate", "letter": "letter_count_rate", "every_kth": "every_kth_rate",
+             "emily_code": "emily_code_rate", "identity": "identity_rate", "word_problem": "word_problem_accuracy", "tool": "tool_accuracy",
              "refusal_unknown": "refusal_unknown_rate", "answer_known": "answer_known_rate"}
 
 
@@ -690,6 +710,8 @@ def finetune(cfg):
     seq_len, pad_id = model.config.seq_len, tok.special_id("<|endoftext|>")
     engine, search = Engine(model, tok, memory_gb=cfg.memory_gb), Search()
     known = broadcast_from_master(rt, lambda: interrogate_base(cfg, engine, tok, log))
+    if cfg.no_refusals:  # as if every answer were known: the labeler always writes a confident answer
+        known = {name: 1.0 for name in known}
     mixture = {**build_mixture(cfg, known, search, tok), **real_conversations(cfg, rt, log)}
     heldout = build_mixture(cfg, known, search, tok, "heldout", cfg.eval_seed, max(200, cfg.conversations // 20))
     rows = [r for rs in mixture.values() for r in rs] + extra

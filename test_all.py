@@ -2825,3 +2825,125 @@ def write_rehearsal_hub(root):
     FineWeb-Edu, SmolTalk and GSM8K in their real schemas."""
     write_fineweb_fixtures(root)
     write_hub_fixtures(root)
+
+
+# ---- issue 18: The lecture, demo by demo
+
+@pytest.fixture(scope="module")
+def lecture_out(tmp_path_factory):
+    """A scratch out/ in the tiny pipeline's layout, made of random tiny models (byte tokens, so every text
+    encodes), token shards, and the RL/RLHF logs the demos read: enough to run every demo quickly. What the
+    demos print from such models is noise; that they run and print their figures is what is tested."""
+    out = tmp_path_factory.mktemp("lecture") / "out"
+    tok = byte_tok()
+    tok_path = out / "tokenizer" / "tokenizer.json"
+    tok_path.parent.mkdir(parents=True)
+    tok.save(str(tok_path))
+    data.tokenize_to_shards({"train": ["To be, or not to be. " * 200], "val": ["The sea. " * 100]}, "embedded",
+                            str(tok_path), str(out / "shards"))
+    for k, stage in enumerate(("base", "sft", "sft-norefusal", "rl", "rlhf")):
+        train_gpt.save_checkpoint(str(out / stage / "model.pt"), tiny_model(tok.vocab_size, seq_len=2048, seed=k),
+                                  tok, step=3, config={"num_steps": 4, "total_batch_tokens": 64}, stage=stage)
+    with open(out / "rl" / "log.jsonl", "w") as f:
+        for step in range(1, 4):
+            f.write(json.dumps({"step": step, "reward": 0.1 * step, "length": 30 + step}) + "\n")
+    (out / "rlhf" / "metrics.json").write_text(json.dumps(
+        {"rm_pair_accuracy": 0.8, "true_reward_sft": 0.3, "true_reward_final": 0.4}))
+    with open(out / "rlhf" / "hack_log.jsonl", "w") as f:
+        for step, (proxy, true) in enumerate([(0.5, 0.3), (0.7, 0.4), (0.9, 0.1)]):
+            f.write(json.dumps({"eval": True, "step": step, "proxy": proxy, "true": true, "degenerate": 0.1 * step,
+                                "example": "the sea", "top": "the the the", "top_proxy": proxy}) + "\n")
+    return out
+
+
+# each demo's own figure: a line its output must contain (beyond the "== [ID] name" header)
+DEMO_FIGURES = {
+    "pii": "<PHONE> or <PHONE>", "compression": "bits:", "tokens": "Token count", "spaces-and-case": "Token count",
+    "subwords": "Token count", "token-stream": "first 48 token ids", "nudge": "<- the true next token",
+    "scale": "32B tokens", "stochastic": "--- sample 3 ---", "next-token": "tokens share",
+    "not-an-assistant": "distinct samples", "priming": "real characters of the plays",
+    "regurgitation": "tokens match the training text =", "cutoff": "different first words", "few-shot": "10-shot vs 0-shot",
+    "assistant-page": "with --stop", "protocol": "Token count", "before-after": "sft:", "hallucination": "refusals",
+    "working-memory": "with the passage in the context window", "tokens-to-think": "answer first",
+    "tools": "with the code tool", "jagged": "samples name", "rl-curves": "mean response length",
+    "sft-vs-rl": "mean length", "reward-example": "0.80 -> 0.81", "discriminator": "judging:",
+    "reward-hacking": "turning point",
+}
+
+
+def test_every_lecture_demo_is_listed_in_order_with_its_spec_id(capsys):
+    chat.main(["demo", "--list"])
+    listed = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in listed] == [d.name for d in chat.LECTURE_DEMOS] == list(DEMO_FIGURES)
+    spec = open(os.path.join(HERE, "README.md")).read()
+    for d in chat.LECTURE_DEMOS:  # the README's table has a row per demo, with its command
+        assert f"python chat.py demo {d.name}" in spec and f"[{d.spec}]" in " ".join(listed)
+
+
+@pytest.mark.parametrize("name", list(DEMO_FIGURES))
+def test_lecture_demo_runs_and_prints_its_header_and_figure(name, lecture_out, capsys):
+    chat.main(["demo", name, "--out-dir", str(lecture_out), "--n", "2"])
+    printed = capsys.readouterr().out
+    spec = next(d.spec for d in chat.LECTURE_DEMOS if d.name == name)
+    assert printed.startswith(f"== [{spec}] {name}:") and DEMO_FIGURES[name] in printed, printed[-2000:]
+
+
+def test_a_demo_without_its_checkpoint_says_which_one_in_one_line(tmp_path):
+    result = run_cli(os.path.join(HERE, "chat.py"), "demo", "tools", "--out-dir", str(tmp_path / "nothing"))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "sft" in result.stderr and "python sft.py" in result.stderr
+
+
+def test_base_mode_stop_string_ends_the_sample():
+    assert chat.cut_at_stop("Blue light.\nHuman: and why", ["\nHuman:"]) == ("Blue light.", "\nHuman:")
+    assert chat.cut_at_stop("no stop here", ["\nHuman:"]) == ("no stop here", None)
+    assert chat.cut_at_stop("a|b#c", ["#", "|"]) == ("a", "|")  # the earliest stop wins
+
+
+@pytest.mark.parametrize("kind", sorted(data.COUNTING_WORDINGS))
+def test_copying_tool_prompts_on_heldout_wordings_copy_the_users_text_token_for_token(kind):
+    """The fix of the lecture's tool prompts: the reference call holds the user's dots or word as the very
+    same tokens as the message, its result is the answer, and held-out wordings/words never train."""
+    tok = Tokenizer.train(data.embedded_documents("val"), 600)
+    rng = random.Random(7)
+    for wordings in ("train", "heldout"):
+        for _ in range(40):
+            question, code, value = data.counting_item(rng, kind, wordings)
+            assert run_code(code) == (value if isinstance(value, str) else repr(value))
+            span = re.search(r"' (.*) '", code).group(1)
+            assert " " + span in question or "\n" + span in question
+            if " " + span in question:  # the copied span is the same token sequence in the message and the call
+                ids = tok.encode_ordinary(" " + span)
+                assert ids == tok.encode_ordinary(code)[1:1 + len(ids)]
+            assert sft.tool_call_correct(data.tool_answer(code, value), value)
+            assert (question.split(span)[0].strip() in
+                    {t.split("{")[0].strip() for t in data.COUNTING_WORDINGS[kind][wordings]}) or kind != "dots"
+    train_words, heldout_words = set(data.spelling_words("train")), set(data.spelling_words("heldout"))
+    assert not train_words & heldout_words and set(data.LECTURE_WORDS) <= heldout_words
+    assert not set(data.COUNTING_WORDINGS[kind]["train"]) & set(data.COUNTING_WORDINGS[kind]["heldout"])
+
+
+def test_emily_with_code_on_heldout_wordings_is_one_call_the_tool_answers():
+    rng = random.Random(3)
+    for wordings in ("train", "heldout"):
+        for _ in range(40):
+            question, code, price = data.emily_code_problem(rng, wordings)
+            assert question.endswith(data.USE_CODE) and run_code(code) == repr(float(price))
+            assert all(n in question for n in re.findall(r"\d+", code))  # every number copied from the question
+    row = data.emily_code_conversation(random.Random(1), "heldout")
+    assert sft.tool_call_correct(row["messages"][-1]["content"], float(row["answer"]))
+
+
+def test_sft_eval_measures_each_tool_prompt_family_on_40_heldout_prompts():
+    sets = sft.eval_sets(sft.SFTConfig(), {})
+    for family in ("dots", "letter", "every_kth", "emily_code"):
+        assert len(sets[family]) >= 40 and all(data.split_of(q) == "heldout" for q, _ in sets[family])
+        assert sft.METRIC_OF[family].endswith("_rate")
+
+
+def test_no_refusals_sft_mixture_answers_every_knowledge_question():
+    cfg = sft.SFTConfig(no_refusals=True, conversations=400)
+    characters = data.play_characters()
+    mixture = sft.build_mixture(cfg, {name: 1.0 for name, _, _ in characters}, chat.Search(), byte_tok())
+    assert "unknown_name" not in mixture
+    assert not any(data.REFUSAL in r["messages"][-1]["content"] for r in mixture["knowledge"])
