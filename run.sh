@@ -51,7 +51,7 @@ stage() {
 if [ "$preset" = tiny ]; then
     echo "=== data: tokenizer and token shards of the embedded corpus"
     python data.py
-    sft_preset=tiny rl_preset=tiny
+    sft_preset=tiny rl_preset=tiny post_args=""
 else
     # GPU presets learn from FineWeb-Edu (already filtered by its makers, so it goes straight to tokens).
     # File 000 is held out for validation and never trained on; the tokenizer learns from a slice of file 001;
@@ -76,8 +76,9 @@ else
         python data.py tokenize --input "${train_files[@]}" --val-input "$downloads/000_00000.parquet" \
             --val-tokens "$val_tokens" --tokenizer "$tokenizer" --out "$shards" --name fineweb
     fi
-    python train_gpt.py --preset "$preset" --dry-run --plan-gpus "${NPROC:-8}" ${BASE_ARGS:-}
-    sft_preset=d12 rl_preset=gsm8k
+    # shellcheck disable=SC2086
+    python rlhf.py plan --preset "$preset" --plan-gpus "${NPROC:-8}" ${BASE_ARGS:-}  # the estimates, before the run
+    sft_preset=d12 rl_preset=gsm8k post_args="--data-dir $downloads"
 fi
 
 resume=""
@@ -85,15 +86,15 @@ if [ -f "$root/base/model.pt" ] && [ ! -f "$root/base/metrics.json" ]; then resu
 # shellcheck disable=SC2086  # the *_ARGS variables are lists of flags
 stage base $launch train_gpt.py --preset "$preset" $resume ${BASE_ARGS:-}
 # shellcheck disable=SC2086
-stage sft python sft.py --preset "$sft_preset" --base "$root/base/model.pt" --out-dir "$root/sft" ${SFT_ARGS:-}
+stage sft $launch sft.py --preset "$sft_preset" --base "$root/base/model.pt" --out-dir "$root/sft" $post_args ${SFT_ARGS:-}
 # shellcheck disable=SC2086
-stage rl python rl.py --preset "$rl_preset" --checkpoint "$root/sft" --out-dir "$root/rl" ${RL_ARGS:-}
+stage rl $launch rl.py --preset "$rl_preset" --checkpoint "$root/sft" --out-dir "$root/rl" $post_args ${RL_ARGS:-}
 # shellcheck disable=SC2086
-stage rlhf python rlhf.py --checkpoint "$root/rl" --out-dir "$root/rlhf" ${RLHF_ARGS:-}
+stage rlhf $launch rlhf.py --checkpoint "$root/rl" --out-dir "$root/rlhf" ${RLHF_ARGS:-}
 if ! grep -q '"hack_true_final"' "$root/rlhf/metrics.json"; then  # the demonstration adds its figures to the stage's
     echo "=== rlhf --hack: the same reward model, no KL penalty, no early stopping"
     # shellcheck disable=SC2086
-    python rlhf.py --hack --checkpoint "$root/rl" --out-dir "$root/rlhf" ${RLHF_ARGS:-} ${HACK_ARGS:-}
+    $launch rlhf.py --hack --checkpoint "$root/rl" --out-dir "$root/rlhf" ${RLHF_ARGS:-} ${HACK_ARGS:-}
 fi
 
 echo "=== chat: a few questions to the finished assistant (greedy)"
