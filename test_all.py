@@ -530,20 +530,34 @@ def test_extract_text_keeps_the_article_and_drops_the_furniture():
         assert junk not in d["text"]
     sloppy = {"html": f"<nav><ul><li>Home<li>About</ul></nav><p>{PROSE}", "file_path": "z"}  # unclosed tags
     assert data.extract_text(sloppy) is None and sloppy["text"] == PROSE
-    empty = {"html": "<html><body><nav>Home | About</nav><script>x()</script></body></html>", "file_path": "y"}
-    assert data.extract_text(empty) == "no text left after removing the markup"
+    app_shell = {"html": "<html><body><div id='root'></div><script>render()</script></body></html>", "file_path": "y"}
+    assert data.extract_text(app_shell) == "no main text found in the page"
+    # With nothing else on the page, trafilatura keeps the menu's words; the quality rules drop them later.
+    menu = {"html": "<html><body><nav>Home | About</nav><script>x()</script></body></html>", "file_path": "m"}
+    assert data.extract_text(menu) is None and menu["text"] == "Home | About"
+    assert "words" in data.gopher_quality_filter(menu)
 
 
-HTML_WORDS = st.text("abcdefghij klmnop", min_size=1, max_size=40).map(str.strip).filter(bool)
+INLINE_TAGS = [("<a href='/glossary'>", "</a>"), ("<em>", "</em>"), ("<b>", "</b>"), ("<code>", "</code>"),
+               ("<span class='x'>", "</span>")]
 
 
-@settings(max_examples=40, deadline=None)
-@given(st.lists(HTML_WORDS, min_size=1, max_size=5), HTML_WORDS, st.sampled_from(sorted(data.SKIP_TAGS - {"head"})))
-def test_extract_text_keeps_paragraphs_and_never_leaks_skipped_elements(paragraphs, hidden, tag):
-    page = "".join(f"<p>{p}</p><{tag}><div>SECRET {hidden}</div></{tag}>" for p in paragraphs)
-    d = {"html": f"<html><body>{page}</body></html>", "file_path": "p"}
-    data.extract_text(d)
-    assert d["text"].split("\n") == [" ".join(p.split()) for p in paragraphs]
+@settings(max_examples=25, deadline=None)
+@given(st.lists(st.sampled_from([PROSE, OTHER_PROSE]), min_size=1, max_size=2, unique=True), st.randoms())
+def test_extract_text_gives_one_line_per_paragraph_however_the_source_is_wrapped(paragraphs, rnd):
+    """Newlines and indentation between any two words of the HTML source, and inline tags around any word,
+    never change the text: in HTML a run of whitespace inside a paragraph is one space."""
+    def as_source(paragraph):
+        out = []
+        for word in paragraph.split():
+            opening, closing = rnd.choice(INLINE_TAGS) if rnd.random() < 0.15 else ("", "")
+            out += [opening, word, closing, rnd.choice([" ", "\n", "\n      ", " \t "])]
+        return "".join(out)
+    body = "".join(f"<div class='para'><p>{as_source(p)}</p></div>\n" for p in paragraphs)
+    page = f"<html><body><nav><a href='/'>Home</a> <a href='/blog'>Blog</a></nav><article>{body}</article></body></html>"
+    d = {"html": page, "file_path": "p"}
+    assert data.extract_text(d) is None
+    assert d["text"].split("\n") == paragraphs
 
 
 def test_language_filter_keeps_english_and_stores_its_score():
@@ -719,8 +733,10 @@ def test_process_reads_parquet_jsonl_and_txt(tiny_tokenizer, tmp_path):
     stats = data.process([str(tmp_path / "a.parquet"), str(tmp_path / "b.jsonl"), str(tmp_path / "c.txt")],
                          str(tmp_path / "out"), [], tiny_tokenizer)
     assert stats["url_blocklist"]["in"] == 6
-    assert stats["language"]["removed"] == 2  # the French and the German document
-    assert stats["minhash_dedup"]["removed"] == 2  # the repeated parquet row, and the upper-case copy
+    # the French and the German document, and the upper-case copy: fastText, trained on ordinary mixed-case
+    # text, scores all-caps English as something else (ja 0.26 here) -- FineWeb's filter dropped such pages too
+    assert stats["language"]["removed"] == 3
+    assert stats["minhash_dedup"]["removed"] == 1  # the repeated parquet row
     rows = [json.loads(line) for line in open(tmp_path / "out" / "kept.jsonl")]
     assert [r["url"] for r in rows] == ["https://example.org/0", "https://x.org/bread"]
     assert rows[0]["id"] == "doc-0"  # the source's own columns survive
