@@ -2399,3 +2399,15 @@ def test_missing_language_model_is_one_clear_error_not_a_download(monkeypatch, t
         monkeypatch.undo()
         data.language_identifier.cache_clear()
     assert data.language_score(PROSE)[0] == "en"
+
+
+def test_extraction_fills_url_and_date_from_the_page_when_the_source_has_none():
+    page = ("<html><head><meta property='og:url' content='https://news.example.org/2024/rivers'>"
+            "<meta property='article:published_time' content='2024-05-06T10:00:00Z'></head>"
+            f"<body><article><p>{PROSE}</p></article></body></html>")
+    doc = {"html": page, "file_path": "saved.html", "url": None, "date": None}
+    assert data.extract_text(doc) is None and doc["text"] == PROSE
+    assert (doc["url"], doc["date"]) == ("https://news.example.org/2024/rivers", "2024-05-06")
+    crawled = {"html": page, "file_path": "w", "url": "https://crawl.example/x", "date": "2024-06-01T00:00:00Z"}
+    data.extract_text(crawled)  # what the crawl record says wins over what the page says about itself
+    assert (crawled["url"], crawled["date"]) == ("https://crawl.example/x", "2024-06-01T00:00:00Z")
