@@ -295,7 +295,8 @@ def measure_funnel(repeats=3, copies=20):
     tok = data.load_tokenizer(data.prepare_tokenizer())
     blocklist = data.load_list([os.path.join(data.EMBEDDED_DIR, "url_blocklist.txt")], "--blocklist")
     data.language_identifier()  # load fastText before timing, as `process` does
-    figures, kept = {"funnel_pages": len(docs), "funnel_load_average": round(os.getloadavg()[0], 2)}, {}
+    figures = {"funnel_pages": len(docs), "funnel_copies": copies, "funnel_load_average": round(os.getloadavg()[0], 2)}
+    kept = {}
 
     def run_funnel(processes):
         filters = data.make_filters(blocklist)
@@ -353,7 +354,7 @@ def bench_funnel(args):
 `python bench.py data --part funnel --repeats {args.repeats}` — {machine()}; load average
 {figures['funnel_load_average']} when it started (the machine's 1-minute average of busy processes: above the
 core count means other work shared the cores). {figures['funnel_pages']} pages: the
-{figures['funnel_pages'] // 20} pages of `data/web_sample/`, 20 times each, through every filter of
+{figures['funnel_pages'] // figures['funnel_copies']} pages of `data/web_sample/`, {figures['funnel_copies']} times each, through every filter of
 `data.run_funnel` (trafilatura, fastText lid.176, Gopher, MinHash, C4, PII, token counts); copies after the
 first are dropped at MinHash, after the per-page work before it. Both process counts keep the same
 {figures['funnel_kept']} rows (checked). The fastest of {args.repeats} runs, pool start-up included.

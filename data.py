@@ -9,6 +9,8 @@ Common Crawl -- billions of raw web pages -- passed through a funnel of filters:
 
 Each filter here is one small function with its thresholds written next to it, run in that order, and the
 `process` command prints how many documents each one removed (the funnel), with an example of each.
+Text extraction and language identification use the tools FineWeb used (trafilatura, fastText's lid.176),
+and the filters run on every core.
 
 The text then becomes numbers: every document is tokenized once (on all cores), prefixed with the
 <|endoftext|> token so the model can tell documents apart, and stored as flat binary "shards" of token ids.
@@ -18,8 +20,9 @@ shifted by one token: at every position the model learns to predict the next tok
 Sources, all optional except the first:
   * the embedded corpus: a few MB of public-domain English (Shakespeare and Milton) committed under data/,
     so that every stage runs offline, with no download (provenance: data/README.md);
-  * a handful of hand-written web pages (data/web_sample/) with menus, scripts, spam, duplicates, a French
-    page and personal data, so that the filter funnel has something real to act on offline;
+  * 22 hand-written web pages shaped like real ones (data/web_sample/: hard-wrapped paragraphs, menus,
+    cookie banners, spam, copies, French/Japanese/Russian pages, personal data) with the verdict each must
+    get (expected.json), so that the filter funnel has something real to act on offline;
   * FineWeb-Edu parquet shards and TinyStories text files over HTTP (resumable, verified downloads);
   * any local .txt, .jsonl (a "text" field per line), .parquet or .html files.
 
