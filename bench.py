@@ -7,6 +7,7 @@ bench.py -- measured speed and quality, side by side with the peers, in one run 
                                 # pages/s on the web sample, on 1 and 2 processes
     python bench.py train       # a full tiny pretraining run: tokens/s, memory, time to 2.2 bits per byte
     python bench.py infer       # KV-cache decoding vs recomputing the whole sequence, prefill speed
+    python bench.py gpu         # a GPU preset's training step (d12): tokens/s, MFU, memory, beside the dry-run
     python bench.py rl          # an RL step: rollout tokens/s, sampling vs learning time
 
 Each benchmark prints a table and one JSON line, and rewrites its own section of BENCHMARKS.md (with the
@@ -474,6 +475,84 @@ corpus; val bpb on the whole held-out split.
 
 
 # ----------------------------------------------------------------------------------------------------
+# bench.py gpu: the pretraining step at a GPU preset, measured beside the dry-run's estimates
+
+class RandomTokens:
+    """Batches of uniformly random token ids: the speed of a training step does not depend on what the
+    tokens say, and this needs no downloaded data and no trained tokenizer."""
+
+    def __init__(self, batch_size, seq_len, vocab_size, seed=0):
+        self.shape, self.vocab_size = (batch_size, seq_len + 1), vocab_size
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def next_batch(self):
+        rows = torch.randint(0, self.vocab_size, self.shape, generator=self.generator)
+        return rows[:, :-1], rows[:, 1:]
+
+
+def measure_gpu(preset="d12", steps=300, device="auto", vocab_size=train_gpt.GPU_VOCAB_SIZE):
+    """`steps` optimizer steps of train_gpt's own train_step at `preset` (compiled, bf16 autocast on CUDA)
+    on one device -> figures: tokens/s and MFU of the steady steps, the first step's extra time (mostly
+    compilation), peak memory, and the dry-run's estimates for the same run."""
+    cfg = train_gpt.TrainConfig(**train_gpt.PRESETS[preset], device=device)
+    rt = train_gpt.setup_runtime(cfg.device, cfg.dtype)
+    torch.manual_seed(cfg.seed)
+    model = train_gpt.build_model(cfg, vocab_size).to(rt.device)
+    optimizers = train_gpt.build_optimizers(model, cfg, rt.device.type)
+    train_model, _ = train_gpt.wrap_for_training(model, cfg, rt)
+    accum = cfg.total_batch_tokens // (cfg.batch_size * cfg.seq_len)
+    loader = RandomTokens(cfg.batch_size, cfg.seq_len, vocab_size)
+    times = []
+    for step in range(steps):
+        t0 = time.time()
+        train_gpt.train_step(model, train_model, None, optimizers, loader, accum, 1.0, cfg, rt)
+        if rt.device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.time() - t0)
+    steady = sorted(times[1:])[len(times[1:]) // 2] if len(times) > 1 else times[0]  # the median step
+    peak = train_gpt.peak_flops(rt.device)
+    config = model.config
+    estimate = sum(train_gpt.memory_plan(cfg, config, 1).values()) + train_gpt.GPU_OVERHEAD_GIB * train_gpt.GIB
+    flops_per_step = model.flops_per_token() * cfg.total_batch_tokens
+    return dict(preset=preset, device=str(rt.device), device_name=torch.cuda.get_device_name(rt.device)
+                if rt.device.type == "cuda" else platform.processor() or "cpu", steps=steps,
+                params=model.num_params(), tokens_per_step=cfg.total_batch_tokens,
+                tokens_per_second=cfg.total_batch_tokens / steady,
+                mfu=flops_per_step / steady / peak if peak else None, first_step_extra_s=times[0] - steady,
+                peak_memory_gib=torch.cuda.max_memory_allocated(rt.device) / train_gpt.GIB
+                if rt.device.type == "cuda" else None,
+                estimated_memory_gib=estimate / train_gpt.GIB,
+                estimated_tokens_per_second_at_40pct=train_gpt.PLAN_MFU * peak / model.flops_per_token() if peak else None)
+
+
+def optional(value, template):
+    """A figure that a CPU smoke run does not have (MFU, GPU memory) -> "n/a"."""
+    return "n/a" if value is None else template.format(value)
+
+
+def bench_gpu(args):
+    figures = measure_gpu(args.preset, args.steps, args.device)
+    print(json.dumps({"bench": "gpu", **figures}))
+    header = ["preset", "device", "params", "tokens/s", "MFU", "first step extra s", "peak memory GiB",
+              "estimated memory GiB", "estimated tokens/s at 40% MFU"]
+    row = [figures["preset"], figures["device_name"], f"{figures['params']:,}", f"{figures['tokens_per_second']:,.0f}",
+           optional(figures["mfu"], "{:.1%}"), f"{figures['first_step_extra_s']:.1f}",
+           optional(figures["peak_memory_gib"], "{:.1f}"), f"{figures['estimated_memory_gib']:.1f}",
+           optional(figures["estimated_tokens_per_second_at_40pct"], "{:,.0f}")]
+    print_table(header, [row])
+    write_section(f"gpu-{args.preset}", f"""
+## Pretraining step on a GPU: the `{args.preset}` preset, measured beside the plan
+
+`python bench.py gpu --preset {args.preset} --steps {args.steps}` — {machine()}. {args.steps} optimizer steps of
+train_gpt.train_step on random tokens (compiled, bf16 autocast), one device; tokens/s and MFU of the median
+step; "first step extra" is the first step's time beyond the median (mostly compilation). The estimates are
+the dry-run's (`python train_gpt.py --preset {args.preset} --dry-run --plan-gpus 1`).
+
+{markdown_table(header, [row])}
+""")
+
+
+# ----------------------------------------------------------------------------------------------------
 # bench.py rl
 
 def measure_rl(checkpoint=os.path.join("out", "sft"), steps=5, **overrides):
@@ -587,6 +666,11 @@ def main():
     tok.add_argument("--heldout", default=os.path.join(SHARED_CORPUS, "heldout_milton.txt"))
     tok.add_argument("--repeats", type=int, default=2)
     tok.set_defaults(run=bench_tokenizer)
+    gpu = sub.add_parser("gpu", help="a GPU preset's training step: tokens/s, MFU, memory, compile time vs the plan")
+    gpu.add_argument("--preset", default="d12")
+    gpu.add_argument("--steps", type=int, default=300)
+    gpu.add_argument("--device", default="auto", help="cuda (auto), or cpu for a smoke run")
+    gpu.set_defaults(run=bench_gpu)
     scale = sub.add_parser("tokenizer-scale", help="training at the GPU vocabulary, extrapolated to the GPU slice")
     scale.add_argument("--corpus", default=os.path.join(SHARED_CORPUS, "gutenberg_20mb.txt"))
     scale.add_argument("--vocab-size", type=int, default=32768)

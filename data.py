@@ -1208,6 +1208,7 @@ def shards_are_current(name, tokenizer_path, shards_dir):
 def check_shard_set(folder, tokenizer_path):
     """A shard set is usable when it is complete (meta.json is written last) and was made by this very
     tokenizer: shards cut by another vocabulary would train without an error, on meaningless ids."""
+    folder, tokenizer_path = os.path.abspath(folder), os.path.abspath(tokenizer_path)  # name the node's own file
     meta_path = os.path.join(folder, "meta.json")
     if not os.path.exists(meta_path):
         raise DataError(f"{folder}: no meta.json, so no complete shard set (make one with `python data.py "

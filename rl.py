@@ -48,7 +48,6 @@ import time
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 
 import data
 from chat import DEFAULT_MEMORY_GB, Engine, assistant_content
@@ -56,7 +55,7 @@ from sft import collate, gsm8k_records
 from tokenizer import render_for_completion, use_colour
 from train_gpt import (UserError, all_reduce_grads, all_reduce_mean, build_optimizers, fmt_time, gather_lists,
                        load_checkpoint, lr_multiplier, only_master_prints, opt, parse_config, require_positive,
-                       run_cli, save_checkpoint, save_curves, setup_runtime, write_metrics)
+                       run_cli, save_checkpoint, save_curves, setup_runtime, write_metrics, distributed_stage)
 
 # ====================================================================================================
 # 1. Practice problems and the verifier
@@ -511,12 +510,8 @@ def train(cfg):
 
 def main(argv):
     cfg = parse_config(RLConfig, argv, PRESETS, prog="rl.py", description=__doc__)
-    try:
-        with only_master_prints():
-            train(cfg)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    with distributed_stage(), only_master_prints():
+        train(cfg)
 
 
 if __name__ == "__main__":

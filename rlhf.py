@@ -42,7 +42,6 @@ import time
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -55,7 +54,7 @@ from sft import SFTConfig
 from train_gpt import PRESETS as TRAIN_PRESETS
 from train_gpt import (GIB, GPT, LOSS_CHUNK_TOKENS, GPTConfig, TrainConfig, dry_run, SAVED_BYTES_PER_TOKEN_LAYER, UserError, all_reduce_grads, checkpoint_file, fmt_time, gather_lists, load_checkpoint,
                        only_master_prints, opt, parse_config, require_positive, run_cli, sampling_bytes,
-                       save_checkpoint, save_curves, write_metrics)
+                       save_checkpoint, save_curves, write_metrics, distributed_stage)
 
 # ====================================================================================================
 # 1. The simulated human
@@ -680,12 +679,8 @@ def main(argv):
     if argv and argv[0] == "plan":
         return plan_main(argv[1:])
     cfg = parse_config(RLHFConfig, argv, PRESETS, prog="rlhf.py", description=__doc__ + "\nsubcommand: plan (--help)")
-    try:
-        with only_master_prints():
-            train(cfg)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    with distributed_stage(), only_master_prints():
+        train(cfg)
 
 
 if __name__ == "__main__":

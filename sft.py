@@ -53,7 +53,7 @@ from tokenizer import (SPECIAL_TOKENS, Tokenizer, available_cpus, check_messages
                        render_for_completion, render_tokens, use_colour)
 from train_gpt import PRESETS as PRETRAINING_PRESETS
 from train_gpt import (UserError, all_reduce_mean, build_optimizers, checkpoint_file, fmt_time, load_checkpoint,
-                       lr_multiplier, opt, parse_config, run_cli, save_checkpoint, setup_runtime, write_metrics)
+                       lr_multiplier, opt, parse_config, run_cli, save_checkpoint, setup_runtime, write_metrics, distributed_stage)
 
 
 @dataclass
@@ -817,11 +817,8 @@ def main(argv):
     cfg = parse_config(SFTConfig, argv, PRESETS, prog="sft.py", description=__doc__ + "\nsubcommands: eval (--help)")
     if cfg.show_data:
         return show_data(cfg)
-    try:
+    with distributed_stage():
         finetune(cfg)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

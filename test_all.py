@@ -20,6 +20,8 @@ import math
 import os
 import random
 import re
+import shutil
+import socket
 import subprocess
 import sys
 import threading
@@ -3123,3 +3125,105 @@ def test_extraction_fills_url_and_date_from_the_page_when_the_source_has_none():
     crawled = {"html": page, "file_path": "w", "url": "https://crawl.example/x", "date": "2024-06-01T00:00:00Z"}
     data.extract_text(crawled)  # what the crawl record says wins over what the page says about itself
     assert (crawled["url"], crawled["date"]) == ("https://crawl.example/x", "2024-06-01T00:00:00Z")
+
+
+def multinode_checkout(folder, train_corpus):
+    """One node's copy of the project: its own checkout (the .py files), tokenizer and shards, at paths
+    relative to the checkout, as README's multi-node section asks."""
+    folder.mkdir()
+    for name in glob.glob(os.path.join(HERE, "*.py")):
+        shutil.copy(name, folder)
+    shutil.copy(train_corpus["tokenizer"], folder / "tok.json")
+    text = open(train_corpus["text"], encoding="utf-8").read()
+    data.tokenize_to_shards({"train": [text[:-6000]], "val": [text[-6000:]]}, "mini", str(folder / "tok.json"),
+                            str(folder / "shards"))
+    return folder
+
+
+def launch_agents(nodes, flags, port, logs):
+    """Two torchrun agents, one per checkout, meeting through c10d rendezvous on 127.0.0.1 (each in a new
+    session, so that a test can kill one like a lost machine) -> the Popen objects."""
+    procs = []
+    for node in nodes:
+        command = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
+                   "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", f"--rdzv-id=test-{port}",
+                   "--max-restarts=0", "train_gpt.py", *flags]
+        log = open(logs / f"{node.name}.log", "a")
+        procs.append(subprocess.Popen(command, cwd=node, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                      env={**os.environ, "OMP_NUM_THREADS": "1"}))
+    return procs
+
+
+def free_port():
+    with contextlib.closing(socket.socket()) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_torchrun_agents_in_separate_checkouts_survive_a_kill_and_resume(train_corpus, tmp_path):
+    """Two "nodes" (torchrun agents in two checkouts, c10d on 127.0.0.1, gloo) write checkpoints into one
+    shared --out-dir; both are killed mid-run; the resumed job -- wherever rank 0 lands -- ends with exactly
+    the losses of a run that was never interrupted."""
+    nodes = [multinode_checkout(tmp_path / name, train_corpus) for name in ("node_a", "node_b")]
+    shared, logs = tmp_path / "shared_out", tmp_path / "logs"
+    logs.mkdir()
+    flags = ["--shards", os.path.join("shards", "mini"), "--tokenizer", "tok.json", "--depth", "2", "--n-embd", "32",
+             "--n-head", "2", "--n-kv-head", "1", "--seq-len", "32", "--batch-size", "4", "--total-batch-tokens", "8192",
+             "--num-steps", "24", "--warmup-steps", "2", "--eval-every", "0", "--sample-every", "0", "--save-every", "4",
+             "--device", "cpu"]
+    reference = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                                "train_gpt.py", *flags, "--out-dir", str(tmp_path / "reference")], cwd=nodes[0],
+                               capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    procs = launch_agents(nodes, [*flags, "--out-dir", str(shared)], free_port(), logs)
+    deadline = time.time() + 300
+    while not (shared / "model.pt").exists() and time.time() < deadline and all(p.poll() is None for p in procs):
+        time.sleep(0.05)
+    for p in procs:  # both machines lost at once: the agents, and their workers (torchrun puts those in
+        with contextlib.suppress(ProcessLookupError):  # sessions of their own), found by their --out-dir
+            os.killpg(p.pid, 9)
+        p.wait()
+    subprocess.run(["pkill", "-9", "-f", f"--out-dir {shared}"])
+    while subprocess.run(["pgrep", "-f", f"--out-dir {shared}"], capture_output=True).returncode == 0:
+        time.sleep(0.05)
+    assert (shared / "model.pt").exists() and not (shared / "metrics.json").exists(), \
+        "\n".join((logs / f"{n.name}.log").read_text()[-1500:] for n in nodes)
+    procs = launch_agents(nodes, [*flags, "--out-dir", str(shared), "--resume"], free_port(), logs)
+    for p in procs:
+        assert p.wait(timeout=600) == 0, "\n".join((logs / f"{n.name}.log").read_text()[-3000:] for n in nodes)
+    resumed, uninterrupted = train_log_losses(shared), train_log_losses(tmp_path / "reference")
+    steps = [row["step"] for row in map(json.loads, open(shared / "log.jsonl")) if "loss" in row]
+    assert sorted(steps) == list(range(1, 25)) and len(set(steps)) == 24  # each step once, after the resume too
+    assert all(abs(resumed[k] - uninterrupted[k]) < 1e-5 for k in uninterrupted), (resumed, uninterrupted)
+    assert "resuming from" in "".join((logs / f"{n.name}.log").read_text() for n in nodes)
+
+
+@pytest.mark.slow
+def test_multinode_start_up_names_the_node_and_file_that_is_missing(train_corpus, tmp_path):
+    nodes = [multinode_checkout(tmp_path / name, train_corpus) for name in ("node_a", "node_b")]
+    shutil.rmtree(nodes[1] / "shards")  # the second node lacks the data
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    flags = ["--shards", os.path.join("shards", "mini"), "--tokenizer", "tok.json", "--depth", "2", "--n-embd", "32",
+             "--n-head", "2", "--n-kv-head", "1", "--seq-len", "32", "--batch-size", "4", "--total-batch-tokens", "256",
+             "--num-steps", "2", "--device", "cpu"]
+    procs = launch_agents(nodes, [*flags, "--out-dir", str(tmp_path / "shared")], free_port(), logs)
+    assert all(p.wait(timeout=300) != 0 for p in procs)
+    text = "".join((logs / f"{n.name}.log").read_text() for n in nodes)
+    assert re.search(r"error: node \S+ \(rank \d\): .*node_b/shards/mini/meta\.json|error: node \S+ \(rank \d\): "
+                     r".*node_b/shards/mini", text), text[-3000:]
+    # every node has its data, but each writes checkpoints to its own folder: refused before step 0
+    shutil.copytree(nodes[0] / "shards", nodes[1] / "shards")
+    procs = launch_agents(nodes, [*flags, "--out-dir", os.path.join("out", "base")], free_port(), logs)
+    assert all(p.wait(timeout=300) != 0 for p in procs)
+    text = "".join((logs / f"{n.name}.log").read_text() for n in nodes)
+    assert "is not the folder rank 0 writes to" in text, text[-3000:]
+
+
+def test_bench_gpu_runs_the_real_training_step_on_a_cpu_at_smoke_size():
+    """bench.py gpu is prepared for the day a GPU is at hand; on a CPU it runs the same code at smoke size."""
+    import bench
+    figures = bench.measure_gpu("rehearsal", steps=2, device="cpu", vocab_size=512)
+    assert figures["tokens_per_second"] > 0 and figures["mfu"] is None and figures["peak_memory_gib"] is None
+    assert figures["estimated_memory_gib"] > train_gpt.GPU_OVERHEAD_GIB

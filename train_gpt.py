@@ -579,6 +579,22 @@ def setup_runtime(device="auto", dtype="auto"):
     return Runtime(device, choices[dtype], rank, world)
 
 
+@contextlib.contextmanager
+def distributed_stage():
+    """Around a stage's main: leave the process group cleanly when torchrun started one. On success, every
+    process first waits for the others (rank 0 is often still writing its files: gloo aborts a process whose
+    peer is torn down under it); after an error nobody waits, since the others may already be gone."""
+    try:
+        yield
+    except BaseException:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        raise
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def all_reduce_mean(tensors, rt):
     """Distributed data parallelism in one step: every process computed gradients on its own slice of the
     batch; average them so all processes apply the same update and their weights stay identical."""
@@ -1479,7 +1495,13 @@ def shards_needed_main(argv):
     """`python train_gpt.py shards-needed --preset d12 --tokens-per-file N`: print how many FineWeb-Edu
     files the preset's planned tokens need (run.sh downloads that many, plus one for validation)."""
     cfg = parse_config(TrainConfig, argv, PRESETS, prog="train_gpt.py shards-needed")
-    print(shards_needed(cfg.total_batch_tokens * cfg.num_steps, cfg.tokens_per_file or FINEWEB_TOKENS_PER_FILE))
+    tokens, per_file = cfg.total_batch_tokens * cfg.num_steps, cfg.tokens_per_file or FINEWEB_TOKENS_PER_FILE
+    needed, available = shards_needed(tokens, per_file), FINEWEB_FILES - 1
+    if needed > available:
+        print(f"note: the plan needs {needed} FineWeb-Edu files but the sample has {available} besides the "
+              f"validation file: training will see its data {tokens / (available * per_file):.1f} times",
+              file=sys.stderr)
+    print(min(needed, available))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1587,11 +1609,8 @@ def main(argv):
                                                      "shards-needed (--help)")
     if cfg.dry_run:
         return dry_run(cfg)
-    try:
+    with distributed_stage():
         train(cfg)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
 
 
 if __name__ == "__main__":
