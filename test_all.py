@@ -3227,3 +3227,16 @@ def test_bench_gpu_runs_the_real_training_step_on_a_cpu_at_smoke_size():
     figures = bench.measure_gpu("rehearsal", steps=2, device="cpu", vocab_size=512)
     assert figures["tokens_per_second"] > 0 and figures["mfu"] is None and figures["peak_memory_gib"] is None
     assert figures["estimated_memory_gib"] > train_gpt.GPU_OVERHEAD_GIB
+
+
+@pytest.mark.slow
+def test_the_chunked_loss_compiles_to_one_graph_without_breaks(monkeypatch):
+    """torch.compile sees the whole train (and eval) forward, checkpointed loss chunks included, as one graph."""
+    monkeypatch.setattr(train_gpt, "LOSS_CHUNK_TOKENS", 64)
+    model = train_gpt.GPT(train_gpt.GPTConfig(vocab_size=256, seq_len=32, n_layer=2, n_embd=32, n_head=2, n_kv_head=2))
+    x, y = torch.randint(0, 256, (8, 32)), torch.randint(0, 256, (8, 32))
+    train = torch._dynamo.explain(model)(x, y)
+    with torch.no_grad():
+        evaluation = torch._dynamo.explain(model)(x, y, reduction="none")
+    assert (train.graph_count, train.graph_break_count) == (1, 0), train.break_reasons
+    assert (evaluation.graph_count, evaluation.graph_break_count) == (1, 0), evaluation.break_reasons

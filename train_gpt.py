@@ -817,8 +817,8 @@ PRESETS = {
     "d26": _gpu_preset("d26", 26, 8),
     # The d12 flow (FineWeb-Edu layout, its own tokenizer, a held-out val file, checkpoints, resume) at a size
     # 2 CPU processes finish in a minute: what CI runs against a local stand-in for the Hub (run.sh rehearsal).
-    "rehearsal": {**_gpu_preset("rehearsal", 2, 4), "n_embd": 64, "n_head": 2, "n_kv_head": 2, "seq_len": 128,
-                  "num_steps": 40, "total_batch_tokens": 2048, "matrix_lr": 0.04, "embed_lr": 0.3, "head_lr": 0.008, "eval_every": 10,
+    "rehearsal": {**_gpu_preset("rehearsal", 2, 4), "n_embd": 64, "n_head": 2, "n_kv_head": 2, "seq_len": 256,
+                  "num_steps": 40, "total_batch_tokens": 4096, "matrix_lr": 0.04, "embed_lr": 0.3, "head_lr": 0.008, "eval_every": 10,
                   "eval_tokens": 4096, "sample_every": 20, "sample_tokens": 24, "save_every": 10},
 }
 
@@ -900,10 +900,11 @@ def local_rank():
 
 def open_data(cfg, rt):
     """What a multi-node job needs on every node, checked before anything is computed. The first process of
-    each node prepares the data on its own disk (the same files everywhere: same checkout, same seedless
-    tokenizer training), the others wait; then every process checks its own tokenizer and shards, and all
-    must hold the same tokenizer. -> (tokenizer, train shard pattern, val shard pattern)."""
-    if local_rank() == 0:
+    each node prepares the embedded corpus on its own disk (the same files everywhere: same checkout, same
+    seedless tokenizer training); --input shards go to out_dir, so rank 0 alone writes them; the others
+    wait. Then every process checks its own tokenizer and shards, and all must hold the same tokenizer.
+    -> (tokenizer, train shard pattern, val shard pattern)."""
+    if (rt.rank if cfg.input else local_rank()) == 0:
         paths = on_every_process(lambda: prepare_data(cfg), rt)
     else:
         on_every_process(lambda: None, rt)
