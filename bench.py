@@ -7,6 +7,7 @@ bench.py -- measured speed and quality, side by side with the peers, in one run 
     python bench.py train       # a full tiny pretraining run: tokens/s, memory, time to 2.2 bits per byte
     python bench.py infer       # KV-cache decoding vs recomputing the whole sequence, prefill speed
     python bench.py rl          # an RL step: rollout tokens/s, sampling vs learning time
+    python bench.py codetool    # the code tool's worker process: per-call cost against in-process
 
 Each benchmark prints a table and one JSON line, and rewrites its own section of BENCHMARKS.md (with the
 command and the machine), leaving the other sections alone. Peers are benchmark-only dependencies: the
@@ -468,6 +469,45 @@ through the model for every new token, the KV cache one token.
 """)
 
 
+def bench_codetool(args):
+    """The code tool's worker process against evaluating in this process, calls interleaved so that both
+    see the same load; the ratio is the price of the hard limits."""
+    import chat
+    expressions = ["(869 - 177*4) / 23", "'strawberry'.count('r')", "12345678 * 87654321", "'ubiquitous'[::3]",
+                   "len(sum([[0]*99]*99, []))", "[[0]*9999]*9999 == [[0]*9999]*9999"]
+    chat.run_code("1")  # start the worker outside the timing, as a server does on its first call
+    rows, figures = [], {}
+    for src in expressions:
+        inside = outside = float("inf")
+        for _ in range(args.repeats):  # best of the repeats, each a batch of calls
+            started = time.perf_counter()
+            for _ in range(args.calls):
+                chat.evaluate_expression(src)
+            inside = min(inside, (time.perf_counter() - started) / args.calls)
+            started = time.perf_counter()
+            for _ in range(args.calls):
+                chat.run_code(src)
+            outside = min(outside, (time.perf_counter() - started) / args.calls)
+        rows.append([f"`{src}`", f"{inside * 1e6:,.0f}", f"{outside * 1e6:,.0f}", f"{outside / inside:.1f}x"])
+        figures[src] = {"in_process_us": round(inside * 1e6, 1), "worker_us": round(outside * 1e6, 1)}
+    header = ["expression", "in process µs", "worker µs", "ratio"]
+    print_table(header, rows)
+    print(json.dumps({"bench": "codetool", "load_1min": os.getloadavg()[0], **figures}))
+    write_section("codetool", f"""
+## The code tool: worker process vs in-process
+
+`python bench.py codetool --calls {args.calls} --repeats {args.repeats}` — {machine()}, load average
+{os.getloadavg()[0]:.1f} while measuring (the two columns are interleaved, so their ratio is fair under load).
+run_code sends each expression to one persistent forked worker (RLIMIT_AS, RLIMIT_CPU, killed after
+{chat.WORKER_SECONDS:g} s wall time); "in process" calls the same evaluator directly, without those limits.
+The last row is refused by the cost model (a value counted as if every alias were copied). The worker adds
+a pipe round trip (about 0.1 ms) to each call: several times a trivial expression, but small against one decoding
+step of the model, which a tool call always waits for anyway.
+
+{markdown_table(header, rows)}
+""")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -495,6 +535,10 @@ def main():
     infer.add_argument("--tokens", type=int, default=512, help="generated tokens at batch 1")
     infer.add_argument("--batch-tokens", type=int, default=128, help="generated tokens at batch 32")
     infer.set_defaults(run=bench_infer)
+    codetool = sub.add_parser("codetool", help="the code tool's worker process against in-process evaluation")
+    codetool.add_argument("--calls", type=int, default=200)
+    codetool.add_argument("--repeats", type=int, default=5)
+    codetool.set_defaults(run=bench_codetool)
     args = parser.parse_args()
     for name in ("corpus", "heldout"):
         path = getattr(args, name, None)

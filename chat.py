@@ -17,11 +17,14 @@ ranks passages of a local folder with BM25.
 """
 import ast
 import http.server
+import itertools
 import json
 import math
+import multiprocessing
 import operator
 import os
 import re
+import resource
 import threading
 import time
 import uuid
@@ -42,11 +45,16 @@ from train_gpt import KVCache, UserError, load_checkpoint, opt, parse_config, ru
 MAX_SOURCE_CHARS = 2000     # the expression itself
 MAX_DEPTH = 40              # nesting of the syntax tree
 MAX_STEPS = 10_000          # evaluated nodes
-MAX_SECONDS = 0.5           # wall time
+MAX_SECONDS = 0.5           # wall time, checked between nodes
 MAX_INT_BITS = 4096         # about 1,233 decimal digits
-MAX_STR_CHARS = 100_000     # any string value
+MAX_STR_CHARS = 100_000     # any string value, and anything str() or the answer would print
 MAX_ITEMS = 10_000          # any list/tuple value
+MAX_VALUE_COST = 1_000_000  # any value, as the characters it would print with every shared part copied
 MAX_EXPONENT = 10_000
+# The hard limits, enforced from outside the interpreter: they hold even when one C-level operation runs
+# for minutes or allocates gigabytes, where the checks between nodes above never get a chance to run.
+WORKER_SECONDS = 2.0                # wall time of one call, after which the worker process is killed
+WORKER_MEMORY_BYTES = 512 << 20     # address space the worker may add to what it inherited
 
 BINARY_OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
               ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod, ast.Pow: operator.pow}
@@ -61,8 +69,32 @@ def bounded_round(number, digits=0):
     return round(number, digits)
 
 
-FUNCTIONS = {"len": len, "abs": abs, "round": bounded_round, "min": min, "max": max, "sum": sum, "int": int,
-             "float": float, "str": str, "sqrt": math.sqrt}
+def bounded_str(value):
+    """str(), refused before it runs when the text would be too long: str([[1] * 9999] * 9999) is
+    only two lists in memory but would print 300 million characters."""
+    if isinstance(value, str):
+        return value
+    if value_cost(value) > MAX_STR_CHARS:
+        raise ToolError("the text of this value would be too long")
+    return str(value)
+
+
+def bounded_sum(items, start=0):
+    """sum(), with lists and tuples joined in one pass. Python's sum adds them one at a time, copying the
+    growing result each time (quadratic), so sum([[0] * 9999] * 9999, []) would copy 10**11 items."""
+    if not isinstance(items, (list, tuple)):
+        raise ToolError("sum() takes a list or tuple")
+    if not isinstance(start, (list, tuple)):
+        return sum(items, start)  # numbers: linear; Python itself refuses strings and mixed types
+    if not all(type(item) is type(start) for item in items):
+        raise ToolError(f"sum() with a {type(start).__name__} start adds only {type(start).__name__}s")
+    if len(start) + sum(map(len, items)) > MAX_ITEMS:
+        raise ToolError("the list is too long")
+    return type(start)(itertools.chain(start, *items))
+
+
+FUNCTIONS = {"len": len, "abs": abs, "round": bounded_round, "min": min, "max": max, "sum": bounded_sum,
+             "int": int, "float": float, "str": bounded_str, "sqrt": math.sqrt}
 STRING_METHODS = {"count", "upper", "lower", "replace", "split", "strip", "find", "startswith", "endswith"}
 
 
@@ -194,6 +226,9 @@ def check_binary_cost(op, left, right):
     if isinstance(op, ast.Pow) and isinstance(left, int) and isinstance(right, int):
         if right > MAX_EXPONENT or (abs(left) > 1 and right * abs(left).bit_length() > MAX_INT_BITS):
             raise ToolError("the power is too large")
+    if isinstance(op, ast.Add) and isinstance(left, (str, list, tuple)) and type(left) is type(right):
+        if len(left) + len(right) > (MAX_STR_CHARS if isinstance(left, str) else MAX_ITEMS):
+            raise ToolError("the joined string or list would be too long")
     if isinstance(op, ast.Mult):
         sequence, count = (left, right) if isinstance(left, (str, list, tuple)) else (right, left)
         if isinstance(sequence, (str, list, tuple)) and isinstance(count, int):
@@ -204,6 +239,24 @@ def check_binary_cost(op, left, right):
                 raise ToolError("the product is too large")
 
 
+def value_cost(value, memo=None):
+    """About how many characters repr(value) prints: the size of the value as if every shared part were
+    copied, computed without copying. [[0] * 9999] * 9999 is one inner list referenced 9999 times (80 kB
+    in memory), but str(), ==, `in`, sum() and max() all walk it as 10**8 items. The cost of each list or
+    tuple is remembered by identity (`memo`), so a shared part is measured once: the time is linear in
+    the distinct objects, never in the copied size."""
+    if isinstance(value, str):
+        return len(value) + 4  # quotes and ", "
+    if isinstance(value, bool) or not isinstance(value, (int, list, tuple)):
+        return 24  # the longest float repr, -1.2345678901234567e-308; bools, slices and None are shorter
+    if isinstance(value, int):
+        return value.bit_length() * 3 // 10 + 3  # decimal digits (log10 2 ~ 0.3), sign and ", "
+    memo = {} if memo is None else memo
+    if id(value) not in memo:  # `value` is alive while we measure it, so its parts' ids stay unique
+        memo[id(value)] = 2 + sum(value_cost(item, memo) for item in value)
+    return memo[id(value)]
+
+
 def check_size(value):
     if isinstance(value, bool) or value is None:
         return value
@@ -211,14 +264,18 @@ def check_size(value):
         raise ToolError("the number is too large")
     if isinstance(value, str) and len(value) > MAX_STR_CHARS:
         raise ToolError("the string is too long")
-    if isinstance(value, (list, tuple)) and len(value) > MAX_ITEMS:
-        raise ToolError("the list is too long")
+    if isinstance(value, (list, tuple)):
+        if len(value) > MAX_ITEMS:
+            raise ToolError("the list is too long")
+        if value_cost(value) > MAX_VALUE_COST:
+            raise ToolError("the value is too large (counting every repeated part)")
     return value
 
 
-def run_code(src):
-    """The code tool: evaluate one small expression, return its value as text, or "Error: ..." -- never
-    raise, whatever the model wrote. Strings come back without quotes ('ubiquitous'[::3] -> uqts)."""
+def evaluate_expression(src):
+    """The code tool inside this process: evaluate one small expression, return its value as text, or
+    "Error: ..." -- never raise, whatever the model wrote. Strings come back without quotes
+    ('ubiquitous'[::3] -> uqts). run_code calls this in a worker process, under hard limits."""
     try:
         if not isinstance(src, str) or len(src) > MAX_SOURCE_CHARS:
             raise ToolError(f"the expression must be a string of at most {MAX_SOURCE_CHARS} characters")
@@ -227,15 +284,107 @@ def run_code(src):
             tree = ast.parse(src.strip(), mode="eval")
         check_constructs(tree)
         value = SafeEvaluator().eval(tree)
-        return value if isinstance(value, str) else repr(value)
+        return valid_text(bounded_str(value))  # str() of a number, list or tuple is its repr
     except ToolError as e:
-        return f"Error: {e}"
+        return valid_text(f"Error: {e}")
     except SyntaxError as e:
         return f"Error: not a valid expression ({e.msg})"
-    except (RecursionError, MemoryError):
+    except RecursionError:
         return "Error: the expression is nested too deeply"
+    except MemoryError:
+        return "Error: the expression needs too much memory"
     except Exception as e:  # ZeroDivisionError, OverflowError, TypeError, ValueError, IndexError, ...
-        return f"Error: {type(e).__name__}: {e}"
+        return valid_text(f"Error: {type(e).__name__}: {e}")
+
+
+def valid_text(text):
+    """Replace lone surrogates (a valid Python string, '\\ud800', that no UTF-8 can encode) by U+FFFD, so
+    that whatever the tool answers can be tokenized, printed and sent as JSON."""
+    return SURROGATES.sub("\ufffd", text)
+
+
+SURROGATES = re.compile("[\ud800-\udfff]")
+
+
+class CodeWorker:
+    """Runs the code tool in a separate, persistent process, with limits no expression can defeat.
+
+    The checks in SafeEvaluator run between syntax-tree nodes; one C-level operation that slipped past
+    them (a huge str() or comparison, say) would never return control to them. So each call is sent to a
+    worker process and awaited for at most `seconds`; a worker that overruns is killed and a fresh one
+    forked on the next call. Inside, the worker lives under RLIMIT_AS (memory: an allocation beyond the
+    limit fails with MemoryError instead of swapping the machine) and RLIMIT_CPU (the kernel kills it if
+    it spins, even if this process is gone). The worker is forked, not spawned: it starts in milliseconds
+    without importing torch again, and one worker serves every call, so a call costs a pipe round trip."""
+
+    def __init__(self, evaluate, seconds=WORKER_SECONDS, memory_bytes=WORKER_MEMORY_BYTES):
+        self.evaluate, self.seconds, self.memory_bytes = evaluate, seconds, memory_bytes
+        self.process = self.conn = None
+        self.owner = None  # the pid that forked the worker: a forked copy of this object must not use it
+        self.lock = threading.Lock()  # one call at a time through the pipe (the server has many threads)
+
+    def __call__(self, src):
+        with self.lock:
+            if self.process is None or self.owner != os.getpid() or not self.process.is_alive():
+                self.start()
+            try:
+                self.conn.send(src)
+                if self.conn.poll(self.seconds):
+                    return self.conn.recv()
+                problem = "the expression takes too long"
+            except (EOFError, OSError):  # the worker died: killed by RLIMIT_CPU, or out of memory
+                problem = "the expression needs too much time or memory"
+            self.stop()
+            return f"Error: {problem}"
+
+    def start(self):
+        context = multiprocessing.get_context("fork")
+        self.conn, child_end = context.Pipe()
+        self.process = context.Process(target=worker_loop, daemon=True,
+                                       args=(child_end, self.conn, self.evaluate, self.seconds, self.memory_bytes))
+        self.process.start()
+        child_end.close()
+        self.owner = os.getpid()
+
+    def stop(self):
+        if self.owner == os.getpid():
+            self.process.kill()
+            self.process.join()
+        self.conn.close()
+        self.process = self.conn = None
+
+
+def worker_loop(conn, parent_end, evaluate, seconds, memory_bytes):
+    """The worker process: set its limits, then answer expressions until the parent closes the pipe."""
+    parent_end.close()  # else the pipe never reports EOF when the parent dies
+    page = os.sysconf("SC_PAGE_SIZE")
+    try:  # Linux; elsewhere (macOS) the limit may be refused, and the wall-clock kill still applies
+        inherited = int(open("/proc/self/statm").read().split()[0]) * page
+        resource.setrlimit(resource.RLIMIT_AS, (inherited + memory_bytes, resource.RLIM_INFINITY))
+    except (OSError, ValueError):
+        pass
+    while True:
+        try:
+            src = conn.recv()
+        except EOFError:
+            return
+        used = resource.getrusage(resource.RUSAGE_SELF)
+        cpu_limit = int(used.ru_utime + used.ru_stime + seconds) + 2
+        resource.setrlimit(resource.RLIMIT_CPU, (cpu_limit, resource.getrlimit(resource.RLIMIT_CPU)[1]))
+        try:
+            answer = evaluate(src)
+        except MemoryError:
+            answer = "Error: the expression needs too much memory"
+        conn.send(answer)
+
+
+CODE_WORKER = CodeWorker(evaluate_expression)
+
+
+def run_code(src):
+    """The code tool: the value of one small expression as text, or "Error: ..." (see evaluate_expression),
+    computed in the worker process within WORKER_SECONDS and WORKER_MEMORY_BYTES."""
+    return CODE_WORKER(src)
 
 
 # ====================================================================================================

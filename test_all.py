@@ -2234,3 +2234,108 @@ def test_system_message_is_spread_over_every_source_not_only_identity():
     with_system = [r for r in rows if r["messages"][0]["role"] == "system"]
     assert 60 < len(with_system) < 140 and all(r["messages"][0]["content"] == chat.SYSTEM_MESSAGE for r in with_system)
     assert all(sum(m["role"] == "system" for m in sft.with_system_message(r, rng)["messages"]) == 1 for r in with_system)
+
+
+# ---- issue 20: hostile and careless input
+
+# The code tool: values built by aliasing (one inner list referenced thousands of times) are measured as if
+# copied, so each of these is refused in milliseconds instead of running for minutes.
+ALIASING_ATTACKS = [
+    # the issue's cases
+    "len(str([[1]*9999]*9999))", "len(sum([[0]*9999]*9999, []))", "len(sum([(0,)*9999]*9999, ()))",
+    "[[[0]*9999]*9999]*9999 == [[[0]*9999]*9999]*9999", "len(str([['a'*99999]*9999]*9999))",
+    # 30 more in the same spirit
+    "str([[0]*999]*999)", "[[0]*999]*999", "[[[0]*99]*99]*99", "((0,)*9999,)*9999", "(((1,)*9999,)*9999,)*9",
+    "sum([[0]*300]*300, [])", "sum([(0,)*300]*300, ())", "sum(['a']*10, '')", "sum([[0], 1], [])",
+    "sum([(0,), [0]], ())", "max([[0]*9999]*9999)", "min([['a'*99999]*10]*10)", "[0]*9999 in [[0]*9999]*9999",
+    "str(['a'*99999]*11)", "str(['a'*9999]*11)", "str(10**1000)*100", "[str(10**1000)]*1000",
+    "[[[[[0]*20]*20]*20]*20]*20", "'a'*99999 + 'b'*99999", "[0]*9999 + [0]*9999", "(0,)*9999 + (0,)*9999",
+    "('a'*99999).split('a')", "('a '*50000).split()", "str((('a'*50000,)*2,)*2)", "len([['x'*99999]*10]*2)",
+    "sum(5)", "len(str([[[2**2000]*10]*10]*10))", "[[0]*9999]*9999 < [[0]*9999]*9999",
+    "sum([[[0]*999]*999], [])",
+]
+
+
+@pytest.mark.parametrize("src", ALIASING_ATTACKS)
+def test_code_tool_measures_aliased_values_as_if_copied(src):
+    assert run_code(src).startswith("Error:")
+
+
+# ... while values of the same shapes at a sensible size still work, with Python's own answers.
+@pytest.mark.parametrize("src", [
+    "len([[0]*99]*99)", "len(sum([[0]*99]*99, []))", "sum([(1,)*99]*99, ())[:3]", "len(str([[1]*99]*99))",
+    "[[]]*9999 == [[]]*9999", "'x'*100000 == 'x'*100000", "len([[[[0]*10]*10]*10]*10)", "sum([1, 2.5, 3])",
+    "len(str(['a'*999]*11))", "sum([[1], [2, 3]], [])", "sum([], [])", "('a'*100000).count('')",
+    "'a'*99999 in 'b'*99999", "len(str(2**2000))", "[0]*-5",
+])
+def test_code_tool_still_answers_sensible_expressions_like_python(src):
+    assert run_code(src) == str(eval(src))
+
+
+@pytest.mark.parametrize("src, expected", [("'\\ud800'", "\ufffd"), ("'\\udfff' * 3", "\ufffd" * 3),
+                                           ("'a\\ud83d\\ude00b'", "a\ufffd\ufffdb"), ("['\\ud800']", "['\\ud800']")])
+def test_code_tool_output_is_valid_utf8(src, expected):
+    result = run_code(src)
+    assert result == expected and result.encode("utf-8")
+
+
+def sleep_in_c(src):
+    time.sleep(60)  # one C call: no check between syntax-tree nodes ever runs
+
+
+def allocate_in_c(src):
+    return str(len(bytearray(4 << 30)))  # 4 GB in one allocation
+
+
+def die(src):
+    os._exit(3)
+
+
+def echo_pid(src):
+    return f"{src} {os.getpid()}"
+
+
+@pytest.mark.parametrize("misbehave, problem, replaced", [(sleep_in_c, "takes too long", True),
+                                                          (allocate_in_c, "too much memory", False),
+                                                          (die, "too much time or memory", True)])
+def test_code_worker_hard_limits_hold_against_one_c_level_operation_and_it_restarts(misbehave, problem, replaced):
+    """The hard limits are outside the interpreter: the call returns an error within the wall-clock limit,
+    and the next call is answered -- by a fresh worker if the old one had to be killed (a MemoryError under
+    RLIMIT_AS is caught inside, and that worker goes on)."""
+
+    def first_misbehaves_then_echoes(src):
+        return misbehave(src) if src == "bad" else echo_pid(src)
+
+    worker = chat.CodeWorker(first_misbehaves_then_echoes, seconds=0.5, memory_bytes=256 << 20)
+    try:
+        first_pid = worker("ok").split()[1]
+        started = time.monotonic()
+        assert problem in worker("bad") and time.monotonic() - started < 10
+        answer, pid = worker("ok").split()
+        assert answer == "ok" and (pid != first_pid) == replaced and pid != str(os.getpid())
+    finally:
+        worker.stop()
+
+
+def test_code_worker_is_persistent_and_the_process_keeps_its_own_state():
+    worker = chat.CodeWorker(echo_pid)
+    try:
+        pids = {worker(str(i)).split()[1] for i in range(20)}
+        assert len(pids) == 1 and pids != {str(os.getpid())}
+    finally:
+        worker.stop()
+
+
+def test_code_tool_in_the_worker_answers_exactly_as_in_process():
+    for src in HOSTILE_INPUTS[:20] + ALIASING_ATTACKS[:10] + ["(869 - 177*4) / 23", "'ubiquitous'[::3]"]:
+        assert run_code(src) == chat.evaluate_expression(src)
+
+
+def test_code_tool_from_many_threads_at_once():
+    results = {}
+    threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, run_code(f"{i} * {i}"))) for i in range(16)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert results == {i: str(i * i) for i in range(16)}
