@@ -171,7 +171,11 @@ def build_embedded_corpus(sdist_path):
 # Downloading: resumable, verified, parallel. Big files over flaky networks fail in every possible way,
 # so each download streams into DEST.part, resumes with an HTTP Range request after a dropped connection,
 # waits and retries on server errors (5xx) and timeouts, checks the size (and the sha256 when the server
-# gives one), and only then renames DEST.part to DEST. DEST therefore either does not exist or is complete.
+# gives one), and only then renames DEST.part to DEST. DEST therefore either does not exist or is complete:
+# a file whose size nobody vouches for (no Content-Length, Content-Range, X-Linked-Size, or size from the
+# caller) stays DEST.part, since a connection that ends early looks exactly like a finished file. One
+# thing no client can see: a 200 whose Content-Length itself is short (and no other size) -- pass size= or
+# sha256= for such a server; every Hugging Face download carries X-Linked-Size, which catches it.
 
 DEFAULT_HF_ENDPOINT = "https://huggingface.co"
 FINEWEB_EDU_PATH = "sample/10BT/{index:03d}_00000.parquet"  # 14 parquet shards of ~2.2 GB each (10B tokens)
@@ -209,21 +213,34 @@ def file_name_of(url):
     return name
 
 
-def promised_size_and_sha256(response):
+def header_int(url, headers, name, value=None):
+    """A numeric header (or the `value` taken from one) as an int; a server sending anything else is
+    broken in a way retrying will not fix, so that is one clear line, not a traceback."""
+    value = headers.get(name) if value is None else value
+    if not value.strip().isdigit():
+        raise DataError(f"{url}: the server sent a non-numeric {name} ({value!r})")
+    return int(value)
+
+
+def promised_size_and_sha256(url, response):
     """What the server vouches for: the full size and, where given, the sha256 of the file. Hugging Face
-    puts both on the redirect (X-Linked-Size, X-Linked-Etag) before sending us to its CDN."""
+    puts both on the redirect (X-Linked-Size, X-Linked-Etag) before sending us to its CDN. Otherwise the
+    size is the total of a 206's Content-Range, or the Content-Length of a 200; None when unknown."""
     size = sha256 = None
     for headers in [r.headers for r in response.history] + [response.headers]:
         if "X-Linked-Size" in headers:
-            size = int(headers["X-Linked-Size"])
+            size = header_int(url, headers, "X-Linked-Size")
         etag = headers.get("X-Linked-Etag", "").strip('"')
         if SHA256_HEX.fullmatch(etag):
             sha256 = etag
-    if size is None and response.status_code in (206, 416) and "/" in response.headers.get("Content-Range", ""):
-        total = response.headers["Content-Range"].rsplit("/", 1)[1]
-        size = int(total) if total.isdigit() else None
-    elif size is None and response.status_code == 200 and "Content-Length" in response.headers:
-        size = int(response.headers["Content-Length"])
+    content_range = response.headers.get("Content-Range", "")
+    if response.status_code in (206, 416) and "/" in content_range:
+        total = content_range.rsplit("/", 1)[1]
+        range_size = None if total == "*" else header_int(url, response.headers, "Content-Range", total)
+        size = size if size is not None else range_size
+    elif response.status_code == 200 and "Content-Length" in response.headers:
+        length = header_int(url, response.headers, "Content-Length")
+        size = size if size is not None else length
     return size, sha256
 
 
@@ -236,23 +253,46 @@ def sha256_of(path):
     return h.hexdigest()
 
 
-def fetch_into_part(session, url, part, timeout, on_bytes):
+def strong_etag(response):
+    """The response's ETag if it is a strong one (the only kind If-Range may carry), else None."""
+    etag = response.headers.get("ETag")
+    return etag if etag and not etag.startswith("W/") else None
+
+
+def fetch_into_part(session, url, part, timeout, on_bytes, version):
     """One attempt: append the missing bytes of `url` to `part` (asking only for what we lack when part of
-    it is already there). Returns the size and sha256 the server promised."""
+    it is already there). Returns the size and sha256 the server promised. `version["etag"]` is the ETag
+    of the bytes in `part`: a resumed range must come from the same version of the file, so it goes in
+    If-Range (the server then sends the whole new file if it changed) and the answer's ETag is checked.
+    It is recorded as soon as the headers arrive, since the attempt that fetched them may break off."""
     have = os.path.getsize(part) if os.path.exists(part) else 0
     # identity encoding: the byte counts we check must be those of the file, not of a compressed stream
-    headers = {"Accept-Encoding": "identity", **({"Range": f"bytes={have}-"} if have else {})}
+    headers = {"Accept-Encoding": "identity"}
+    if have:
+        headers["Range"] = f"bytes={have}-"
+        if version["etag"]:
+            headers["If-Range"] = version["etag"]
     with session.get(url, headers=headers, stream=True, timeout=timeout) as r:
-        if r.status_code == 416:  # we asked for bytes past the end: what we have is all there is
-            return promised_size_and_sha256(r)
+        if r.status_code == 416:  # we asked for bytes past the end: done if the server says how long it is
+            size, sha256 = promised_size_and_sha256(url, r)
+            if size is None or size != have:  # a bare 416 proves nothing: start over from byte 0
+                os.unlink(part)
+                raise RetryableError(f"HTTP 416 to a request from byte {have}; starting over")
+            return size, sha256
         if r.status_code in RETRY_STATUSES:
             raise RetryableError(f"HTTP {r.status_code} {r.reason}")
         if r.status_code >= 400:
             raise DataError(f"{url}: HTTP {r.status_code} {r.reason}")
-        promised = promised_size_and_sha256(r)
+        promised = promised_size_and_sha256(url, r)
         resumed = r.status_code == 206
+        if resumed and version["etag"] and strong_etag(r) != version["etag"]:  # our bytes are of another version
+            os.unlink(part)
+            raise RetryableError(f"the file changed on the server (ETag {version['etag']} -> "
+                                 f"{r.headers.get('ETag')}); starting over")
         if resumed and not r.headers.get("Content-Range", "").startswith(f"bytes {have}-"):
             raise RetryableError(f"the server resumed at the wrong offset ({r.headers.get('Content-Range')})")
+        if not resumed:
+            version["etag"] = strong_etag(r)
         with open(part, "ab" if resumed else "wb") as f:  # a plain 200 means "here is the whole file again"
             for block in r.iter_content(1 << 16):
                 f.write(block)
@@ -260,10 +300,15 @@ def fetch_into_part(session, url, part, timeout, on_bytes):
     return promised
 
 
-def check_complete(part, size, sha256):
-    """Raise RetryableError unless `part` has the promised size and checksum. A file that is too short is
-    kept (the next attempt resumes it); one that is too long or has the wrong checksum is thrown away."""
+def check_complete(url, part, size, sha256):
+    """Raise unless `part` has the promised size and checksum. Without a known size nothing proves that
+    the connection did not simply end early, so the bytes stay in DEST.part and the download fails. A
+    file that is too short is kept (the next attempt resumes it); one that is too long or has the wrong
+    checksum is thrown away."""
     have = os.path.getsize(part)
+    if size is None and sha256 is None:
+        raise DataError(f"{url}: the server gave no size (no Content-Length, Content-Range or X-Linked-Size), "
+                        f"so {have} bytes may be a truncated file; kept as {part}; pass the expected size or sha256")
     if size is not None and have < size:
         raise RetryableError(f"got {have} of {size} bytes")
     if (size is not None and have > size) or (sha256 and sha256_of(part) != sha256):
@@ -271,18 +316,32 @@ def check_complete(part, size, sha256):
         raise RetryableError("the downloaded bytes do not match the promised size/sha256; starting over")
 
 
-def download(url, dest, retries=6, backoff=1.0, timeout=60, on_bytes=lambda n: None, session=None):
+def check_url(url):
+    """Only http(s) URLs with a host: anything else (ftp://, a bare path) is refused in one line."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise DataError(f"{url}: expected an http:// or https:// URL")
+
+
+def download(url, dest, retries=6, backoff=1.0, timeout=60, on_bytes=lambda n: None, session=None,
+             size=None, sha256=None):
     """Download `url` to `dest` (see the section comment); returns `dest`. Waits backoff·2^attempt seconds
-    between attempts. Raises DataError for a client error (404...) or when all attempts fail."""
+    between attempts. `size` and `sha256`, when the caller knows them, are checked on top of (and win
+    over) what the server says. Raises DataError for a client error (404...), a broken server (a
+    non-numeric length, a redirect loop), a size nobody vouches for, or when all attempts fail."""
+    check_url(url)
     if os.path.exists(dest):
+        if size is not None and os.path.getsize(dest) != size:
+            raise DataError(f"{dest}: has {os.path.getsize(dest)} bytes, expected {size}; delete it to download again")
         return dest
     part = dest + ".part"
     os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
     session = session or requests.Session()
+    version = {"etag": None}  # of the bytes in `part` (unknown for a part left by an earlier run)
     for attempt in range(retries + 1):
         try:
-            size, sha256 = fetch_into_part(session, url, part, timeout, on_bytes)
-            check_complete(part, size, sha256)
+            promised_size, promised_sha256 = fetch_into_part(session, url, part, timeout, on_bytes, version)
+            check_complete(url, part, size if size is not None else promised_size, sha256 or promised_sha256)
             os.replace(part, dest)
             return dest
         except (RetryableError, requests.ConnectionError, requests.Timeout,
@@ -290,6 +349,8 @@ def download(url, dest, retries=6, backoff=1.0, timeout=60, on_bytes=lambda n: N
             problem = e
             if attempt < retries:
                 time.sleep(backoff * 2 ** attempt)
+        except requests.RequestException as e:  # a redirect loop, an invalid redirect target...
+            raise DataError(f"{url}: {type(e).__name__}: {e}") from None
     raise DataError(f"{url}: download failed after {retries + 1} attempts: {problem}")
 
 

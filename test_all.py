@@ -2339,3 +2339,129 @@ def test_code_tool_from_many_threads_at_once():
     for thread in threads:
         thread.join()
     assert results == {i: str(i * i) for i in range(16)}
+
+
+# Downloads: a server that misbehaves in the ways a careless one does. The first path component picks it:
+#   /short/NAME       200 with a Content-Length 100 bytes short (the Hub's X-Linked-Size tells the truth)
+#   /bare-short/NAME  the same with no X-Linked-* headers at all (only a caller's size= can catch it)
+#   /no-length/NAME   200, no Content-Length, no X-Linked-*, half the body, then the connection closes
+#   /bare-416/NAME    the first GET is cut after 64 kB; a Range request then gets a bare 416 (no Content-Range)
+#   /etag/NAME        the first GET (ETag "v1") is cut; afterwards the file is another one (ETag "v2"), and a
+#                     Range request gets a 206 of the new file whatever If-Range says
+#   /bad-length/NAME, /bad-range/NAME   a non-numeric Content-Length / Content-Range total
+#   /loop/NAME        a redirect to itself
+class CarelessFileHandler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    root = log = gets = None
+
+    def log_message(self, *args):
+        pass
+
+    def do_GET(self):
+        self.log.append(("GET", self.path, self.headers.get("Range"), self.headers.get("If-Range")))
+        self.gets[self.path] = n = self.gets.get(self.path, 0) + 1
+        fault, _, name = self.path.lstrip("/").partition("/")
+        body = (pathlib_read(self.root, name))
+        if fault == "etag" and n > 1:
+            body = body[::-1]
+        start = int(re.match(r"bytes=(\d+)-", self.headers["Range"]).group(1)) if self.headers.get("Range") else 0
+        if fault == "loop":
+            self.send_response(302)
+            self.send_header("Location", self.path)
+            self.send_header("Content-Length", "0")
+            return self.end_headers()
+        if fault == "bare-416" and start:
+            self.send_response(416)
+            self.send_header("Content-Length", "0")
+            return self.end_headers()
+        if fault == "no-length":  # ignores Range: the first half of the file, again and again
+            self.send_response(200)
+            self.send_header("Connection", "close")
+            self.end_headers()
+            self.wfile.write(body[:len(body) // 2])
+            self.close_connection = True
+            return
+        self.send_response(206 if start else 200)
+        if fault in ("short", "bare-416"):
+            self.send_header("X-Linked-Size", str(len(body)))
+        if fault == "etag":
+            self.send_header("ETag", '"v1"' if n == 1 else '"v2"')
+        if start:
+            total = "abc" if fault == "bad-range" else len(body)
+            self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{total}")
+        part = body[start:]
+        cut = fault in ("bare-416", "etag", "bad-range") and n == 1
+        length = {"bad-length": "abc", "short": str(len(part) - 100), "bare-short": str(len(part) - 100)}
+        self.send_header("Content-Length", length.get(fault, str(len(part))) if not start else str(len(part)))
+        self.end_headers()
+        self.wfile.write(part[:65536] if cut else part)
+        self.close_connection = cut or fault in ("short", "bare-short")
+
+
+def pathlib_read(root, name):
+    with open(os.path.join(root, name), "rb") as f:
+        return f.read()
+
+
+@pytest.fixture
+def careless_server(tmp_path):
+    root = tmp_path / "served"
+    root.mkdir()
+    (root / "file.bin").write_bytes(np.random.default_rng(1).integers(0, 256, 200_000, dtype=np.uint8).tobytes())
+    handler = type("Handler", (CarelessFileHandler,), {"root": str(root), "log": [], "gets": {}})
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    httpd.handle_error = lambda request, address: None  # a client hanging up on a lie is expected here
+    threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}", (root / "file.bin").read_bytes(), handler.log
+    httpd.shutdown()
+    httpd.server_close()
+
+
+@pytest.mark.parametrize("fault", ["short", "bare-416"])
+def test_download_completes_exactly_when_the_server_lies_about_the_rest(careless_server, tmp_path, fault):
+    base, body, log = careless_server
+    dest = fast_download(f"{base}/{fault}/file.bin", tmp_path / "file.bin")
+    assert open(dest, "rb").read() == body
+
+
+def test_download_with_a_short_content_length_and_the_callers_size_completes(careless_server, tmp_path):
+    base, body, log = careless_server
+    dest = data.download(f"{base}/bare-short/file.bin", str(tmp_path / "file.bin"), size=len(body), backoff=0.01)
+    assert open(dest, "rb").read() == body
+    with pytest.raises(data.DataError, match="has 199900 bytes, expected 200000"):  # a prefix kept by another tool
+        (tmp_path / "other.bin").write_bytes(body[:199_900])
+        data.download(f"{base}/bare-short/file.bin", str(tmp_path / "other.bin"), size=len(body))
+
+
+def test_download_of_unknown_size_stays_part_and_fails_in_one_line_every_time(careless_server, tmp_path):
+    base, body, log = careless_server
+    for _ in range(2):  # a second run must not take the prefix for a finished file either
+        with pytest.raises(data.DataError, match="gave no size.*kept as .*file.bin.part"):
+            fast_download(f"{base}/no-length/file.bin", tmp_path / "file.bin")
+        assert not (tmp_path / "file.bin").exists() and (tmp_path / "file.bin.part").stat().st_size == 100_000
+    dest = data.download(f"{base}/no-length/file.bin", str(tmp_path / "sha.bin"),
+                         sha256=hashlib.sha256(body[:100_000]).hexdigest())  # a caller's checksum vouches
+    assert open(dest, "rb").read() == body[:100_000]
+
+
+def test_download_restarts_from_zero_when_the_etag_changes(careless_server, tmp_path):
+    base, body, log = careless_server
+    dest = fast_download(f"{base}/etag/file.bin", tmp_path / "file.bin")
+    assert open(dest, "rb").read() == body[::-1]  # the new version, whole: no old prefix glued to a new tail
+    assert log[1][2:] == ("bytes=65536-", '"v1"') and log[2][2] is None
+
+
+@pytest.mark.parametrize("url, problem", [
+    ("{base}/bad-length/file.bin", "non-numeric Content-Length ('abc')"),
+    ("{base}/bad-range/file.bin", "non-numeric Content-Range ('abc')"),
+    ("{base}/loop/file.bin", "TooManyRedirects"),
+    ("ftp://127.0.0.1/file.bin", "expected an http:// or https:// URL"),
+    ("127.0.0.1/file.bin", "expected an http:// or https:// URL"),
+])
+def test_download_cli_broken_servers_and_urls_exit_2_with_one_line(careless_server, tmp_path, capsys, url, problem):
+    base, body, log = careless_server
+    with pytest.raises(SystemExit) as exit:
+        data.main(["download", url.format(base=base), "--out", str(tmp_path / "dl")])
+    err = capsys.readouterr().err.strip().split("\r")[-1].strip()
+    assert exit.value.code == 2 and problem in err and err.count("\n") == 0, err
+    assert not glob.glob(str(tmp_path / "dl" / "file.bin"))
