@@ -8,6 +8,7 @@ bench.py -- measured speed and quality, side by side with the peers, in one run 
     python bench.py infer       # KV-cache decoding vs recomputing the whole sequence, prefill speed
     python bench.py rl          # an RL step: rollout tokens/s, sampling vs learning time
     python bench.py codetool    # the code tool's worker process: per-call cost against in-process
+    python bench.py longword    # encoding one long word: heap BPE against the quadratic scan
 
 Each benchmark prints a table and one JSON line, and rewrites its own section of BENCHMARKS.md (with the
 command and the machine), leaving the other sections alone. Peers are benchmark-only dependencies: the
@@ -508,6 +509,46 @@ step of the model, which a tool call always waits for anyway.
 """)
 
 
+def bench_longword(args):
+    """Encoding one long "word" (a single chunk of the split regex): the heap BPE against the plain scan,
+    side by side in one run; the scan is skipped where it would take minutes."""
+    import tokenizer
+    tok = tokenizer.Tokenizer.load(args.tokenizer)
+    rng = random.Random(0)
+    rows, figures = [], {}
+    for n in (5_000, 10_000, 20_000, 40_000, 1_000_000):
+        word = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(n))
+        timings = {}
+        for name, threshold in (("heap", tokenizer.LONG_CHUNK_BYTES), ("scan", 10 ** 9)):
+            if name == "scan" and n > 20_000:
+                continue
+            tokenizer.LONG_CHUNK_BYTES = threshold
+            tok._cache.clear()
+            wall, cpu = time.perf_counter(), time.process_time()
+            ids = tok.encode(word)
+            timings[name] = (time.perf_counter() - wall, time.process_time() - cpu)
+            assert tok.decode(ids) == word
+        tokenizer.LONG_CHUNK_BYTES = 256
+        scan = timings.get("scan")
+        rows.append([f"{n:,}", f"{timings['heap'][0]:.3f} ({timings['heap'][1]:.3f})",
+                     f"{scan[0]:.3f} ({scan[1]:.3f})" if scan else "-"])
+        figures[n] = {"heap_s": round(timings["heap"][0], 4), "scan_s": round(scan[0], 4) if scan else None}
+    header = ["characters", "heap: wall s (CPU s)", "plain scan: wall s (CPU s)"]
+    print_table(header, rows)
+    print(json.dumps({"bench": "longword", "load_1min": os.getloadavg()[0], **figures}))
+    write_section("longword", f"""
+## Tokenizer: one long word
+
+`python bench.py longword --tokenizer {args.tokenizer}` — {machine()}, load average {os.getloadavg()[0]:.1f}
+while measuring (wall time suffers from the load; CPU time less so). A random string of lowercase letters is
+one chunk of the split regex, so BPE runs over all of it at once: the plain scan looks for the best pair
+after every merge (quadratic), the heap pops it (O(n log n)); both give the same ids (test_all.py checks it
+against the scan and tiktoken).
+
+{markdown_table(header, rows)}
+""")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -539,6 +580,9 @@ def main():
     codetool.add_argument("--calls", type=int, default=200)
     codetool.add_argument("--repeats", type=int, default=5)
     codetool.set_defaults(run=bench_codetool)
+    longword = sub.add_parser("longword", help="encoding one long word: heap BPE against the plain scan")
+    longword.add_argument("--tokenizer", default=os.path.join("out", "tokenizer", "tokenizer.json"))
+    longword.set_defaults(run=bench_longword)
     args = parser.parse_args()
     for name in ("corpus", "heldout"):
         path = getattr(args, name, None)

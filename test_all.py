@@ -2465,3 +2465,34 @@ def test_download_cli_broken_servers_and_urls_exit_2_with_one_line(careless_serv
     err = capsys.readouterr().err.strip().split("\r")[-1].strip()
     assert exit.value.code == 2 and problem in err and err.count("\n") == 0, err
     assert not glob.glob(str(tmp_path / "dl" / "file.bin"))
+
+
+# The tokenizer: one long "word" goes through the heap version of BPE, which must merge exactly as the plain
+# scan does (and as tiktoken does), only in O(n log n).
+long_words = st.lists(st.sampled_from(["the", "cat", "sat", "a", "t", "mat", "é", "世", "👋", "on", "e\u0301"]),
+                      min_size=260, max_size=800).map("".join)
+
+
+@pytest.fixture(scope="module")
+def unicode_tiktoken(unicode_tok):
+    pytest.importorskip("tiktoken")
+    return unicode_tok.to_tiktoken()
+
+
+@settings(max_examples=40)
+@given(long_words)
+def test_long_chunks_merge_exactly_as_the_plain_scan_and_tiktoken(unicode_tok, unicode_tiktoken, word):
+    data = word.encode()
+    assert len(data) > tokenizer.LONG_CHUNK_BYTES
+    heap_ids = unicode_tok._encode_long_chunk(data)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(tokenizer, "LONG_CHUNK_BYTES", len(data))  # the plain scan, however long the chunk
+        assert unicode_tok._encode_chunk(word) == heap_ids
+    assert unicode_tok.decode(list(heap_ids)) == word
+    assert unicode_tiktoken.encode_ordinary(word) == unicode_tok.encode(word)
+
+
+def test_a_long_word_round_trips(unicode_tok):
+    """180 kB in one chunk: a second or so here, where the quadratic scan took many minutes."""
+    word = "thecatsat" * 20_000  # 180 kB, one chunk
+    assert unicode_tok.decode(unicode_tok.encode(word)) == word
