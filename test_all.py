@@ -2496,3 +2496,213 @@ def test_a_long_word_round_trips(unicode_tok):
     """180 kB in one chunk: a second or so here, where the quadratic scan took many minutes."""
     word = "thecatsat" * 20_000  # 180 kB, one chunk
     assert unicode_tok.decode(unicode_tok.encode(word)) == word
+
+
+# The web server: every request answered with the right status and a JSON error, never a dropped connection.
+def raw_exchange(base, data, wait=10.0, pause_after=None):
+    """Send raw bytes to the server (optionally pausing `pause_after` seconds mid-way, without closing),
+    and read the whole answer: -> (status, headers, body bytes). A dropped connection is status None."""
+    import socket
+    host, port = base.rsplit("/", 1)[1].split(":")
+    with socket.create_connection((host, int(port)), timeout=wait) as sock:
+        sock.sendall(data)
+        if pause_after:
+            time.sleep(pause_after)
+        received = b""
+        try:
+            while True:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                received += chunk
+                head, _, body = received.partition(b"\r\n\r\n")
+                length = re.search(rb"(?i)content-length: *(\d+)", head)
+                if _ and length and len(body) >= int(length.group(1)):
+                    break
+        except (ConnectionResetError, TimeoutError):
+            pass
+    if not received.startswith(b"HTTP/1."):
+        return None, {}, received
+    head, _, body = received.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+    return int(lines[0].split()[1]), headers, body
+
+
+def api_post(body, content_type="application/json", extra=""):
+    data = body if isinstance(body, bytes) else body.encode()
+    return (f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: {content_type}\r\n"
+            f"Content-Length: {len(data)}\r\n{extra}\r\n").encode() + data
+
+
+HI = '{"messages": [{"role": "user", "content": "hi"}]%s}'
+BAD_REQUESTS = [
+    (api_post(HI % ', "temperature": NaN'), 400, "NaN is not a JSON number"),
+    (api_post(HI % ', "temperature": Infinity'), 400, "Infinity is not a JSON number"),
+    (api_post(HI % ', "temperature": 1e999'), 400, "'temperature' must be a finite number"),
+    (api_post(HI % ', "top_p": NaN'), 400, "NaN is not a JSON number"),
+    (api_post(HI % ', "top_p": 0'), 400, "'top_p' must be in (0, 1]"),
+    (api_post(HI % ', "top_p": -0.5'), 400, "'top_p' must be in (0, 1]"),
+    (api_post(HI % ', "top_p": 1.01'), 400, "'top_p' must be in (0, 1]"),
+    (api_post(HI % ', "max_tokens": -1e999'), 400, "'max_tokens' must be a int"),
+    (api_post(HI % (', "seed": ' + "9" * 5000)), 400, "not valid JSON"),
+    (api_post("[" * 100_000 + "]" * 100_000), 400, "nested too deeply"),
+    (api_post('{"a": ' * 50_000 + "1" + "}" * 50_000), 400, "nested too deeply"),
+    (api_post(b"\xff\xfe{}"), 400, "not valid JSON"),
+    (b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+     b"Content-Length: abc\r\n\r\n{}", 400, "Content-Length must be a number"),
+    (b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n\r\n{}", 411,
+     "Content-Length header is required"),
+    (b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+     b"Content-Length: 5000000\r\n\r\n{}", 413, "at most 1048576"),
+    (b"GET /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", 405, "takes POST, not GET"),
+    (b"PUT /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 0\r\n\r\n", 405, "not PUT"),
+    (b"DELETE /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", 405, "takes GET, HEAD, not DELETE"),
+    (b"OPTIONS /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nOrigin: http://evil.example\r\n\r\n", 405, "not OPTIONS"),
+    (b"GET /nowhere HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", 404, "no such path /nowhere"),
+    (b"BREW /pot HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", 501, "Unsupported method"),
+    (b"this is not http\r\n\r\n", 400, "Bad request"),
+    (api_post(HI % "", content_type="text/plain"), 415, "application/json, not 'text/plain'"),
+    (api_post(HI % "", content_type="application/x-www-form-urlencoded"), 415, "application/json"),
+    (api_post(HI % "", extra="Origin: http://evil.example\r\n"), 403, "cross-origin requests are refused"),
+    (api_post(HI % "").replace(b"Host: 127.0.0.1", b"Host: evil.example"), 403, "not this server's loopback"),
+]
+
+
+@pytest.mark.parametrize("request_bytes, status, problem", BAD_REQUESTS, ids=[str(i) for i in range(len(BAD_REQUESTS))])
+def test_api_answers_every_bad_request_with_its_status_and_a_json_error(api_server, request_bytes, status, problem):
+    got, headers, body = raw_exchange(api_server, request_bytes)
+    assert got == status, (got, body[:200])
+    assert problem in json.loads(body)["error"]["message"]
+    if status == 405:
+        assert headers["allow"]
+    assert raw_exchange(api_server, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")[0] == 200  # still serving
+
+
+def test_api_same_origin_page_head_and_good_json_still_work(api_server):
+    port = api_server.rsplit(":", 1)[1]
+    status, _, body = raw_exchange(api_server, api_post(HI % "", extra=f"Origin: http://127.0.0.1:{port}\r\n")
+                                   .replace(b"Host: 127.0.0.1", f"Host: 127.0.0.1:{port}".encode()))
+    assert status == 200 and json.loads(body)["choices"][0]["message"]["content"] == "Hi! 2+2 = 4"
+    status, headers, body = raw_exchange(api_server, b"HEAD /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert status == 200 and headers["content-type"] == "application/json" and body == b""
+    status, _, body = raw_exchange(api_server, api_post(HI % ', "top_p": 1, "temperature": 0'))
+    assert status == 200
+
+
+@pytest.fixture
+def strict_server():
+    """The web server with small bounds, over a scripted model slowed to 20 ms a token: (URL, server)."""
+    tok = byte_tok()
+
+    class SlowModel(ScriptedModel):
+        def forward(self, idx, targets=None, kv_cache=None):
+            time.sleep(0.02)
+            return super().forward(idx, targets, kv_cache)
+
+    engine = Engine(SlowModel(tok, "Hi! 2+2 = 4<|im_end|>", seq_len=256), tok)
+    server = chat.make_server(engine, chat.ChatConfig(host="127.0.0.1", port=0), read_seconds=0.5,
+                              max_connections=4, max_queued=1)
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_port}", server
+    server.shutdown()
+    server.server_close()
+
+
+def test_api_slow_body_gets_408_within_the_read_timeout(strict_server):
+    base, _ = strict_server
+    started = time.monotonic()
+    status, _, body = raw_exchange(base, api_post(HI % "")[:-10], wait=5)  # the last 10 bytes never come
+    assert status == 408 and "did not arrive within 0.5 s" in json.loads(body)["error"]["message"]
+    assert time.monotonic() - started < 4
+
+
+def test_api_bounds_open_connections_with_503_and_retry_after(strict_server):
+    import socket
+    base, _ = strict_server
+    host, port = "127.0.0.1", int(base.rsplit(":", 1)[1])
+    idle = [socket.create_connection((host, port)) for _ in range(4)]  # they say nothing: 4 threads wait
+    time.sleep(0.1)
+    status, headers, body = raw_exchange(base, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert status == 503 and headers["retry-after"] == "1" and "too many open connections" in body.decode()
+    for sock in idle:
+        sock.close()
+    time.sleep(0.7)  # > read_seconds: their threads have given up and freed their places
+    assert raw_exchange(base, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")[0] == 200
+
+
+def test_api_bounds_queued_generations_with_503_and_retry_after(strict_server):
+    base, _ = strict_server
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(raw_exchange(base, api_post(HI % "")))) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    statuses = sorted(status for status, _, _ in results)
+    assert 200 in statuses and 503 in statuses and set(statuses) <= {200, 503}, statuses
+    assert all(h["retry-after"] == "1" for s, h, _ in results if s == 503)
+
+
+def read_stream(base, body):
+    """POST a streaming request with urllib; -> the list of `data:` payloads received."""
+    request = urllib.request.Request(base + "/v1/chat/completions", data=body.encode(),
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=60) as response:
+        return [line[6:] for line in response.read().decode().split("\n\n") if line.startswith("data: ")]
+
+
+def test_api_sixteen_concurrent_streams_all_end_with_done(api_server):
+    results = []
+    body = HI % ', "stream": true'
+    threads = [threading.Thread(target=lambda: results.append(read_stream(api_server, body))) for _ in range(16)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(results) == 16 and all(events[-1] == "[DONE]" for events in results)
+    assert {"".join(json.loads(e)["choices"][0]["delta"].get("content", "") for e in events[:-1])
+            for events in results} == {"Hi! 2+2 = 4"}
+
+
+def test_api_stream_that_fails_half_way_ends_with_an_error_event_and_done(monkeypatch):
+    tok = byte_tok()
+
+    class BrokenModel(ScriptedModel):
+        def forward(self, idx, targets=None, kv_cache=None):
+            if kv_cache.pos > 0 and kv_cache.pos > self.prompt_width + 3:  # the fifth token of a reply
+                raise RuntimeError("simulated failure")
+            return super().forward(idx, targets, kv_cache)
+
+    engine = Engine(BrokenModel(tok, "Hi! 2+2 = 4<|im_end|>", seq_len=256), tok)
+    server = chat.make_server(engine, chat.ChatConfig(host="127.0.0.1", port=0))
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_port}"
+    try:
+        events = read_stream(base, HI % ', "stream": true')
+        assert events[-1] == "[DONE]" and json.loads(events[-2])["error"]["type"] == "server_error"
+        status, _, body = raw_exchange(base, api_post(HI % ""))
+        assert status == 500 and "RuntimeError" in json.loads(body)["error"]["message"]
+        assert raw_exchange(base, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")[0] == 200
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def rss_kb():
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+
+
+def test_api_soak_keeps_memory_flat(api_server):
+    """A bounded soak: 300 requests, good and bad, streamed and not; the process's RSS after the last 200
+    stays within a few MB of what it was after the first 100 (a leak per request would show as growth)."""
+    mix = [api_post(HI % ""), api_post(HI % ', "stream": true'), api_post(HI % ', "top_p": 0'),
+           api_post("[" * 10_000 + "]" * 10_000), b"GET /v1/models HTTP/1.1\r\nHost: x\r\n\r\n",
+           b"GET /v1/chat/completions HTTP/1.1\r\nHost: x\r\n\r\n"]
+    for i in range(100):
+        assert raw_exchange(api_server, mix[i % len(mix)])[0] is not None
+    before = rss_kb()
+    for i in range(200):
+        assert raw_exchange(api_server, mix[i % len(mix)])[0] is not None
+    assert rss_kb() - before < 8_000, (before, rss_kb())
