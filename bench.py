@@ -9,6 +9,7 @@ bench.py -- measured speed and quality, side by side with the peers, in one run 
     python bench.py rl          # an RL step: rollout tokens/s, sampling vs learning time
     python bench.py codetool    # the code tool's worker process: per-call cost against in-process
     python bench.py longword    # encoding one long word: heap BPE against the quadratic scan
+    python bench.py serve       # 16 concurrent streaming clients × 10 requests against chat.py --web
 
 Each benchmark prints a table and one JSON line, and rewrites its own section of BENCHMARKS.md (with the
 command and the machine), leaving the other sections alone. Peers are benchmark-only dependencies: the
@@ -19,10 +20,12 @@ import json
 import os
 import platform
 import random
+import re
 import resource
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 import regex
@@ -549,6 +552,74 @@ against the scan and tiktoken).
 """)
 
 
+def process_rss_mb(pid):
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
+
+
+def stream_once(url, max_tokens, seed):
+    """One streaming chat request -> (seconds until [DONE], whether the stream ended with [DONE])."""
+    import urllib.request
+    body = json.dumps({"messages": [{"role": "user", "content": "What is 2+2? Tell me a story."}], "stream": True,
+                       "max_tokens": max_tokens, "seed": seed}).encode()
+    request = urllib.request.Request(url + "/v1/chat/completions", data=body,
+                                     headers={"Content-Type": "application/json"})
+    started = time.perf_counter()
+    with urllib.request.urlopen(request, timeout=600) as response:
+        events = [e for e in response.read().decode().split("\n\n") if e.startswith("data: ")]
+    return time.perf_counter() - started, bool(events) and events[-1] == "data: [DONE]"
+
+
+def bench_serve(args):
+    """Load on the real server (`chat.py --web` in its own process): `clients` threads each send
+    `requests` streaming chat requests back to back. Latency is request to [DONE], queueing included (one
+    generation runs at a time, so under load a request mostly waits for the ones before it)."""
+    import concurrent.futures
+    server = subprocess.Popen([sys.executable, "chat.py", "--web", "--port", "0", "--checkpoint", args.checkpoint],
+                              stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        line = server.stdout.readline()
+        url = re.search(r"http://[^/]+", line).group(0) if "serving" in line else None
+        if url is None:
+            raise SystemExit(f"error: the server did not start: {line.strip()}")
+        threading.Thread(target=server.stdout.read, daemon=True).start()  # drain the request log
+        with concurrent.futures.ThreadPoolExecutor(args.clients) as pool:
+            # warm-up, one request per client: the first calls allocate caches, thread stacks, buffers
+            list(pool.map(lambda k: stream_once(url, args.max_tokens, 10 ** 6 + k), range(args.clients)))
+            rss_before = process_rss_mb(server.pid)
+            started = time.perf_counter()
+            runs = list(pool.map(lambda k: [stream_once(url, args.max_tokens, k * 1000 + i) for i in range(args.requests)],
+                                 range(args.clients)))
+            wall = time.perf_counter() - started
+        rss_after = process_rss_mb(server.pid)
+    finally:
+        server.terminate()
+        server.wait()
+    latencies = sorted(seconds for run in runs for seconds, _ in run)
+    complete = sum(done for run in runs for _, done in run)
+    p50, p95 = latencies[len(latencies) // 2], latencies[min(len(latencies) - 1, int(0.95 * len(latencies)))]
+    header = ["clients × requests", "streams ending in [DONE]", "p50 s", "p95 s", "requests/s",
+              "server RSS MB before → after"]
+    rows = [[f"{args.clients} × {args.requests}", f"{complete}/{len(latencies)}", f"{p50:.2f}", f"{p95:.2f}",
+             f"{len(latencies) / wall:.2f}", f"{rss_before:.0f} → {rss_after:.0f}"]]
+    print_table(header, rows)
+    print(json.dumps({"bench": "serve", "clients": args.clients, "requests": args.requests, "complete": complete,
+                      "p50_s": round(p50, 3), "p95_s": round(p95, 3), "rss_before_mb": round(rss_before, 1),
+                      "rss_after_mb": round(rss_after, 1), "load_1min": os.getloadavg()[0]}))
+    write_section("serve", f"""
+## The web server under load
+
+`python bench.py serve --checkpoint {args.checkpoint} --clients {args.clients} --requests {args.requests}
+--max-tokens {args.max_tokens}` — {machine()}, load average {os.getloadavg()[0]:.1f} while measuring (other jobs
+shared the cores). `chat.py --web` runs in its own process; {args.clients} client threads each send
+{args.requests} streaming requests back to back (up to {args.max_tokens} tokens each). One generation runs at a
+time, so latency is mostly queueing: about {args.clients} generations' time at p50. RSS "before" is measured
+after a warm-up round of one request per client (first calls allocate caches and thread stacks).
+
+{markdown_table(header, rows)}
+""")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -583,6 +654,12 @@ def main():
     longword = sub.add_parser("longword", help="encoding one long word: heap BPE against the plain scan")
     longword.add_argument("--tokenizer", default=os.path.join("out", "tokenizer", "tokenizer.json"))
     longword.set_defaults(run=bench_longword)
+    serve = sub.add_parser("serve", help="16 concurrent streaming clients against chat.py --web")
+    serve.add_argument("--checkpoint", default=os.path.join("out", "sft"))
+    serve.add_argument("--clients", type=int, default=16)
+    serve.add_argument("--requests", type=int, default=10, help="per client")
+    serve.add_argument("--max-tokens", type=int, default=32)
+    serve.set_defaults(run=bench_serve)
     args = parser.parse_args()
     for name in ("corpus", "heldout"):
         path = getattr(args, name, None)
