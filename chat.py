@@ -730,18 +730,20 @@ class ChatConfig:
     checkpoint: str = opt("", "checkpoint file or stage folder (default: latest of out/rlhf, out/rl, out/sft)")
     prompt: str = opt("", "answer this one question and exit (-p)")
     base: str = opt("", "base-model mode: continue this text like a document")
-    n: int = opt(1, "with --base: how many samples of the same prompt (-n)")
+    n: int = opt(1, "with --base: how many samples of the same prompt (-n)", low=1)
     probs: bool = opt(False, "with --base: print the top next-token probabilities at every step")
     system: str = opt(SYSTEM_MESSAGE, "the system message at the top of every conversation ('' for none)")
-    temperature: float = opt(0.7, "sampling temperature (0 = greedy)")
-    top_k: int = opt(50, "sample only among the k likeliest tokens (0 = all)")
-    top_p: float = opt(1.0, "sample only among the likeliest tokens that cover this probability mass")
-    max_tokens: int = opt(200, "the most tokens one reply may have")
-    seed: int = opt(-1, "random seed (-1 = a fresh one every time)")
-    search_folder: str = opt("", "folder of .txt/.md files for the search tool (default: the embedded corpus)")
+    temperature: float = opt(0.7, "sampling temperature (0 = greedy)", low=0)
+    top_k: int = opt(50, "sample only among the k likeliest tokens (0 = all)", low=0)
+    top_p: float = opt(1.0, "sample only among the likeliest tokens that cover this probability mass",
+                        above=0, high=1)
+    max_tokens: int = opt(200, "the most tokens one reply may have", low=1)
+    seed: int = opt(-1, "random seed (-1 = a fresh one every time)", low=-1)
+    search_folder: str = opt("", "folder of .txt/.md files for the search tool (default: the embedded corpus)",
+                              path="dir")
     web: bool = opt(False, "serve the web chat and the OpenAI-compatible API instead of the terminal chat")
     host: str = opt("127.0.0.1", "with --web: address to listen on")
-    port: int = opt(8000, "with --web: port")
+    port: int = opt(8000, "with --web: port (0 = any free port)", low=0, high=65535)
 
 
 def sampling_args(cfg, seed=None):

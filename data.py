@@ -428,31 +428,48 @@ def read_documents(paths):
             yield from readers[ext](path)
         except OSError as e:
             raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
-        except UnicodeDecodeError as e:
-            raise DataError(f"{path}: not UTF-8 text (byte {e.start})") from None
+
+
+def utf8_text(raw, path, offset=0):
+    """Bytes of `path` (starting at byte `offset` of it) as text. One rule for every reader of text:
+    bytes that are not UTF-8 are refused, naming the file and the byte, never silently turned into
+    U+FFFD (a corpus in Latin-1 would otherwise train a model on replacement characters)."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text (byte {offset + e.start}: {raw[e.start:e.start + 1]!r})") from None
+
+
+def utf8_lines(path):
+    """(line number, text) of each line of a UTF-8 file, refused as utf8_text says."""
+    with open(path, "rb") as f:
+        offset = 0
+        for lineno, raw in enumerate(f, 1):
+            yield lineno, utf8_text(raw, path, offset)
+            offset += len(raw)
 
 
 def read_txt(path):
     """A text file is one document, unless it separates documents with <|endoftext|> (as TinyStories does)."""
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for text in f.read().split(EOT):
+    with open(path, "rb") as f:
+        text = utf8_text(f.read(), path).replace("\r\n", "\n").replace("\r", "\n")  # as text mode reads it
+        for text in text.split(EOT):
             if text.strip():
                 yield {"text": text.strip() + "\n", "file_path": path}
 
 
 def read_jsonl(path):
     """One JSON object per line with a string "text" field (FineWeb columns, when present, are kept)."""
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict) or not isinstance(row.get("text"), str):
-                raise DataError(f"{path}:{lineno}: expected a JSON object with a string \"text\" field")
-            yield {**row, "file_path": row.get("file_path", path)}
+    for lineno, line in utf8_lines(path):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+        if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+            raise DataError(f"{path}:{lineno}: expected a JSON object with a string \"text\" field")
+        yield {**row, "file_path": row.get("file_path", path)}
 
 
 def read_parquet(path):
@@ -490,8 +507,8 @@ class PageMetadataParser(html.parser.HTMLParser):
 
 def read_html(path):
     """A saved web page: one document, still HTML; the extraction filter turns it into text."""
-    with open(path, encoding="utf-8", errors="replace") as f:
-        page = f.read()
+    with open(path, "rb") as f:
+        page = utf8_text(f.read(), path)
     meta = PageMetadataParser()
     meta.feed(page)
     yield {"html": page, "url": meta.url, "date": meta.date, "file_path": path}
@@ -997,6 +1014,8 @@ def write_shard(path, tokens):
 
 def read_shard(path):
     """The tokens of a shard as a read-only memory map: the OS pages them in as they are used."""
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: is a folder, not a token shard" if os.path.isdir(path) else f"{path}: no such shard")
     header = np.fromfile(path, dtype=np.int32, count=HEADER_INTS)
     if len(header) < HEADER_INTS or header[0] != SHARD_MAGIC or header[1] != SHARD_VERSION:
         raise DataError(f"{path}: not a token shard (expected magic {SHARD_MAGIC}, version {SHARD_VERSION})")
@@ -1629,22 +1648,23 @@ def read_conversations(path):
     file, the line number and the problem."""
     rows = []
     try:
-        with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                    if not isinstance(row, dict) or "messages" not in row:
-                        raise ValueError('expected an object with a "messages" list')
-                    check_messages(row["messages"])
-                    if not any(m["role"] == "assistant" for m in row["messages"]):
-                        raise ValueError("no assistant message: nothing to learn from")
-                except ValueError as e:  # json.JSONDecodeError is a ValueError too
-                    raise DataError(f"{path}:{n}: not a valid conversation: {e}") from None
-                rows.append({"messages": row["messages"], "split": "train"})
-    except (OSError, UnicodeDecodeError) as e:
-        raise DataError(f"cannot read conversations from {path}: {e}") from None
+        for n, line in utf8_lines(path):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                if not isinstance(row, dict) or "messages" not in row:
+                    raise ValueError('expected an object with a "messages" list')
+                check_messages(row["messages"])  # roles, and the tool markup of every assistant turn
+                if not any(m["role"] == "assistant" for m in row["messages"]):
+                    raise ValueError("no assistant message: nothing to learn from")
+            except ValueError as e:  # json.JSONDecodeError is a ValueError too
+                raise DataError(f"{path}:{n}: not a valid conversation: {e}") from None
+            rows.append({"messages": row["messages"], "split": "train"})
+    except OSError as e:
+        raise DataError(f"cannot read conversations from {path}: {e.strerror or e}") from None
+    if not rows:
+        raise DataError(f"{path}: no conversations in the file (expected one {{\"messages\": [...]}} per line)")
     return rows
 
 

@@ -2706,3 +2706,107 @@ def test_api_soak_keeps_memory_flat(api_server):
     for i in range(200):
         assert raw_exchange(api_server, mix[i % len(mix)])[0] is not None
     assert rss_kb() - before < 8_000, (before, rss_kb())
+
+
+# Files and flags: every mistake is one line naming the flag or file and what was expected, exit code 2.
+@pytest.fixture
+def careless_files(tmp_path):
+    """A folder of the files a careless user passes: -> {name: path}."""
+    files = {"a_file": tmp_path / "a_file.txt", "latin1": tmp_path / "latin1.txt", "tok": tmp_path / "tok.json",
+             "empty": tmp_path / "empty.jsonl", "unclosed": tmp_path / "unclosed.jsonl",
+             "orphan": tmp_path / "orphan.jsonl", "latin1_jsonl": tmp_path / "latin1.jsonl"}
+    files["a_file"].write_text("I am a file, not a folder\n")
+    files["latin1"].write_bytes("Once upon a time, a café.\n".encode("latin-1"))  # é is byte 0xE9 at offset 23
+    byte_tok().save(str(files["tok"]))
+    files["empty"].write_text("\n\n")
+    conversation = lambda reply: json.dumps({"messages": [{"role": "user", "content": "2+2?"},
+                                                          {"role": "assistant", "content": reply}]},
+                                              ensure_ascii=False) + "\n"
+    files["unclosed"].write_text(conversation("ok") + conversation("<|code_start|>2+2 and then nothing"))
+    files["orphan"].write_text(conversation("<|output_start|>4<|output_end|> it is 4"))
+    files["latin1_jsonl"].write_bytes(conversation("fine").encode() + conversation("café").encode("latin-1"))
+    return {name: str(path) for name, path in files.items()}
+
+
+STAGES = {"train_gpt": lambda: train_gpt.main, "sft": lambda: sft.main, "rl": lambda: rl.main,
+          "rlhf": lambda: rlhf.main, "chat": lambda: chat.main}
+FLAG_MISTAKES = [
+    ("train_gpt", "--batch-size 0", "--batch-size must be at least 1, got 0"),
+    ("train_gpt", "--seq-len 0", "--seq-len must be at least 1, got 0"),
+    ("train_gpt", "--depth 0", "--depth must be at least 1, got 0"),
+    ("train_gpt", "--num-steps 0", "--num-steps must be at least 1, got 0"),
+    ("train_gpt", "--matrix-lr nan", "--matrix-lr must be a finite number, got nan"),
+    ("train_gpt", "--embed-lr inf", "--embed-lr must be a finite number, got inf"),
+    ("train_gpt", "--head-lr -0.1", "--head-lr must be at least 0, got -0.1"),
+    ("train_gpt", "--warmdown-frac 2", "--warmdown-frac must be at most 1, got 2.0"),
+    ("train_gpt", "--adam-beta2 1.5", "--adam-beta2 must be at most 1, got 1.5"),
+    ("train_gpt", "--dtype float16", "--dtype must be one of auto, float32, bfloat16, got 'float16'"),
+    ("train_gpt", "--compile maybe", "--compile must be one of auto, on, off, got 'maybe'"),
+    ("train_gpt", "--batch-size many", "argument --batch-size: invalid int value: 'many'"),
+    ("train_gpt", "--out-dir {a_file}", "--out-dir {a_file}: is a file; expected a folder to write into"),
+    ("train_gpt", "--device gpu --num-steps 1", "--device must be cuda, mps, cpu or auto"),
+    ("train_gpt", "--device cuda --num-steps 1", "--device cuda: no cuda device is available"),
+    ("train_gpt", "--input {latin1} --tokenizer {tok} --out-dir {tmp}/base", "{latin1}: not UTF-8 text (byte 23: b'\\xe9')"),
+    ("train_gpt", "demo --lr nan", "--lr must be a finite number"),
+    ("train_gpt", "eval --batch-size 0", "--batch-size must be at least 1"),
+    ("sft", "--num-steps 0", "--num-steps must be at least 1, got 0"),
+    ("sft", "--batch-size 0", "--batch-size must be at least 1, got 0"),
+    ("sft", "--matrix-lr nan", "--matrix-lr must be a finite number"),
+    ("sft", "--out-dir {a_file}", "--out-dir {a_file}: is a file"),
+    ("sft", "--data {empty} --device cpu --base {tmp}/no-base.pt", "{empty}: no conversations in the file"),
+    ("sft", "--data {unclosed} --device cpu --base {tmp}/no-base.pt", "{unclosed}:2: not a valid conversation: message 1 (assistant): "
+                                              "<|code_start|> is not closed by <|code_end|>"),
+    ("sft", "--data {orphan} --device cpu --base {tmp}/no-base.pt", "{orphan}:1: not a valid conversation: message 1 (assistant): "
+                                            "a tool output must directly follow a tool call"),
+    ("sft", "--data {latin1_jsonl} --device cpu --base {tmp}/no-base.pt", "{latin1_jsonl}: not UTF-8 text (byte 182: b'\\xe9')"),
+    ("rl", "--out-dir {a_file}", "--out-dir {a_file}: is a file"),
+    ("rl", "--temperature nan", "--temperature must be a finite number"),
+    ("rlhf", "--out-dir {a_file}", "--out-dir {a_file}: is a file"),
+    ("rlhf", "--kl-coef nan", "--kl-coef must be a finite number"),
+    ("chat", "--temperature -1", "--temperature must be at least 0, got -1.0"),
+    ("chat", "--temperature nan", "--temperature must be a finite number, got nan"),
+    ("chat", "--top-k -5", "--top-k must be at least 0, got -5"),
+    ("chat", "--top-p 0", "--top-p must be greater than 0, got 0.0"),
+    ("chat", "--top-p 1.5", "--top-p must be at most 1, got 1.5"),
+    ("chat", "--max-tokens 0", "--max-tokens must be at least 1"),
+    ("chat", "--port 99999 --web", "--port must be at most 65535, got 99999"),
+    ("chat", "--search-folder {tmp}/nowhere", "--search-folder {tmp}/nowhere: no such folder"),
+]
+
+
+@pytest.mark.parametrize("stage, args, expected", FLAG_MISTAKES, ids=[f"{s} {a}" for s, a, _ in FLAG_MISTAKES])
+def test_every_flag_and_file_mistake_is_one_line_and_exit_2(careless_files, tmp_path, capsys, stage, args, expected):
+    if "--device cuda" in args and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    names = {**careless_files, "tmp": str(tmp_path)}
+    with pytest.raises(SystemExit) as exit:
+        train_gpt.run_cli(STAGES[stage](), args.format(**names).split())
+    err = capsys.readouterr().err.strip()
+    assert exit.value.code == 2 and err.count("\n") == 0 and "Traceback" not in err, err
+    assert expected.format(**names) in err
+
+
+def test_data_tokenize_refuses_non_utf8_input_with_file_and_byte(careless_files, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit:
+        data.main(["tokenize", "--input", careless_files["latin1"], "--tokenizer", careless_files["tok"],
+                   "--out", str(tmp_path / "shards")])
+    err = capsys.readouterr().err.strip()
+    assert exit.value.code == 2 and err == f"error: {careless_files['latin1']}: not UTF-8 text (byte 23: b'\\xe9')"
+    assert not (tmp_path / "shards").exists() or not list((tmp_path / "shards").rglob("*.bin"))
+
+
+def test_a_shard_path_that_is_a_folder_is_one_line(tmp_path):
+    (tmp_path / "set_train_000000.bin").mkdir()
+    with pytest.raises(data.DataError, match="set_train_000000.bin: is a folder, not a token shard"):
+        data.DataLoader(str(tmp_path / "set_train_*.bin"), 1, 8)
+
+
+def test_a_port_in_use_is_one_line(api_server):
+    port = int(api_server.rsplit(":", 1)[1])
+    with pytest.raises(train_gpt.UserError, match=f"--port {port}: cannot listen there"):
+        chat.make_server(None, chat.ChatConfig(host="127.0.0.1", port=port))
+
+
+def test_windows_line_ends_read_as_before(tmp_path):
+    (tmp_path / "crlf.txt").write_bytes(b"line one\r\nline two\rline three\n")
+    assert [d["text"] for d in data.read_documents([str(tmp_path / "crlf.txt")])] == ["line one\nline two\nline three\n"]

@@ -571,28 +571,29 @@ def check_messages(messages):
             for name in TOOL_TOKENS:
                 if name in content:
                     raise ValueError(f"{where} ({role}): {name} may only appear inside an assistant turn")
+        else:
+            tool_markup(content, f"{where} (assistant)")
 
 
-def _assistant_segments(tok, content, where):
-    """Split an assistant turn into (ids, trainable) segments. Tool calls are the model's own words
-    (trained on); tool outputs are pasted in by the engine (never trained on). The markup must be
-    well formed: every call closed, and an output only right after a call."""
+def tool_markup(content, where):
+    """An assistant turn's content -> its parts in order: ("text", text), (call start token, query) or
+    ("output", text). The markup must be well formed: every call closed, and an output only right after
+    a call. Needs no tokenizer, so conversations files are checked when they are read."""
     pieces = regex.split("(" + "|".join(regex.escape(t) for t in TOOL_TOKENS) + ")", content)
-    segments, last_closed_call = [], False
+    parts, last_closed_call = [], False
     k = 0
     while k < len(pieces):
         piece = pieces[k]
         if k % 2 == 0:  # plain text between markers
             if piece:
-                segments.append((tok.encode_ordinary(piece), True))
+                parts.append(("text", piece))
                 last_closed_call = False
             k += 1
         elif piece in TOOL_CALLS:
             end = TOOL_CALLS[piece]
             if k + 2 >= len(pieces) or pieces[k + 2] != end:
                 raise ValueError(f"{where}: {piece} is not closed by {end}")
-            ids = [tok.special_id(piece)] + tok.encode_ordinary(pieces[k + 1]) + [tok.special_id(end)]
-            segments.append((ids, True))
+            parts.append((piece, pieces[k + 1]))
             last_closed_call = True
             k += 3
         elif piece == TOOL_OUTPUT[0]:
@@ -600,13 +601,27 @@ def _assistant_segments(tok, content, where):
                 raise ValueError(f"{where}: a tool output must directly follow a tool call")
             if k + 2 >= len(pieces) or pieces[k + 2] != TOOL_OUTPUT[1]:
                 raise ValueError(f"{where}: {TOOL_OUTPUT[0]} is not closed by {TOOL_OUTPUT[1]}")
-            ids = [tok.special_id(TOOL_OUTPUT[0])] + tok.encode_ordinary(pieces[k + 1]) + \
-                [tok.special_id(TOOL_OUTPUT[1])]
-            segments.append((ids, False))
+            parts.append(("output", pieces[k + 1]))
             last_closed_call = False
             k += 3
         else:
             raise ValueError(f"{where}: unexpected {piece} outside a tool call")
+    return parts
+
+
+def _assistant_segments(tok, content, where):
+    """Split an assistant turn into (ids, trainable) segments. Tool calls are the model's own words
+    (trained on); tool outputs are pasted in by the engine (never trained on)."""
+    segments = []
+    for kind, text in tool_markup(content, where):
+        if kind == "text":
+            segments.append((tok.encode_ordinary(text), True))
+        elif kind == "output":
+            ids = [tok.special_id(TOOL_OUTPUT[0])] + tok.encode_ordinary(text) + [tok.special_id(TOOL_OUTPUT[1])]
+            segments.append((ids, False))
+        else:  # a call: its start token, the query, its end token
+            ids = [tok.special_id(kind)] + tok.encode_ordinary(text) + [tok.special_id(TOOL_CALLS[kind])]
+            segments.append((ids, True))
     return segments
 
 
