@@ -2558,7 +2558,8 @@ BAD_REQUESTS = [
     (b"GET /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", 405, "takes POST, not GET"),
     (b"PUT /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 0\r\n\r\n", 405, "not PUT"),
     (b"DELETE /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", 405, "takes GET, HEAD, not DELETE"),
-    (b"OPTIONS /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nOrigin: http://evil.example\r\n\r\n", 405, "not OPTIONS"),
+    (b"OPTIONS /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nOrigin: http://evil.example\r\n\r\n", 405,
+     "not OPTIONS"),
     (b"GET /nowhere HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", 404, "no such path /nowhere"),
     (b"BREW /pot HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", 501, "Unsupported method"),
     (b"this is not http\r\n\r\n", 400, "Bad request"),
@@ -2746,19 +2747,22 @@ FLAG_MISTAKES = [
     ("train_gpt", "--out-dir {a_file}", "--out-dir {a_file}: is a file; expected a folder to write into"),
     ("train_gpt", "--device gpu --num-steps 1", "--device must be cuda, mps, cpu or auto"),
     ("train_gpt", "--device cuda --num-steps 1", "--device cuda: no cuda device is available"),
-    ("train_gpt", "--input {latin1} --tokenizer {tok} --out-dir {tmp}/base", "{latin1}: not UTF-8 text (byte 23: b'\\xe9')"),
+    ("train_gpt", "--input {latin1} --tokenizer {tok} --out-dir {tmp}/base",
+     "{latin1}: not UTF-8 text (byte 23: b'\\xe9')"),
     ("train_gpt", "demo --lr nan", "--lr must be a finite number"),
     ("train_gpt", "eval --batch-size 0", "--batch-size must be at least 1"),
     ("sft", "--num-steps 0", "--num-steps must be at least 1, got 0"),
     ("sft", "--batch-size 0", "--batch-size must be at least 1, got 0"),
     ("sft", "--matrix-lr nan", "--matrix-lr must be a finite number"),
     ("sft", "--out-dir {a_file}", "--out-dir {a_file}: is a file"),
+    # (a missing --base: should reading --data ever pass, the run still stops at once, failing the test)
     ("sft", "--data {empty} --device cpu --base {tmp}/no-base.pt", "{empty}: no conversations in the file"),
-    ("sft", "--data {unclosed} --device cpu --base {tmp}/no-base.pt", "{unclosed}:2: not a valid conversation: message 1 (assistant): "
-                                              "<|code_start|> is not closed by <|code_end|>"),
-    ("sft", "--data {orphan} --device cpu --base {tmp}/no-base.pt", "{orphan}:1: not a valid conversation: message 1 (assistant): "
-                                            "a tool output must directly follow a tool call"),
-    ("sft", "--data {latin1_jsonl} --device cpu --base {tmp}/no-base.pt", "{latin1_jsonl}: not UTF-8 text (byte 182: b'\\xe9')"),
+    ("sft", "--data {unclosed} --device cpu --base {tmp}/no-base.pt",
+     "{unclosed}:2: not a valid conversation: message 1 (assistant): <|code_start|> is not closed by <|code_end|>"),
+    ("sft", "--data {orphan} --device cpu --base {tmp}/no-base.pt",
+     "{orphan}:1: not a valid conversation: message 1 (assistant): a tool output must directly follow a tool call"),
+    ("sft", "--data {latin1_jsonl} --device cpu --base {tmp}/no-base.pt",
+     "{latin1_jsonl}: not UTF-8 text (byte 182: b'\\xe9')"),
     ("rl", "--out-dir {a_file}", "--out-dir {a_file}: is a file"),
     ("rl", "--temperature nan", "--temperature must be a finite number"),
     ("rlhf", "--out-dir {a_file}", "--out-dir {a_file}: is a file"),
@@ -2809,4 +2813,5 @@ def test_a_port_in_use_is_one_line(api_server):
 
 def test_windows_line_ends_read_as_before(tmp_path):
     (tmp_path / "crlf.txt").write_bytes(b"line one\r\nline two\rline three\n")
-    assert [d["text"] for d in data.read_documents([str(tmp_path / "crlf.txt")])] == ["line one\nline two\nline three\n"]
+    texts = [d["text"] for d in data.read_documents([str(tmp_path / "crlf.txt")])]
+    assert texts == ["line one\nline two\nline three\n"]
