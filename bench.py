@@ -519,8 +519,11 @@ def bench_longword(args):
     tok = tokenizer.Tokenizer.load(args.tokenizer)
     rng = random.Random(0)
     rows, figures = [], {}
-    for n in (5_000, 10_000, 20_000, 40_000, 1_000_000):
-        word = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(n))
+    words = [(f"{n:,} random letters", "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(n)))
+             for n in (5_000, 10_000, 20_000, 40_000, 1_000_000)]
+    words += [("1,000,000 × 'a'", "a" * 1_000_000), ("333,333 × 'the'", "the" * 333_333)]
+    for label, word in words:
+        n = len(word)
         timings = {}
         for name, threshold in (("heap", tokenizer.LONG_CHUNK_BYTES), ("scan", 10 ** 9)):
             if name == "scan" and n > 20_000:
@@ -533,20 +536,22 @@ def bench_longword(args):
             assert tok.decode(ids) == word
         tokenizer.LONG_CHUNK_BYTES = 256
         scan = timings.get("scan")
-        rows.append([f"{n:,}", f"{timings['heap'][0]:.3f} ({timings['heap'][1]:.3f})",
+        rows.append([label, f"{timings['heap'][0]:.3f} ({timings['heap'][1]:.3f})",
                      f"{scan[0]:.3f} ({scan[1]:.3f})" if scan else "-"])
-        figures[n] = {"heap_s": round(timings["heap"][0], 4), "scan_s": round(scan[0], 4) if scan else None}
-    header = ["characters", "heap: wall s (CPU s)", "plain scan: wall s (CPU s)"]
+        figures[label] = {"heap_s": round(timings["heap"][0], 4), "scan_s": round(scan[0], 4) if scan else None}
+    header = ["one word", "cuts + heap: wall s (CPU s)", "plain scan: wall s (CPU s)"]
     print_table(header, rows)
     print(json.dumps({"bench": "longword", "load_1min": os.getloadavg()[0], **figures}))
     write_section("longword", f"""
 ## Tokenizer: one long word
 
 `python bench.py longword --tokenizer {args.tokenizer}` — {machine()}, load average {os.getloadavg()[0]:.1f}
-while measuring (wall time suffers from the load; CPU time less so). A random string of lowercase letters is
-one chunk of the split regex, so BPE runs over all of it at once: the plain scan looks for the best pair
-after every merge (quadratic), the heap pops it (O(n log n)); both give the same ids (test_all.py checks it
-against the scan and tiktoken).
+while measuring (wall time suffers from the load; CPU time less so). A string of letters is one chunk of
+the split regex, so BPE runs over all of it at once: the plain scan looks for the best pair after every
+merge (quadratic). A long chunk is instead cut wherever two neighbouring bytes occur together in no token
+(no merge can join them), and a piece still long goes through a heap of candidate pairs (O(n log n)); both
+give the ids of the scan (test_all.py checks it, and against tiktoken). The last row is the worst case:
+every pair merges, so there is nothing to cut and the heap does all the work.
 
 {markdown_table(header, rows)}
 """)

@@ -2484,10 +2484,8 @@ def unicode_tiktoken(unicode_tok):
 def test_long_chunks_merge_exactly_as_the_plain_scan_and_tiktoken(unicode_tok, unicode_tiktoken, word):
     data = word.encode()
     assert len(data) > tokenizer.LONG_CHUNK_BYTES
-    heap_ids = unicode_tok._encode_long_chunk(data)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(tokenizer, "LONG_CHUNK_BYTES", len(data))  # the plain scan, however long the chunk
-        assert unicode_tok._encode_chunk(word) == heap_ids
+    heap_ids = unicode_tok._encode_long_chunk(data)  # cut where no merge can cross, then the heap
+    assert unicode_tok._merge(data) == heap_ids == unicode_tok._merge_with_heap(data)  # the plain scan; no cuts
     assert unicode_tok.decode(list(heap_ids)) == word
     assert unicode_tiktoken.encode_ordinary(word) == unicode_tok.encode(word)
 

@@ -51,6 +51,7 @@ import time
 from collections import Counter, defaultdict
 from itertools import chain
 
+import numpy as np
 import regex
 
 # ----------------------------------------------------------------------------------------------------
@@ -299,6 +300,7 @@ class Tokenizer:
         self.special_tokens = {name: first_special + k for k, name in enumerate(special_tokens)}
         self.special_names = {i: name for name, i in self.special_tokens.items()}
         self._cache = _ChunkCache(self._encode_chunk)
+        self._pairs_inside_tokens = None  # built by the first long chunk
 
     # -- training and persistence ------------------------------------------------------------------
 
@@ -380,11 +382,16 @@ class Tokenizer:
         lowest rank (the earliest merge), leftmost first on ties. `pair_ranks[k]` is the rank of
         parts[k] + parts[k+1]; a merge changes only the two entries beside it."""
         data = chunk.encode("utf-8", "surrogateescape")
+        if len(data) > LONG_CHUNK_BYTES:
+            return self._encode_long_chunk(data)
+        return self._merge(data)
+
+    def _merge(self, data):
+        """The plain scan of _encode_chunk over the bytes `data`: fast for word-sized chunks, quadratic
+        for long ones (each merge looks at every pair)."""
         ranks = self.ranks
         if data in ranks:
             return (ranks[data],)
-        if len(data) > LONG_CHUNK_BYTES:
-            return self._encode_long_chunk(data)
         parts = [data[k:k + 1] for k in range(len(data))]
         no_merge = len(self.vocab)  # larger than every rank
         pair_ranks = [ranks.get(parts[k] + parts[k + 1], no_merge) for k in range(len(parts) - 1)]
@@ -402,7 +409,30 @@ class Tokenizer:
         return tuple(map(ranks.__getitem__, parts))
 
     def _encode_long_chunk(self, data):
-        """The same merges as _encode_chunk, in O(n log n) for a chunk of n bytes: a heap holds every
+        """A chunk longer than LONG_CHUNK_BYTES, merged exactly as _encode_chunk would, without its
+        quadratic cost. First cut it wherever two neighbouring bytes appear together inside no token:
+        no merge can ever join them, so the pieces merge independently, exactly as they would within the
+        whole. A long random "word" falls apart into short pieces, many repeated (remembered here); a
+        piece still long (a word of pairs that all merge, like "thethethe...") goes through the heap."""
+        if self._pairs_inside_tokens is None:  # which of the 65,536 byte pairs occur inside some token
+            inside = np.zeros(1 << 16, dtype=bool)
+            for token in self.vocab:
+                for a, b in zip(token, token[1:]):
+                    inside[a << 8 | b] = True
+            self._pairs_inside_tokens = inside
+        codes = np.frombuffer(data, dtype=np.uint8).astype(np.int32)
+        cuts = (np.flatnonzero(~self._pairs_inside_tokens[codes[:-1] << 8 | codes[1:]]) + 1).tolist()
+        pieces, ids = {}, []
+        for start, end in zip([0, *cuts], [*cuts, len(data)]):
+            piece = data[start:end]
+            if piece not in pieces:
+                short = len(piece) <= LONG_CHUNK_BYTES or piece in self.ranks
+                pieces[piece] = self._merge(piece) if short else self._merge_with_heap(piece)
+            ids.extend(pieces[piece])
+        return tuple(ids)
+
+    def _merge_with_heap(self, data):
+        """The same merges as _merge, in O(n log n) for n bytes: a heap holds every
         candidate pair, keyed rank * n + start of its left part, so the lowest rank, leftmost on ties,
         is popped in log n instead of found by scanning all n pairs after every merge (quadratic: a
         40,000-letter "word" took 29 s). The parts are a linked list of start offsets into `data`; a
