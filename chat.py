@@ -71,7 +71,7 @@ def bounded_round(number, digits=0):
     return round(number, digits)
 
 
-def bounded_str(value):
+def bounded_str(value=""):
     """str(), refused before it runs when the text would be too long: str([[1] * 9999] * 9999) is
     only two lists in memory but would print 300 million characters."""
     if isinstance(value, str):

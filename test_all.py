@@ -2620,8 +2620,10 @@ def test_api_bounds_open_connections_with_503_and_retry_after(strict_server):
     import socket
     base, _ = strict_server
     host, port = "127.0.0.1", int(base.rsplit(":", 1)[1])
-    idle = [socket.create_connection((host, port)) for _ in range(4)]  # they say nothing: 4 threads wait
-    time.sleep(0.1)
+    threads_before = threading.active_count()
+    idle = [socket.create_connection((host, port)) for _ in range(20)]  # they say nothing: 4 threads wait
+    time.sleep(0.2)
+    assert threading.active_count() - threads_before <= 4  # the other 16 were answered 503 and closed
     status, headers, body = raw_exchange(base, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
     assert status == 503 and headers["retry-after"] == "1" and "too many open connections" in body.decode()
     for sock in idle:
