@@ -449,13 +449,17 @@ def utf8_lines(path):
             offset += len(raw)
 
 
+def read_text_file(path):
+    """A whole UTF-8 file as text (refused as utf8_text says), line ends as text mode reads them (\\n)."""
+    with open(path, "rb") as f:
+        return utf8_text(f.read(), path).replace("\r\n", "\n").replace("\r", "\n")
+
+
 def read_txt(path):
     """A text file is one document, unless it separates documents with <|endoftext|> (as TinyStories does)."""
-    with open(path, "rb") as f:
-        text = utf8_text(f.read(), path).replace("\r\n", "\n").replace("\r", "\n")  # as text mode reads it
-        for text in text.split(EOT):
-            if text.strip():
-                yield {"text": text.strip() + "\n", "file_path": path}
+    for text in read_text_file(path).split(EOT):
+        if text.strip():
+            yield {"text": text.strip() + "\n", "file_path": path}
 
 
 def read_jsonl(path):
@@ -507,8 +511,7 @@ class PageMetadataParser(html.parser.HTMLParser):
 
 def read_html(path):
     """A saved web page: one document, still HTML; the extraction filter turns it into text."""
-    with open(path, "rb") as f:
-        page = utf8_text(f.read(), path)
+    page = read_text_file(path)
     meta = PageMetadataParser()
     meta.feed(page)
     yield {"html": page, "url": meta.url, "date": meta.date, "file_path": path}

@@ -2751,6 +2751,7 @@ FLAG_MISTAKES = [
      "{latin1}: not UTF-8 text (byte 23: b'\\xe9')"),
     ("train_gpt", "demo --lr nan", "--lr must be a finite number"),
     ("train_gpt", "eval --batch-size 0", "--batch-size must be at least 1"),
+    ("train_gpt", "eval --text {latin1}", "{latin1}: not UTF-8 text (byte 23: b'\\xe9')"),
     ("sft", "--num-steps 0", "--num-steps must be at least 1, got 0"),
     ("sft", "--batch-size 0", "--batch-size must be at least 1, got 0"),
     ("sft", "--matrix-lr nan", "--matrix-lr must be a finite number"),

@@ -1150,10 +1150,9 @@ def eval_main(argv):
     if not cfg.text:
         raise UserError("eval needs --text FILE")
     try:
-        with open(cfg.text, encoding="utf-8") as f:
-            text = f.read()
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"cannot read --text {cfg.text}: {e}") from None
+        text = data.read_text_file(cfg.text)  # not UTF-8: one line with the file and the byte
+    except OSError as e:
+        raise UserError(f"cannot read --text {cfg.text}: {e.strerror or e}") from None
     rt = setup_runtime(cfg.device)
     model, tokenizer, meta = load_checkpoint(cfg.checkpoint, device=rt.device)
     res = text_bpb(model, tokenizer, text, cfg.batch_size, rt)
