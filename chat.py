@@ -26,6 +26,7 @@ import operator
 import os
 import re
 import resource
+import signal
 import threading
 import time
 import urllib.parse
@@ -359,6 +360,7 @@ class CodeWorker:
 def worker_loop(conn, parent_end, evaluate, seconds, memory_bytes):
     """The worker process: set its limits, then answer expressions until the parent closes the pipe."""
     parent_end.close()  # else the pipe never reports EOF when the parent dies
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C in the terminal chat is for the parent to handle
     page = os.sysconf("SC_PAGE_SIZE")
     try:  # Linux; elsewhere (macOS) the limit may be refused, and the wall-clock kill still applies
         inherited = int(open("/proc/self/statm").read().split()[0]) * page
