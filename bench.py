@@ -9,6 +9,9 @@ bench.py -- measured speed and quality, side by side with the peers, in one run 
     python bench.py infer       # KV-cache decoding vs recomputing the whole sequence, prefill speed
     python bench.py gpu         # a GPU preset's training step (d12): tokens/s, MFU, memory, beside the dry-run
     python bench.py rl          # an RL step: rollout tokens/s, sampling vs learning time
+    python bench.py codetool    # the code tool's worker process: per-call cost against in-process
+    python bench.py longword    # encoding one long word: heap BPE against the quadratic scan
+    python bench.py serve       # 16 concurrent streaming clients × 10 requests against chat.py --web
 
 Each benchmark prints a table and one JSON line, and rewrites its own section of BENCHMARKS.md (with the
 command and the machine), leaving the other sections alone. Peers are benchmark-only dependencies: the
@@ -19,10 +22,12 @@ import json
 import os
 import platform
 import random
+import re
 import resource
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 import regex
@@ -658,6 +663,158 @@ through the model for every new token, the KV cache one token.
 """)
 
 
+def bench_codetool(args):
+    """The code tool's worker process against evaluating in this process, calls interleaved so that both
+    see the same load; the ratio is the price of the hard limits."""
+    import chat
+    expressions = ["(869 - 177*4) / 23", "'strawberry'.count('r')", "12345678 * 87654321", "'ubiquitous'[::3]",
+                   "len(sum([[0]*99]*99, []))", "[[0]*9999]*9999 == [[0]*9999]*9999"]
+    chat.run_code("1")  # start the worker outside the timing, as a server does on its first call
+    rows, figures = [], {}
+    for src in expressions:
+        inside = outside = float("inf")
+        for _ in range(args.repeats):  # best of the repeats, each a batch of calls
+            started = time.perf_counter()
+            for _ in range(args.calls):
+                chat.evaluate_expression(src)
+            inside = min(inside, (time.perf_counter() - started) / args.calls)
+            started = time.perf_counter()
+            for _ in range(args.calls):
+                chat.run_code(src)
+            outside = min(outside, (time.perf_counter() - started) / args.calls)
+        rows.append([f"`{src}`", f"{inside * 1e6:,.0f}", f"{outside * 1e6:,.0f}", f"{outside / inside:.1f}x"])
+        figures[src] = {"in_process_us": round(inside * 1e6, 1), "worker_us": round(outside * 1e6, 1)}
+    header = ["expression", "in process µs", "worker µs", "ratio"]
+    print_table(header, rows)
+    print(json.dumps({"bench": "codetool", "load_1min": os.getloadavg()[0], **figures}))
+    write_section("codetool", f"""
+## The code tool: worker process vs in-process
+
+`python bench.py codetool --calls {args.calls} --repeats {args.repeats}` — {machine()}, load average
+{os.getloadavg()[0]:.1f} while measuring (the two columns are interleaved, so their ratio is fair under load).
+run_code sends each expression to one persistent forked worker (RLIMIT_AS, RLIMIT_CPU, killed after
+{chat.WORKER_SECONDS:g} s wall time); "in process" calls the same evaluator directly, without those limits.
+The last row is refused by the cost model (a value counted as if every alias were copied). The worker adds
+a pipe round trip (about 0.1 ms) to each call: several times a trivial expression, but small against one decoding
+step of the model, which a tool call always waits for anyway.
+
+{markdown_table(header, rows)}
+""")
+
+
+def bench_longword(args):
+    """Encoding one long "word" (a single chunk of the split regex): the heap BPE against the plain scan,
+    side by side in one run; the scan is skipped where it would take minutes."""
+    import tokenizer
+    tok = tokenizer.Tokenizer.load(args.tokenizer)
+    rng = random.Random(0)
+    rows, figures = [], {}
+    words = [(f"{n:,} random letters", "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(n)))
+             for n in (5_000, 10_000, 20_000, 40_000, 1_000_000)]
+    words += [("1,000,000 × 'a'", "a" * 1_000_000), ("333,333 × 'the'", "the" * 333_333)]
+    for label, word in words:
+        n = len(word)
+        timings = {}
+        for name, threshold in (("heap", tokenizer.LONG_CHUNK_BYTES), ("scan", 10 ** 9)):
+            if name == "scan" and n > 20_000:
+                continue
+            tokenizer.LONG_CHUNK_BYTES = threshold
+            tok._cache.clear()
+            wall, cpu = time.perf_counter(), time.process_time()
+            ids = tok.encode(word)
+            timings[name] = (time.perf_counter() - wall, time.process_time() - cpu)
+            assert tok.decode(ids) == word
+        tokenizer.LONG_CHUNK_BYTES = 256
+        scan = timings.get("scan")
+        rows.append([label, f"{timings['heap'][0]:.3f} ({timings['heap'][1]:.3f})",
+                     f"{scan[0]:.3f} ({scan[1]:.3f})" if scan else "-"])
+        figures[label] = {"heap_s": round(timings["heap"][0], 4), "scan_s": round(scan[0], 4) if scan else None}
+    header = ["one word", "cuts + heap: wall s (CPU s)", "plain scan: wall s (CPU s)"]
+    print_table(header, rows)
+    print(json.dumps({"bench": "longword", "load_1min": os.getloadavg()[0], **figures}))
+    write_section("longword", f"""
+## Tokenizer: one long word
+
+`python bench.py longword --tokenizer {args.tokenizer}` — {machine()}, load average {os.getloadavg()[0]:.1f}
+while measuring (wall time suffers from the load; CPU time less so). A string of letters is one chunk of
+the split regex, so BPE runs over all of it at once: the plain scan looks for the best pair after every
+merge (quadratic). A long chunk is instead cut wherever two neighbouring bytes occur together in no token
+(no merge can join them), and a piece still long goes through a heap of candidate pairs (O(n log n)); both
+give the ids of the scan (test_all.py checks it, and against tiktoken). The last row is the worst case:
+every pair merges, so there is nothing to cut and the heap does all the work.
+
+{markdown_table(header, rows)}
+""")
+
+
+def process_rss_mb(pid):
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
+
+
+def stream_once(url, max_tokens, seed):
+    """One streaming chat request -> (seconds until [DONE], whether the stream ended with [DONE])."""
+    import urllib.request
+    body = json.dumps({"messages": [{"role": "user", "content": "What is 2+2? Tell me a story."}], "stream": True,
+                       "max_tokens": max_tokens, "seed": seed}).encode()
+    request = urllib.request.Request(url + "/v1/chat/completions", data=body,
+                                     headers={"Content-Type": "application/json"})
+    started = time.perf_counter()
+    with urllib.request.urlopen(request, timeout=600) as response:
+        events = [e for e in response.read().decode().split("\n\n") if e.startswith("data: ")]
+    return time.perf_counter() - started, bool(events) and events[-1] == "data: [DONE]"
+
+
+def bench_serve(args):
+    """Load on the real server (`chat.py --web` in its own process): `clients` threads each send
+    `requests` streaming chat requests back to back. Latency is request to [DONE], queueing included (one
+    generation runs at a time, so under load a request mostly waits for the ones before it)."""
+    import concurrent.futures
+    server = subprocess.Popen([sys.executable, "chat.py", "--web", "--port", "0", "--checkpoint", args.checkpoint],
+                              stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        line = server.stdout.readline()
+        url = re.search(r"http://[^/]+", line).group(0) if "serving" in line else None
+        if url is None:
+            raise SystemExit(f"error: the server did not start: {line.strip()}")
+        threading.Thread(target=server.stdout.read, daemon=True).start()  # drain the request log
+        with concurrent.futures.ThreadPoolExecutor(args.clients) as pool:
+            # warm-up, one request per client: the first calls allocate caches, thread stacks, buffers
+            list(pool.map(lambda k: stream_once(url, args.max_tokens, 10 ** 6 + k), range(args.clients)))
+            rss_before = process_rss_mb(server.pid)
+            started = time.perf_counter()
+            runs = list(pool.map(lambda k: [stream_once(url, args.max_tokens, k * 1000 + i) for i in range(args.requests)],
+                                 range(args.clients)))
+            wall = time.perf_counter() - started
+        rss_after = process_rss_mb(server.pid)
+    finally:
+        server.terminate()
+        server.wait()
+    latencies = sorted(seconds for run in runs for seconds, _ in run)
+    complete = sum(done for run in runs for _, done in run)
+    p50, p95 = latencies[len(latencies) // 2], latencies[min(len(latencies) - 1, int(0.95 * len(latencies)))]
+    header = ["clients × requests", "streams ending in [DONE]", "p50 s", "p95 s", "requests/s",
+              "server RSS MB before → after"]
+    rows = [[f"{args.clients} × {args.requests}", f"{complete}/{len(latencies)}", f"{p50:.2f}", f"{p95:.2f}",
+             f"{len(latencies) / wall:.2f}", f"{rss_before:.0f} → {rss_after:.0f}"]]
+    print_table(header, rows)
+    print(json.dumps({"bench": "serve", "clients": args.clients, "requests": args.requests, "complete": complete,
+                      "p50_s": round(p50, 3), "p95_s": round(p95, 3), "rss_before_mb": round(rss_before, 1),
+                      "rss_after_mb": round(rss_after, 1), "load_1min": os.getloadavg()[0]}))
+    write_section("serve", f"""
+## The web server under load
+
+`python bench.py serve --checkpoint {args.checkpoint} --clients {args.clients} --requests {args.requests}
+--max-tokens {args.max_tokens}` — {machine()}, load average {os.getloadavg()[0]:.1f} while measuring (other jobs
+shared the cores). `chat.py --web` runs in its own process; {args.clients} client threads each send
+{args.requests} streaming requests back to back (up to {args.max_tokens} tokens each). One generation runs at a
+time, so latency is mostly queueing: about {args.clients} generations' time at p50. RSS "before" is measured
+after a warm-up round of one request per client (first calls allocate caches and thread stacks).
+
+{markdown_table(header, rows)}
+""")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -696,6 +853,19 @@ def main():
     infer.add_argument("--tokens", type=int, default=512, help="generated tokens at batch 1")
     infer.add_argument("--batch-tokens", type=int, default=128, help="generated tokens at batch 32")
     infer.set_defaults(run=bench_infer)
+    codetool = sub.add_parser("codetool", help="the code tool's worker process against in-process evaluation")
+    codetool.add_argument("--calls", type=int, default=200)
+    codetool.add_argument("--repeats", type=int, default=5)
+    codetool.set_defaults(run=bench_codetool)
+    longword = sub.add_parser("longword", help="encoding one long word: heap BPE against the plain scan")
+    longword.add_argument("--tokenizer", default=os.path.join("out", "tokenizer", "tokenizer.json"))
+    longword.set_defaults(run=bench_longword)
+    serve = sub.add_parser("serve", help="16 concurrent streaming clients against chat.py --web")
+    serve.add_argument("--checkpoint", default=os.path.join("out", "sft"))
+    serve.add_argument("--clients", type=int, default=16)
+    serve.add_argument("--requests", type=int, default=10, help="per client")
+    serve.add_argument("--max-tokens", type=int, default=32)
+    serve.set_defaults(run=bench_serve)
     args = parser.parse_args()
     for name in ("corpus", "heldout"):
         path = getattr(args, name, None)

@@ -18,14 +18,19 @@ ranks passages of a local folder with BM25.
 import ast
 import contextlib
 import http.server
+import itertools
 import json
 import math
+import multiprocessing
 import operator
 import os
 import random
 import re
+import resource
+import signal
 import threading
 import time
+import urllib.parse
 import uuid
 import warnings
 from collections import Counter, defaultdict, deque
@@ -46,11 +51,16 @@ from train_gpt import (KVCache, TrainConfig, UserError, build_optimizers, load_c
 MAX_SOURCE_CHARS = 2000     # the expression itself
 MAX_DEPTH = 40              # nesting of the syntax tree
 MAX_STEPS = 10_000          # evaluated nodes
-MAX_SECONDS = 0.5           # wall time
+MAX_SECONDS = 0.5           # wall time, checked between nodes
 MAX_INT_BITS = 4096         # about 1,233 decimal digits
-MAX_STR_CHARS = 100_000     # any string value
+MAX_STR_CHARS = 100_000     # any string value, and anything str() or the answer would print
 MAX_ITEMS = 10_000          # any list/tuple value
+MAX_VALUE_COST = 1_000_000  # any value, as the characters it would print with every shared part copied
 MAX_EXPONENT = 10_000
+# The hard limits, enforced from outside the interpreter: they hold even when one C-level operation runs
+# for minutes or allocates gigabytes, where the checks between nodes above never get a chance to run.
+WORKER_SECONDS = 2.0                # wall time of one call, after which the worker process is killed
+WORKER_MEMORY_BYTES = 512 << 20     # address space the worker may add to what it inherited
 
 BINARY_OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
               ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod, ast.Pow: operator.pow}
@@ -65,8 +75,32 @@ def bounded_round(number, digits=0):
     return round(number, digits)
 
 
-FUNCTIONS = {"len": len, "abs": abs, "round": bounded_round, "min": min, "max": max, "sum": sum, "int": int,
-             "float": float, "str": str, "sqrt": math.sqrt}
+def bounded_str(value=""):
+    """str(), refused before it runs when the text would be too long: str([[1] * 9999] * 9999) is
+    only two lists in memory but would print 300 million characters."""
+    if isinstance(value, str):
+        return value
+    if value_cost(value) > MAX_STR_CHARS:
+        raise ToolError("the text of this value would be too long")
+    return str(value)
+
+
+def bounded_sum(items, start=0):
+    """sum(), with lists and tuples joined in one pass. Python's sum adds them one at a time, copying the
+    growing result each time (quadratic), so sum([[0] * 9999] * 9999, []) would copy 10**11 items."""
+    if not isinstance(items, (list, tuple)):
+        raise ToolError("sum() takes a list or tuple")
+    if not isinstance(start, (list, tuple)):
+        return sum(items, start)  # numbers: linear; Python itself refuses strings and mixed types
+    if not all(type(item) is type(start) for item in items):
+        raise ToolError(f"sum() with a {type(start).__name__} start adds only {type(start).__name__}s")
+    if len(start) + sum(map(len, items)) > MAX_ITEMS:
+        raise ToolError("the list is too long")
+    return type(start)(itertools.chain(start, *items))
+
+
+FUNCTIONS = {"len": len, "abs": abs, "round": bounded_round, "min": min, "max": max, "sum": bounded_sum,
+             "int": int, "float": float, "str": bounded_str, "sqrt": math.sqrt}
 STRING_METHODS = {"count", "upper", "lower", "replace", "split", "strip", "find", "startswith", "endswith"}
 
 
@@ -198,6 +232,9 @@ def check_binary_cost(op, left, right):
     if isinstance(op, ast.Pow) and isinstance(left, int) and isinstance(right, int):
         if right > MAX_EXPONENT or (abs(left) > 1 and right * abs(left).bit_length() > MAX_INT_BITS):
             raise ToolError("the power is too large")
+    if isinstance(op, ast.Add) and isinstance(left, (str, list, tuple)) and type(left) is type(right):
+        if len(left) + len(right) > (MAX_STR_CHARS if isinstance(left, str) else MAX_ITEMS):
+            raise ToolError("the joined string or list would be too long")
     if isinstance(op, ast.Mult):
         sequence, count = (left, right) if isinstance(left, (str, list, tuple)) else (right, left)
         if isinstance(sequence, (str, list, tuple)) and isinstance(count, int):
@@ -208,6 +245,24 @@ def check_binary_cost(op, left, right):
                 raise ToolError("the product is too large")
 
 
+def value_cost(value, memo=None):
+    """About how many characters repr(value) prints: the size of the value as if every shared part were
+    copied, computed without copying. [[0] * 9999] * 9999 is one inner list referenced 9999 times (80 kB
+    in memory), but str(), ==, `in`, sum() and max() all walk it as 10**8 items. The cost of each list or
+    tuple is remembered by identity (`memo`), so a shared part is measured once: the time is linear in
+    the distinct objects, never in the copied size."""
+    if isinstance(value, str):
+        return len(value) + 4  # quotes and ", "
+    if isinstance(value, bool) or not isinstance(value, (int, list, tuple)):
+        return 24  # the longest float repr, -1.2345678901234567e-308; bools, slices and None are shorter
+    if isinstance(value, int):
+        return value.bit_length() * 3 // 10 + 3  # decimal digits (log10 2 ~ 0.3), sign and ", "
+    memo = {} if memo is None else memo
+    if id(value) not in memo:  # `value` is alive while we measure it, so its parts' ids stay unique
+        memo[id(value)] = 2 + sum(value_cost(item, memo) for item in value)
+    return memo[id(value)]
+
+
 def check_size(value):
     if isinstance(value, bool) or value is None:
         return value
@@ -215,14 +270,18 @@ def check_size(value):
         raise ToolError("the number is too large")
     if isinstance(value, str) and len(value) > MAX_STR_CHARS:
         raise ToolError("the string is too long")
-    if isinstance(value, (list, tuple)) and len(value) > MAX_ITEMS:
-        raise ToolError("the list is too long")
+    if isinstance(value, (list, tuple)):
+        if len(value) > MAX_ITEMS:
+            raise ToolError("the list is too long")
+        if value_cost(value) > MAX_VALUE_COST:
+            raise ToolError("the value is too large (counting every repeated part)")
     return value
 
 
-def run_code(src):
-    """The code tool: evaluate one small expression, return its value as text, or "Error: ..." -- never
-    raise, whatever the model wrote. Strings come back without quotes ('ubiquitous'[::3] -> uqts)."""
+def evaluate_expression(src):
+    """The code tool inside this process: evaluate one small expression, return its value as text, or
+    "Error: ..." -- never raise, whatever the model wrote. Strings come back without quotes
+    ('ubiquitous'[::3] -> uqts). run_code calls this in a worker process, under hard limits."""
     try:
         if not isinstance(src, str) or len(src) > MAX_SOURCE_CHARS:
             raise ToolError(f"the expression must be a string of at most {MAX_SOURCE_CHARS} characters")
@@ -231,15 +290,108 @@ def run_code(src):
             tree = ast.parse(src.strip(), mode="eval")
         check_constructs(tree)
         value = SafeEvaluator().eval(tree)
-        return value if isinstance(value, str) else repr(value)
+        return valid_text(bounded_str(value))  # str() of a number, list or tuple is its repr
     except ToolError as e:
-        return f"Error: {e}"
+        return valid_text(f"Error: {e}")
     except SyntaxError as e:
         return f"Error: not a valid expression ({e.msg})"
-    except (RecursionError, MemoryError):
+    except RecursionError:
         return "Error: the expression is nested too deeply"
+    except MemoryError:
+        return "Error: the expression needs too much memory"
     except Exception as e:  # ZeroDivisionError, OverflowError, TypeError, ValueError, IndexError, ...
-        return f"Error: {type(e).__name__}: {e}"
+        return valid_text(f"Error: {type(e).__name__}: {e}")
+
+
+def valid_text(text):
+    """Replace lone surrogates (a valid Python string, '\\ud800', that no UTF-8 can encode) by U+FFFD, so
+    that whatever the tool answers can be tokenized, printed and sent as JSON."""
+    return SURROGATES.sub("\ufffd", text)
+
+
+SURROGATES = re.compile("[\ud800-\udfff]")
+
+
+class CodeWorker:
+    """Runs the code tool in a separate, persistent process, with limits no expression can defeat.
+
+    The checks in SafeEvaluator run between syntax-tree nodes; one C-level operation that slipped past
+    them (a huge str() or comparison, say) would never return control to them. So each call is sent to a
+    worker process and awaited for at most `seconds`; a worker that overruns is killed and a fresh one
+    forked on the next call. Inside, the worker lives under RLIMIT_AS (memory: an allocation beyond the
+    limit fails with MemoryError instead of swapping the machine) and RLIMIT_CPU (the kernel kills it if
+    it spins, even if this process is gone). The worker is forked, not spawned: it starts in milliseconds
+    without importing torch again, and one worker serves every call, so a call costs a pipe round trip."""
+
+    def __init__(self, evaluate, seconds=WORKER_SECONDS, memory_bytes=WORKER_MEMORY_BYTES):
+        self.evaluate, self.seconds, self.memory_bytes = evaluate, seconds, memory_bytes
+        self.process = self.conn = None
+        self.owner = None  # the pid that forked the worker: a forked copy of this object must not use it
+        self.lock = threading.Lock()  # one call at a time through the pipe (the server has many threads)
+
+    def __call__(self, src):
+        with self.lock:
+            if self.process is None or self.owner != os.getpid() or not self.process.is_alive():
+                self.start()
+            try:
+                self.conn.send(src)
+                if self.conn.poll(self.seconds):
+                    return self.conn.recv()
+                problem = "the expression takes too long"
+            except (EOFError, OSError):  # the worker died: killed by RLIMIT_CPU, or out of memory
+                problem = "the expression needs too much time or memory"
+            self.stop()
+            return f"Error: {problem}"
+
+    def start(self):
+        context = multiprocessing.get_context("fork")
+        self.conn, child_end = context.Pipe()
+        self.process = context.Process(target=worker_loop, daemon=True,
+                                       args=(child_end, self.conn, self.evaluate, self.seconds, self.memory_bytes))
+        self.process.start()
+        child_end.close()
+        self.owner = os.getpid()
+
+    def stop(self):
+        if self.owner == os.getpid():
+            self.process.kill()
+            self.process.join()
+        self.conn.close()
+        self.process = self.conn = None
+
+
+def worker_loop(conn, parent_end, evaluate, seconds, memory_bytes):
+    """The worker process: set its limits, then answer expressions until the parent closes the pipe."""
+    parent_end.close()  # else the pipe never reports EOF when the parent dies
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C in the terminal chat is for the parent to handle
+    page = os.sysconf("SC_PAGE_SIZE")
+    try:  # Linux; elsewhere (macOS) the limit may be refused, and the wall-clock kill still applies
+        inherited = int(open("/proc/self/statm").read().split()[0]) * page
+        resource.setrlimit(resource.RLIMIT_AS, (inherited + memory_bytes, resource.RLIM_INFINITY))
+    except (OSError, ValueError):
+        pass
+    while True:
+        try:
+            src = conn.recv()
+        except EOFError:
+            return
+        used = resource.getrusage(resource.RUSAGE_SELF)
+        cpu_limit = int(used.ru_utime + used.ru_stime + seconds) + 2
+        resource.setrlimit(resource.RLIMIT_CPU, (cpu_limit, resource.getrlimit(resource.RLIMIT_CPU)[1]))
+        try:
+            answer = evaluate(src)
+        except MemoryError:
+            answer = "Error: the expression needs too much memory"
+        conn.send(answer)
+
+
+CODE_WORKER = CodeWorker(evaluate_expression)
+
+
+def run_code(src):
+    """The code tool: the value of one small expression as text, or "Error: ..." (see evaluate_expression),
+    computed in the worker process within WORKER_SECONDS and WORKER_MEMORY_BYTES."""
+    return CODE_WORKER(src)
 
 
 # ====================================================================================================
@@ -641,21 +793,23 @@ class ChatConfig:
     checkpoint: str = opt("", "checkpoint file or stage folder (default: latest of out/rlhf, out/rl, out/sft)")
     prompt: str = opt("", "answer this one question and exit (-p)")
     base: str = opt("", "base-model mode: continue this text like a document")
-    n: int = opt(1, "with --base: how many samples of the same prompt (-n)")
+    n: int = opt(1, "with --base: how many samples of the same prompt (-n)", low=1)
     probs: bool = opt(False, "with --base: print the top next-token probabilities at every step")
     stop: tuple = opt((), "with --base: end each sample at the first of these strings (e.g. '\\nHuman:')")
     system: str = opt(SYSTEM_MESSAGE, "the system message at the top of every conversation ('' for none)")
-    temperature: float = opt(0.7, "sampling temperature (0 = greedy)")
-    top_k: int = opt(50, "sample only among the k likeliest tokens (0 = all)")
-    top_p: float = opt(1.0, "sample only among the likeliest tokens that cover this probability mass")
-    max_tokens: int = opt(200, "the most tokens one reply may have")
-    seed: int = opt(-1, "random seed (-1 = a fresh one every time)")
-    search_folder: str = opt("", "folder of .txt/.md files for the search tool (default: the embedded corpus)")
+    temperature: float = opt(0.7, "sampling temperature (0 = greedy)", low=0)
+    top_k: int = opt(50, "sample only among the k likeliest tokens (0 = all)", low=0)
+    top_p: float = opt(1.0, "sample only among the likeliest tokens that cover this probability mass",
+                        above=0, high=1)
+    max_tokens: int = opt(200, "the most tokens one reply may have", low=1)
+    seed: int = opt(-1, "random seed (-1 = a fresh one every time)", low=-1)
+    search_folder: str = opt("", "folder of .txt/.md files for the search tool (default: the embedded corpus)",
+                              path="dir")
     device: str = opt("auto", "cuda, mps, cpu, or auto (the first of them that this machine has)")
-    memory_gb: float = opt(DEFAULT_MEMORY_GB, "most GB one sampling call's KV cache and logits may take")
+    memory_gb: float = opt(DEFAULT_MEMORY_GB, "most GB one sampling call's KV cache and logits may take", above=0)
     web: bool = opt(False, "serve the web chat and the OpenAI-compatible API instead of the terminal chat")
     host: str = opt("127.0.0.1", "with --web: address to listen on")
-    port: int = opt(8000, "with --web: port")
+    port: int = opt(8000, "with --web: port (0 = any free port)", low=0, high=65535)
 
 
 def sampling_args(cfg, seed=None):
@@ -813,14 +967,31 @@ def cut_at_stop(text, stops):
 MAX_BODY_BYTES = 1 << 20
 MAX_MESSAGES = 200
 MAX_STOP_STRINGS = 4
+# Bounds that keep one careless or hostile client from starving the others (each is a make_server argument):
+READ_SECONDS = 10       # the whole request must arrive within this; a body still trickling in gets 408
+MAX_CONNECTIONS = 32    # open connections, each a thread; one more is answered 503 and closed at once
+MAX_QUEUED = 16         # generations waiting for the model (one runs at a time); one more is answered 503
+RETRY_AFTER_SECONDS = 1
 
 
-class BadRequest(Exception):
-    """A request the API refuses with 400 and a JSON error naming the problem."""
+class RequestError(Exception):
+    """A request the API refuses: the HTTP status, the message of its JSON error body, extra headers."""
+
+    def __init__(self, status, message, headers=None):
+        super().__init__(message)
+        self.status, self.headers = status, headers or {}
+
+
+class BadRequest(RequestError):
+    """A request body the API refuses with 400 and a JSON error naming the problem."""
+
+    def __init__(self, message):
+        super().__init__(400, message)
 
 
 def field_of(body, name, kind, default, low=None, high=None):
-    """One validated field of a request body."""
+    """One validated field of a request body. Numbers must be finite: JSON as Python reads it allows
+    NaN and 1e999 (infinity), and every comparison with NaN is false, so a range check alone lets it by."""
     value = body.get(name, default)
     if value is None:
         return default
@@ -828,18 +999,48 @@ def field_of(body, name, kind, default, low=None, high=None):
         value = float(value)
     if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
         raise BadRequest(f"'{name}' must be a {kind.__name__}")
+    if kind is float and not math.isfinite(value):
+        raise BadRequest(f"'{name}' must be a finite number, got {value}")
     if (low is not None and value < low) or (high is not None and value > high):
         raise BadRequest(f"'{name}' must be between {low} and {high}")
     return value
 
 
+def refuse_constant(name):
+    """json.loads hook for NaN, Infinity and -Infinity, which are not JSON at all."""
+    raise BadRequest(f"the body is not valid JSON: {name} is not a JSON number")
+
+
+def parse_json_body(raw):
+    try:
+        return json.loads(raw, parse_constant=refuse_constant)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BadRequest(f"the body is not valid JSON: {e}") from None
+    except RecursionError:
+        raise BadRequest("the body is not valid JSON: nested too deeply") from None
+    except ValueError as e:  # an integer of more than 4,300 digits (Python's limit on int parsing)
+        raise BadRequest(f"the body is not valid JSON: {e}") from None
+
+
 class ChatService:
     """The model behind the API: validates requests, renders them, and streams completions. One
-    generation at a time (a lock): concurrent clients are served in turn."""
+    generation at a time (a lock): concurrent clients are served in turn, at most MAX_QUEUED of them
+    waiting; beyond that a client is told to come back later instead of joining an endless queue."""
 
-    def __init__(self, engine, name, defaults):
+    def __init__(self, engine, name, defaults, max_queued=MAX_QUEUED):
         self.engine, self.name, self.defaults = engine, name, defaults
         self.lock = threading.Lock()
+        self.places = threading.BoundedSemaphore(max_queued + 1)  # the running generation and the waiting
+
+    @contextlib.contextmanager
+    def place_in_queue(self):
+        if not self.places.acquire(blocking=False):
+            raise RequestError(503, "too many requests are waiting for the model; try again shortly",
+                               {"Retry-After": str(RETRY_AFTER_SECONDS)})
+        try:
+            yield
+        finally:
+            self.places.release()
 
     def parse(self, body):
         """A /v1/chat/completions body -> (prompt ids, sampling kwargs, max_tokens, stop strings, stream)."""
@@ -862,11 +1063,13 @@ class ChatService:
         stop = [stop] if isinstance(stop, str) else stop
         if not isinstance(stop, list) or len(stop) > MAX_STOP_STRINGS or not all(isinstance(x, str) and x for x in stop):
             raise BadRequest(f"'stop' must be a string or a list of at most {MAX_STOP_STRINGS} non-empty strings")
+        top_p = field_of(body, "top_p", float, 1.0)
+        if not 0 < top_p <= 1:  # top_p = 0 would keep no token at all
+            raise BadRequest(f"'top_p' must be in (0, 1], got {top_p}")
         sampling = dict(temperature=field_of(body, "temperature", float, self.defaults.temperature, 0.0, 2.0),
-                        top_p=field_of(body, "top_p", float, 1.0, 0.0, 1.0),
+                        top_p=top_p if top_p < 1 else None,
                         seed=field_of(body, "seed", int, None, 0, 2**63 - 1),
                         top_k=self.defaults.top_k or None)
-        sampling["top_p"] = sampling["top_p"] if sampling["top_p"] < 1 else None
         return prompt, sampling, max_tokens, stop, field_of(body, "stream", bool, False)
 
     def pieces(self, prompt, sampling, max_tokens, stop):
@@ -900,68 +1103,164 @@ def event_text(event):
     return f"{TOOL_OUTPUT[0]}{event['text']}{TOOL_OUTPUT[1]}"
 
 
+LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1"}
+
+
+def host_name(authority):
+    """'127.0.0.1:8000' -> '127.0.0.1', '[::1]:8000' -> '::1' (the Host header's form, also an Origin's netloc)."""
+    return urllib.parse.urlsplit("//" + authority).hostname or ""
+
+
 class Handler(http.server.BaseHTTPRequestHandler):
-    service = None  # set by serve()
+    """Every request gets an answer: a page, JSON, a stream, or a JSON error with the right status --
+    never a connection closed without a word, whatever the client sent."""
+    service = None  # set by make_server, as is read_seconds
+    read_seconds = READ_SECONDS
     protocol_version = "HTTP/1.1"
+    default_request_version = "HTTP/1.0"  # so even an answer to garbage starts with a status line
+    # path -> {method: handler}; HEAD answers like GET without the body
+    ROUTES = {"/": {"GET": "page"}, "/health": {"GET": "health"}, "/v1/models": {"GET": "models"},
+              "/v1/chat/completions": {"POST": "chat_completions"}}
+
+    def setup(self):
+        self.timeout = self.read_seconds  # every read (and write) on the socket waits at most this long
+        super().setup()
 
     def log_message(self, format, *args):  # one short line per request instead of the default
         print(f"{self.address_string()} {format % args}")
 
-    def send_json(self, status, obj):
-        data = json.dumps(obj).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def send_error_json(self, status, message):
-        self.send_json(status, {"error": {"message": message, "type": "invalid_request_error"}})
-
     def do_GET(self):
-        if self.path == "/health":
-            return self.send_json(200, {"status": "ok"})
-        if self.path == "/v1/models":
-            return self.send_json(200, {"object": "list", "data": [
-                {"id": self.service.name, "object": "model", "created": 0, "owned_by": "scratchgpt"}]})
-        if self.path == "/" or self.path.startswith("/?"):
-            page = WEB_PAGE.replace("{SYSTEM}", json.dumps(self.service.defaults.system)).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "text/html; charset=utf-8")
-            self.send_header("Content-Length", str(len(page)))
-            self.end_headers()
-            return self.wfile.write(page)
-        self.send_error_json(404, f"no such path {self.path}")
+        self.route()
 
-    def do_POST(self):
-        if self.path != "/v1/chat/completions":
-            return self.send_error_json(404, f"no such path {self.path}")
+    do_HEAD = do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_GET
+
+    def route(self):
+        path = self.path.split("?", 1)[0]
         try:
-            length = int(self.headers.get("Content-Length") or -1)
-            if not 0 < length <= MAX_BODY_BYTES:
-                self.close_connection = True  # the unread body must not be taken for the next request
-                raise BadRequest(f"the body must be 1 to {MAX_BODY_BYTES} bytes with a Content-Length")
-            try:
-                body = json.loads(self.rfile.read(length))
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise BadRequest(f"the body is not valid JSON: {e}") from None
-            prompt, sampling, max_tokens, stop, stream = self.service.parse(body)
-        except BadRequest as e:
-            return self.send_error_json(400, str(e))
+            methods = self.ROUTES.get(path)
+            if methods is None:
+                raise RequestError(404, f"no such path {path}")
+            method = "GET" if self.command == "HEAD" else self.command
+            if method not in methods:
+                allowed = ", ".join(sorted({*methods, *(["HEAD"] if "GET" in methods else [])}))
+                raise RequestError(405, f"{path} takes {allowed}, not {self.command}", {"Allow": allowed})
+            getattr(self, methods[method])()
+        except RequestError as e:
+            self.send_error_json(e.status, str(e), e.headers)
+        except (BrokenPipeError, ConnectionResetError, TimeoutError):
+            self.close_connection = True  # the client is gone or stuck: nobody to answer
+        except Exception as e:  # a bug: still an answer, and the server goes on serving
+            self.log_message("error %s: %s", type(e).__name__, e)
+            self.send_error_json(500, f"internal error ({type(e).__name__})", server_error=True)
+
+    # -- answers -----------------------------------------------------------------------------------
+
+    def send_body(self, status, content_type, data, headers=None):
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(data)))
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
+        if self.close_connection:
+            self.send_header("Connection", "close")
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(data)
+
+    def send_json(self, status, obj, headers=None):
+        self.send_body(status, "application/json", json.dumps(obj).encode(), headers)
+
+    def send_error_json(self, status, message, headers=None, server_error=False):
+        if self.command != "GET" and self.command != "HEAD":
+            self.close_connection = True  # a body we did not read must not be taken for the next request
+        kind = "server_error" if server_error or status >= 500 else "invalid_request_error"
+        self.send_json(status, {"error": {"message": message, "type": kind}}, headers)
+
+    def send_error(self, code, message=None, explain=None):
+        """What http.server answers to a malformed request line or headers: JSON too, like every error."""
+        self.close_connection = True
+        self.send_json(code, {"error": {"message": message or self.responses.get(code, ("error",))[0],
+                                        "type": "invalid_request_error"}})
+
+    def health(self):
+        self.send_json(200, {"status": "ok"})
+
+    def models(self):
+        self.send_json(200, {"object": "list", "data": [
+            {"id": self.service.name, "object": "model", "created": 0, "owned_by": "scratchgpt"}]})
+
+    def page(self):
+        page = WEB_PAGE.replace("{SYSTEM}", json.dumps(self.service.defaults.system)).encode()
+        self.send_body(200, "text/html; charset=utf-8", page)
+
+    # -- the API -----------------------------------------------------------------------------------
+
+    def check_browser_origin(self):
+        """Refuse what a web page on another site could make the user's browser send. A page may POST a
+        text/plain "simple request" anywhere without asking first (no CORS preflight), so: the body must
+        be declared application/json (which a cross-site page can only send after a preflight we never
+        grant), an Origin header must name this very server, and when we listen on loopback only, the
+        Host must be a loopback name (a DNS-rebinding page calls us by its own domain name)."""
+        content_type = self.headers.get("Content-Type", "").split(";")[0].strip().lower()
+        if content_type != "application/json":
+            raise RequestError(415, f"the body must be sent as Content-Type: application/json, not {content_type!r}")
+        host = self.headers.get("Host", "")
+        if host_name(self.server.server_address[0]) in LOOPBACK_NAMES and host_name(host) not in LOOPBACK_NAMES:
+            raise RequestError(403, f"Host {host!r} is not this server's loopback address")
+        origin = self.headers.get("Origin")
+        if origin is not None and urllib.parse.urlsplit(origin).netloc != host:
+            raise RequestError(403, f"cross-origin requests are refused (Origin {origin}, Host {host})")
+
+    def read_body(self):
+        """The request body, within MAX_BODY_BYTES and read_seconds in all (not per read: a client that
+        sends one byte a second would otherwise hold this thread for as long as it likes)."""
+        length = self.headers.get("Content-Length")
+        if length is None:
+            raise RequestError(411, "a Content-Length header is required")
+        if not length.strip().isdigit():
+            raise BadRequest(f"Content-Length must be a number of bytes, got {length!r}")
+        length = int(length)
+        if length > MAX_BODY_BYTES:
+            raise RequestError(413, f"the body has {length} bytes; at most {MAX_BODY_BYTES} are accepted")
+        deadline, chunks, got = time.monotonic() + self.read_seconds, [], 0
+        try:
+            while got < length:
+                self.connection.settimeout(max(deadline - time.monotonic(), 0.001))
+                chunk = self.rfile.read1(length - got)
+                if not chunk:
+                    raise BadRequest(f"the body ended after {got} of {length} bytes")
+                chunks.append(chunk)
+                got += len(chunk)
+        except TimeoutError:
+            raise RequestError(408, f"the body did not arrive within {self.read_seconds:g} s "
+                                    f"({got} of {length} bytes)") from None
+        finally:
+            self.connection.settimeout(self.read_seconds)
+        return b"".join(chunks)
+
+    def chat_completions(self):
+        self.check_browser_origin()
+        body = parse_json_body(self.read_body())
+        prompt, sampling, max_tokens, stop, stream = self.service.parse(body)
         meta = {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "created": int(time.time()), "model": self.service.name}
-        pieces = self.service.pieces(prompt, sampling, max_tokens, stop)
-        if stream:
-            return self.stream_reply(meta, pieces)
-        content, finish, used = "", None, 0
-        for text, finish, used in pieces:
-            content += text
+        with self.service.place_in_queue():
+            pieces = self.service.pieces(prompt, sampling, max_tokens, stop)
+            try:
+                if stream:
+                    return self.stream_reply(meta, pieces)
+                content, finish, used = "", None, 0
+                for text, finish, used in pieces:
+                    content += text
+            finally:
+                pieces.close()  # releases the model's lock now, even if the client went away mid-reply
         self.send_json(200, {**meta, "object": "chat.completion", "choices": [
             {"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": finish}],
             "usage": {"prompt_tokens": len(prompt), "completion_tokens": used,
                       "total_tokens": len(prompt) + used}})
 
     def stream_reply(self, meta, pieces):
-        """Server-sent events, one chunk per piece of text, as OpenAI's API streams."""
+        """Server-sent events, one chunk per piece of text, as OpenAI's API streams. The stream always ends
+        with `data: [DONE]`, after an error event if generating failed half-way (the 200 is already sent)."""
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Cache-Control", "no-cache")
@@ -969,31 +1268,80 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.end_headers()
         self.close_connection = True
 
-        def send(delta, finish=None):
-            chunk = {**meta, "object": "chat.completion.chunk",
-                     "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
-            self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
+        def send(obj):
+            self.wfile.write(f"data: {json.dumps(obj)}\n\n".encode())
             self.wfile.flush()
+
+        def chunk(delta, finish=None):
+            send({**meta, "object": "chat.completion.chunk",
+                  "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
 
         try:
-            send({"role": "assistant", "content": ""})
-            for text, finish, _ in pieces:
-                if text:
-                    send({"content": text})
-                if finish:
-                    send({}, finish)
+            chunk({"role": "assistant", "content": ""})
+            try:
+                for text, finish, _ in pieces:
+                    if text:
+                        chunk({"content": text})
+                    if finish:
+                        chunk({}, finish)
+            except (BrokenPipeError, ConnectionResetError, TimeoutError):
+                raise
+            except Exception as e:  # a bug half-way: the client still learns the reply is over, and why
+                self.log_message("error %s: %s", type(e).__name__, e)
+                send({"error": {"message": f"internal error ({type(e).__name__})", "type": "server_error"}})
             self.wfile.write(b"data: [DONE]\n\n")
             self.wfile.flush()
-        except (BrokenPipeError, ConnectionResetError):
-            pass  # the client went away; the generator is closed and the lock released
+        except (BrokenPipeError, ConnectionResetError, TimeoutError):
+            pass  # the client went away (or stopped reading); the caller closes the generator
 
 
-def make_server(engine, cfg, name="scratchgpt"):
+class BoundedHTTPServer(http.server.ThreadingHTTPServer):
+    """The standard threaded server, with a bound on threads: one per open connection up to
+    max_connections; a connection beyond that is answered 503 at once by the accepting thread."""
+    daemon_threads = True
+    request_queue_size = 128  # the listen backlog (default 5): a burst of clients must not be reset
+
+    def __init__(self, address, handler, max_connections=MAX_CONNECTIONS):
+        super().__init__(address, handler)
+        self.slots = threading.BoundedSemaphore(max_connections)
+
+    def process_request(self, request, client_address):
+        if not self.slots.acquire(blocking=False):
+            return self.refuse(request)
+        try:
+            super().process_request(request, client_address)  # starts the connection's thread
+        except BaseException:
+            self.slots.release()
+            raise
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.slots.release()
+
+    def refuse(self, request):
+        body = json.dumps({"error": {"message": "too many open connections; try again shortly",
+                                     "type": "server_error"}}).encode()
+        head = (f"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(body)}\r\nRetry-After: {RETRY_AFTER_SECONDS}\r\nConnection: close\r\n\r\n")
+        try:
+            request.settimeout(1.0)  # a few hundred bytes fit any socket buffer; never stall the accept loop
+            request.sendall(head.encode() + body)
+        except OSError:
+            pass
+        self.shutdown_request(request)
+
+
+def make_server(engine, cfg, name="scratchgpt", read_seconds=READ_SECONDS, max_connections=MAX_CONNECTIONS,
+                max_queued=MAX_QUEUED):
     """A threaded HTTP server (not yet serving) bound to cfg.host:cfg.port (port 0 = any free port)."""
-    handler = type("BoundHandler", (Handler,), {"service": ChatService(engine, name, cfg)})
-    server = http.server.ThreadingHTTPServer((cfg.host, cfg.port), handler)
-    server.daemon_threads = True
-    return server
+    service = ChatService(engine, name, cfg, max_queued)
+    handler = type("BoundHandler", (Handler,), {"service": service, "read_seconds": read_seconds})
+    try:
+        return BoundedHTTPServer((cfg.host, cfg.port), handler, max_connections)
+    except OSError as e:  # the port is taken, or not ours to use
+        raise UserError(f"--host {cfg.host} --port {cfg.port}: cannot listen there ({e.strerror})") from None
 
 
 def serve(cfg):

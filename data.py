@@ -175,7 +175,11 @@ def build_embedded_corpus(sdist_path):
 # Downloading: resumable, verified, parallel. Big files over flaky networks fail in every possible way,
 # so each download streams into DEST.part, resumes with an HTTP Range request after a dropped connection,
 # waits and retries on server errors (5xx) and timeouts, checks the size (and the sha256 when the server
-# gives one), and only then renames DEST.part to DEST. DEST therefore either does not exist or is complete.
+# gives one), and only then renames DEST.part to DEST. DEST therefore either does not exist or is complete:
+# a file whose size nobody vouches for (no Content-Length, Content-Range, X-Linked-Size, or size from the
+# caller) stays DEST.part, since a connection that ends early looks exactly like a finished file. One
+# thing no client can see: a 200 whose Content-Length itself is short (and no other size) -- pass size= or
+# sha256= for such a server; every Hugging Face download carries X-Linked-Size, which catches it.
 
 DEFAULT_HF_ENDPOINT = "https://huggingface.co"
 FINEWEB_EDU_PATH = "sample/10BT/{index:03d}_00000.parquet"  # 14 parquet shards of ~2.2 GB each (10B tokens)
@@ -213,21 +217,34 @@ def file_name_of(url):
     return name
 
 
-def promised_size_and_sha256(response):
+def header_int(url, headers, name, value=None):
+    """A numeric header (or the `value` taken from one) as an int; a server sending anything else is
+    broken in a way retrying will not fix, so that is one clear line, not a traceback."""
+    value = headers.get(name) if value is None else value
+    if not value.strip().isdigit():
+        raise DataError(f"{url}: the server sent a non-numeric {name} ({value!r})")
+    return int(value)
+
+
+def promised_size_and_sha256(url, response):
     """What the server vouches for: the full size and, where given, the sha256 of the file. Hugging Face
-    puts both on the redirect (X-Linked-Size, X-Linked-Etag) before sending us to its CDN."""
+    puts both on the redirect (X-Linked-Size, X-Linked-Etag) before sending us to its CDN. Otherwise the
+    size is the total of a 206's Content-Range, or the Content-Length of a 200; None when unknown."""
     size = sha256 = None
     for headers in [r.headers for r in response.history] + [response.headers]:
         if "X-Linked-Size" in headers:
-            size = int(headers["X-Linked-Size"])
+            size = header_int(url, headers, "X-Linked-Size")
         etag = headers.get("X-Linked-Etag", "").strip('"')
         if SHA256_HEX.fullmatch(etag):
             sha256 = etag
-    if size is None and response.status_code in (206, 416) and "/" in response.headers.get("Content-Range", ""):
-        total = response.headers["Content-Range"].rsplit("/", 1)[1]
-        size = int(total) if total.isdigit() else None
-    elif size is None and response.status_code == 200 and "Content-Length" in response.headers:
-        size = int(response.headers["Content-Length"])
+    content_range = response.headers.get("Content-Range", "")
+    if response.status_code in (206, 416) and "/" in content_range:
+        total = content_range.rsplit("/", 1)[1]
+        range_size = None if total == "*" else header_int(url, response.headers, "Content-Range", total)
+        size = size if size is not None else range_size
+    elif response.status_code == 200 and "Content-Length" in response.headers:
+        length = header_int(url, response.headers, "Content-Length")
+        size = size if size is not None else length
     return size, sha256
 
 
@@ -240,23 +257,46 @@ def sha256_of(path):
     return h.hexdigest()
 
 
-def fetch_into_part(session, url, part, timeout, on_bytes):
+def strong_etag(response):
+    """The response's ETag if it is a strong one (the only kind If-Range may carry), else None."""
+    etag = response.headers.get("ETag")
+    return etag if etag and not etag.startswith("W/") else None
+
+
+def fetch_into_part(session, url, part, timeout, on_bytes, version):
     """One attempt: append the missing bytes of `url` to `part` (asking only for what we lack when part of
-    it is already there). Returns the size and sha256 the server promised."""
+    it is already there). Returns the size and sha256 the server promised. `version["etag"]` is the ETag
+    of the bytes in `part`: a resumed range must come from the same version of the file, so it goes in
+    If-Range (the server then sends the whole new file if it changed) and the answer's ETag is checked.
+    It is recorded as soon as the headers arrive, since the attempt that fetched them may break off."""
     have = os.path.getsize(part) if os.path.exists(part) else 0
     # identity encoding: the byte counts we check must be those of the file, not of a compressed stream
-    headers = {"Accept-Encoding": "identity", **({"Range": f"bytes={have}-"} if have else {})}
+    headers = {"Accept-Encoding": "identity"}
+    if have:
+        headers["Range"] = f"bytes={have}-"
+        if version["etag"]:
+            headers["If-Range"] = version["etag"]
     with session.get(url, headers=headers, stream=True, timeout=timeout) as r:
-        if r.status_code == 416:  # we asked for bytes past the end: what we have is all there is
-            return promised_size_and_sha256(r)
+        if r.status_code == 416:  # we asked for bytes past the end: done if the server says how long it is
+            size, sha256 = promised_size_and_sha256(url, r)
+            if size is None or size != have:  # a bare 416 proves nothing: start over from byte 0
+                os.unlink(part)
+                raise RetryableError(f"HTTP 416 to a request from byte {have}; starting over")
+            return size, sha256
         if r.status_code in RETRY_STATUSES:
             raise RetryableError(f"HTTP {r.status_code} {r.reason}")
         if r.status_code >= 400:
             raise DataError(f"{url}: HTTP {r.status_code} {r.reason}")
-        promised = promised_size_and_sha256(r)
+        promised = promised_size_and_sha256(url, r)
         resumed = r.status_code == 206
+        if resumed and version["etag"] and strong_etag(r) != version["etag"]:  # our bytes are of another version
+            os.unlink(part)
+            raise RetryableError(f"the file changed on the server (ETag {version['etag']} -> "
+                                 f"{r.headers.get('ETag')}); starting over")
         if resumed and not r.headers.get("Content-Range", "").startswith(f"bytes {have}-"):
             raise RetryableError(f"the server resumed at the wrong offset ({r.headers.get('Content-Range')})")
+        if not resumed:
+            version["etag"] = strong_etag(r)
         with open(part, "ab" if resumed else "wb") as f:  # a plain 200 means "here is the whole file again"
             for block in r.iter_content(1 << 16):
                 f.write(block)
@@ -264,10 +304,15 @@ def fetch_into_part(session, url, part, timeout, on_bytes):
     return promised
 
 
-def check_complete(part, size, sha256):
-    """Raise RetryableError unless `part` has the promised size and checksum. A file that is too short is
-    kept (the next attempt resumes it); one that is too long or has the wrong checksum is thrown away."""
+def check_complete(url, part, size, sha256):
+    """Raise unless `part` has the promised size and checksum. Without a known size nothing proves that
+    the connection did not simply end early, so the bytes stay in DEST.part and the download fails. A
+    file that is too short is kept (the next attempt resumes it); one that is too long or has the wrong
+    checksum is thrown away."""
     have = os.path.getsize(part)
+    if size is None and sha256 is None:
+        raise DataError(f"{url}: the server gave no size (no Content-Length, Content-Range or X-Linked-Size), "
+                        f"so {have} bytes may be a truncated file; kept as {part}; pass the expected size or sha256")
     if size is not None and have < size:
         raise RetryableError(f"got {have} of {size} bytes")
     if (size is not None and have > size) or (sha256 and sha256_of(part) != sha256):
@@ -275,18 +320,32 @@ def check_complete(part, size, sha256):
         raise RetryableError("the downloaded bytes do not match the promised size/sha256; starting over")
 
 
-def download(url, dest, retries=6, backoff=1.0, timeout=60, on_bytes=lambda n: None, session=None):
+def check_url(url):
+    """Only http(s) URLs with a host: anything else (ftp://, a bare path) is refused in one line."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise DataError(f"{url}: expected an http:// or https:// URL")
+
+
+def download(url, dest, retries=6, backoff=1.0, timeout=60, on_bytes=lambda n: None, session=None,
+             size=None, sha256=None):
     """Download `url` to `dest` (see the section comment); returns `dest`. Waits backoff·2^attempt seconds
-    between attempts. Raises DataError for a client error (404...) or when all attempts fail."""
+    between attempts. `size` and `sha256`, when the caller knows them, are checked on top of (and win
+    over) what the server says. Raises DataError for a client error (404...), a broken server (a
+    non-numeric length, a redirect loop), a size nobody vouches for, or when all attempts fail."""
+    check_url(url)
     if os.path.exists(dest):
+        if size is not None and os.path.getsize(dest) != size:
+            raise DataError(f"{dest}: has {os.path.getsize(dest)} bytes, expected {size}; delete it to download again")
         return dest
     part = dest + ".part"
     os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
     session = session or requests.Session()
+    version = {"etag": None}  # of the bytes in `part` (unknown for a part left by an earlier run)
     for attempt in range(retries + 1):
         try:
-            size, sha256 = fetch_into_part(session, url, part, timeout, on_bytes)
-            check_complete(part, size, sha256)
+            promised_size, promised_sha256 = fetch_into_part(session, url, part, timeout, on_bytes, version)
+            check_complete(url, part, size if size is not None else promised_size, sha256 or promised_sha256)
             os.replace(part, dest)
             return dest
         except (RetryableError, requests.ConnectionError, requests.Timeout,
@@ -294,6 +353,8 @@ def download(url, dest, retries=6, backoff=1.0, timeout=60, on_bytes=lambda n: N
             problem = e
             if attempt < retries:
                 time.sleep(backoff * 2 ** attempt)
+        except requests.RequestException as e:  # a redirect loop, an invalid redirect target...
+            raise DataError(f"{url}: {type(e).__name__}: {e}") from None
     raise DataError(f"{url}: download failed after {retries + 1} attempts: {problem}")
 
 
@@ -371,31 +432,52 @@ def read_documents(paths):
             yield from readers[ext](path)
         except OSError as e:
             raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
-        except UnicodeDecodeError as e:
-            raise DataError(f"{path}: not UTF-8 text (byte {e.start})") from None
+
+
+def utf8_text(raw, path, offset=0):
+    """Bytes of `path` (starting at byte `offset` of it) as text. One rule for every reader of text:
+    bytes that are not UTF-8 are refused, naming the file and the byte, never silently turned into
+    U+FFFD (a corpus in Latin-1 would otherwise train a model on replacement characters)."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text (byte {offset + e.start}: {raw[e.start:e.start + 1]!r})") from None
+
+
+def utf8_lines(path):
+    """(line number, text) of each line of a UTF-8 file, refused as utf8_text says."""
+    with open(path, "rb") as f:
+        offset = 0
+        for lineno, raw in enumerate(f, 1):
+            yield lineno, utf8_text(raw, path, offset)
+            offset += len(raw)
+
+
+def read_text_file(path):
+    """A whole UTF-8 file as text (refused as utf8_text says), line ends as text mode reads them (\\n)."""
+    with open(path, "rb") as f:
+        return utf8_text(f.read(), path).replace("\r\n", "\n").replace("\r", "\n")
 
 
 def read_txt(path):
     """A text file is one document, unless it separates documents with <|endoftext|> (as TinyStories does)."""
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for text in f.read().split(EOT):
-            if text.strip():
-                yield {"text": text.strip() + "\n", "file_path": path}
+    for text in read_text_file(path).split(EOT):
+        if text.strip():
+            yield {"text": text.strip() + "\n", "file_path": path}
 
 
 def read_jsonl(path):
     """One JSON object per line with a string "text" field (FineWeb columns, when present, are kept)."""
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict) or not isinstance(row.get("text"), str):
-                raise DataError(f"{path}:{lineno}: expected a JSON object with a string \"text\" field")
-            yield {**row, "file_path": row.get("file_path", path)}
+    for lineno, line in utf8_lines(path):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+        if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+            raise DataError(f"{path}:{lineno}: expected a JSON object with a string \"text\" field")
+        yield {**row, "file_path": row.get("file_path", path)}
 
 
 def read_parquet(path):
@@ -433,8 +515,7 @@ class PageMetadataParser(html.parser.HTMLParser):
 
 def read_html(path):
     """A saved web page: one document, still HTML; the extraction filter turns it into text."""
-    with open(path, encoding="utf-8", errors="replace") as f:
-        page = f.read()
+    page = read_text_file(path)
     meta = PageMetadataParser()
     meta.feed(page)
     yield {"html": page, "url": meta.url, "date": meta.date, "file_path": path}
@@ -1024,6 +1105,8 @@ def write_shard(path, tokens):
 
 def read_shard(path):
     """The tokens of a shard as a read-only memory map: the OS pages them in as they are used."""
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: is a folder, not a token shard" if os.path.isdir(path) else f"{path}: no such shard")
     header = np.fromfile(path, dtype=np.int32, count=HEADER_INTS)
     if len(header) < HEADER_INTS or header[0] != SHARD_MAGIC or header[1] != SHARD_VERSION:
         raise DataError(f"{path}: not a token shard (expected magic {SHARD_MAGIC}, version {SHARD_VERSION})")
@@ -1773,22 +1856,23 @@ def read_conversations(path):
     file, the line number and the problem."""
     rows = []
     try:
-        with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                    if not isinstance(row, dict) or "messages" not in row:
-                        raise ValueError('expected an object with a "messages" list')
-                    check_messages(row["messages"])
-                    if not any(m["role"] == "assistant" for m in row["messages"]):
-                        raise ValueError("no assistant message: nothing to learn from")
-                except ValueError as e:  # json.JSONDecodeError is a ValueError too
-                    raise DataError(f"{path}:{n}: not a valid conversation: {e}") from None
-                rows.append({"messages": row["messages"], "split": "train"})
-    except (OSError, UnicodeDecodeError) as e:
-        raise DataError(f"cannot read conversations from {path}: {e}") from None
+        for n, line in utf8_lines(path):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                if not isinstance(row, dict) or "messages" not in row:
+                    raise ValueError('expected an object with a "messages" list')
+                check_messages(row["messages"])  # roles, and the tool markup of every assistant turn
+                if not any(m["role"] == "assistant" for m in row["messages"]):
+                    raise ValueError("no assistant message: nothing to learn from")
+            except ValueError as e:  # json.JSONDecodeError is a ValueError too
+                raise DataError(f"{path}:{n}: not a valid conversation: {e}") from None
+            rows.append({"messages": row["messages"], "split": "train"})
+    except OSError as e:
+        raise DataError(f"cannot read conversations from {path}: {e.strerror or e}") from None
+    if not rows:
+        raise DataError(f"{path}: no conversations in the file (expected one {{\"messages\": [...]}} per line)")
     return rows
 
 

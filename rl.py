@@ -307,7 +307,7 @@ def write_curves(out_dir, history, evals):
 class RLConfig:
     """Every knob of an RL run. The defaults are the `tiny` preset: a few minutes on 2 CPU cores."""
     checkpoint: str = opt(os.path.join("out", "sft"), "the policy to start from: an SFT checkpoint (file or folder)")
-    out_dir: str = opt(os.path.join("out", "rl"), "where the checkpoint, log, curves and metrics go")
+    out_dir: str = opt(os.path.join("out", "rl"), "where the checkpoint, log, curves and metrics go", path="out")
     # the practice problems
     task: str = opt("words", "words (data.py's word problems) or gsm8k (downloaded; for GPU-sized models)")
     data_dir: str = opt(os.path.join("out", "downloads"), "where downloaded datasets (GSM8K) are kept")

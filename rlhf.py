@@ -449,7 +449,7 @@ class RLHFConfig:
     """Every knob of an RLHF run. The defaults are the `tiny` preset: a few minutes on 2 CPU cores."""
     checkpoint: str = opt(os.path.join("out", "rl"), "the policy to start from (the RL stage's; any SFT-trained "
                                                     "checkpoint works) and the reward model's body")
-    out_dir: str = opt(os.path.join("out", "rlhf"), "where checkpoints, logs, curves and metrics go")
+    out_dir: str = opt(os.path.join("out", "rlhf"), "where checkpoints, logs, curves and metrics go", path="out")
     hack: bool = opt(False, "the reward-hacking demonstration: no KL penalty, no early stopping, --hack-steps steps")
     # the person and the reward model
     rank_prompts: int = opt(1000, "prompts whose attempts the (simulated) person orders (the lecture: 1,000)")

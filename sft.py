@@ -61,7 +61,7 @@ class SFTConfig:
     """Every knob of a finetuning run. The defaults are the `tiny` preset: a few minutes on 2 CPU cores."""
     base: str = opt(os.path.join("out", "base", "model.pt"), "the pretrained checkpoint to start from")
     tokenizer: str = opt("", "insist on this tokenizer.json: the base checkpoint must have been trained with it")
-    out_dir: str = opt(os.path.join("out", "sft"), "where the checkpoint, log and metrics go")
+    out_dir: str = opt(os.path.join("out", "sft"), "where the checkpoint, log and metrics go", path="out")
     data: tuple = opt((), "extra conversations: JSONL files of {\"messages\": [...]} per line")
     conversations: int = opt(6000, "generated training conversations (before --data)")
     # real conversations, downloaded (the GPU presets): see "Real conversations" below
@@ -73,9 +73,9 @@ class SFTConfig:
     # rather than a few big ones: copying a 6-digit number into a code call is a skill the model forms
     # suddenly after enough updates (measured on 1 core: 220 steps x 32 conversations left tool accuracy at
     # 0.03, 440 steps x 16 -- the same examples -- reached 0.93); 380 x 16 fits the 3-minute budget.
-    batch_size: int = opt(16, "conversations per optimizer step")
-    bucket_rows: int = opt(8, "conversations per forward pass (of similar length; their gradients add up)")
-    num_steps: int = opt(380, "optimizer steps")
+    batch_size: int = opt(16, "conversations per optimizer step", low=1)
+    bucket_rows: int = opt(8, "conversations per forward pass (of similar length; their gradients add up)", low=1)
+    num_steps: int = opt(380, "optimizer steps", low=1)
     matrix_lr: float = opt(0.02, "Muon learning rate (pretraining: 0.04)")
     embed_lr: float = opt(0.15, "AdamW learning rate for the embedding (pretraining: 0.3)")
     head_lr: float = opt(0.004, "AdamW learning rate for the output head (pretraining: 0.008)")

@@ -3240,3 +3240,584 @@ def test_the_chunked_loss_compiles_to_one_graph_without_breaks(monkeypatch):
         evaluation = torch._dynamo.explain(model)(x, y, reduction="none")
     assert (train.graph_count, train.graph_break_count) == (1, 0), train.break_reasons
     assert (evaluation.graph_count, evaluation.graph_break_count) == (1, 0), evaluation.break_reasons
+
+# ---- issue 20: hostile and careless input
+
+# The code tool: values built by aliasing (one inner list referenced thousands of times) are measured as if
+# copied, so each of these is refused in milliseconds instead of running for minutes.
+ALIASING_ATTACKS = [
+    # the issue's cases
+    "len(str([[1]*9999]*9999))", "len(sum([[0]*9999]*9999, []))", "len(sum([(0,)*9999]*9999, ()))",
+    "[[[0]*9999]*9999]*9999 == [[[0]*9999]*9999]*9999", "len(str([['a'*99999]*9999]*9999))",
+    # 30 more in the same spirit
+    "str([[0]*999]*999)", "[[0]*999]*999", "[[[0]*99]*99]*99", "((0,)*9999,)*9999", "(((1,)*9999,)*9999,)*9",
+    "sum([[0]*300]*300, [])", "sum([(0,)*300]*300, ())", "sum(['a']*10, '')", "sum([[0], 1], [])",
+    "sum([(0,), [0]], ())", "max([[0]*9999]*9999)", "min([['a'*99999]*10]*10)", "[0]*9999 in [[0]*9999]*9999",
+    "str(['a'*99999]*11)", "str(['a'*9999]*11)", "str(10**1000)*100", "[str(10**1000)]*1000",
+    "[[[[[0]*20]*20]*20]*20]*20", "'a'*99999 + 'b'*99999", "[0]*9999 + [0]*9999", "(0,)*9999 + (0,)*9999",
+    "('a'*99999).split('a')", "('a '*50000).split()", "str((('a'*50000,)*2,)*2)", "len([['x'*99999]*10]*2)",
+    "sum(5)", "len(str([[[2**2000]*10]*10]*10))", "[[0]*9999]*9999 < [[0]*9999]*9999",
+    "sum([[[0]*999]*999], [])",
+]
+
+
+@pytest.mark.parametrize("src", ALIASING_ATTACKS)
+def test_code_tool_measures_aliased_values_as_if_copied(src):
+    assert run_code(src).startswith("Error:")
+
+
+# ... while values of the same shapes at a sensible size still work, with Python's own answers.
+@pytest.mark.parametrize("src", [
+    "len([[0]*99]*99)", "len(sum([[0]*99]*99, []))", "sum([(1,)*99]*99, ())[:3]", "len(str([[1]*99]*99))",
+    "[[]]*9999 == [[]]*9999", "'x'*100000 == 'x'*100000", "len([[[[0]*10]*10]*10]*10)", "sum([1, 2.5, 3])",
+    "len(str(['a'*999]*11))", "sum([[1], [2, 3]], [])", "sum([], [])", "('a'*100000).count('')",
+    "'a'*99999 in 'b'*99999", "len(str(2**2000))", "[0]*-5",
+])
+def test_code_tool_still_answers_sensible_expressions_like_python(src):
+    assert run_code(src) == str(eval(src))
+
+
+@pytest.mark.parametrize("src, expected", [("'\\ud800'", "\ufffd"), ("'\\udfff' * 3", "\ufffd" * 3),
+                                           ("'a\\ud83d\\ude00b'", "a\ufffd\ufffdb"), ("['\\ud800']", "['\\ud800']")])
+def test_code_tool_output_is_valid_utf8(src, expected):
+    result = run_code(src)
+    assert result == expected and result.encode("utf-8")
+
+
+def sleep_in_c(src):
+    time.sleep(60)  # one C call: no check between syntax-tree nodes ever runs
+
+
+def allocate_in_c(src):
+    return str(len(bytearray(4 << 30)))  # 4 GB in one allocation
+
+
+def die(src):
+    os._exit(3)
+
+
+def echo_pid(src):
+    return f"{src} {os.getpid()}"
+
+
+@pytest.mark.parametrize("misbehave, problem, replaced", [(sleep_in_c, "takes too long", True),
+                                                          (allocate_in_c, "too much memory", False),
+                                                          (die, "too much time or memory", True)])
+def test_code_worker_hard_limits_hold_against_one_c_level_operation_and_it_restarts(misbehave, problem, replaced):
+    """The hard limits are outside the interpreter: the call returns an error within the wall-clock limit,
+    and the next call is answered -- by a fresh worker if the old one had to be killed (a MemoryError under
+    RLIMIT_AS is caught inside, and that worker goes on)."""
+
+    def first_misbehaves_then_echoes(src):
+        return misbehave(src) if src == "bad" else echo_pid(src)
+
+    worker = chat.CodeWorker(first_misbehaves_then_echoes, seconds=0.5, memory_bytes=256 << 20)
+    try:
+        first_pid = worker("ok").split()[1]
+        started = time.monotonic()
+        assert problem in worker("bad") and time.monotonic() - started < 10
+        answer, pid = worker("ok").split()
+        assert answer == "ok" and (pid != first_pid) == replaced and pid != str(os.getpid())
+    finally:
+        worker.stop()
+
+
+def test_code_worker_is_persistent_and_the_process_keeps_its_own_state():
+    worker = chat.CodeWorker(echo_pid)
+    try:
+        pids = {worker(str(i)).split()[1] for i in range(20)}
+        assert len(pids) == 1 and pids != {str(os.getpid())}
+    finally:
+        worker.stop()
+
+
+def test_code_tool_in_the_worker_answers_exactly_as_in_process():
+    for src in HOSTILE_INPUTS[:20] + ALIASING_ATTACKS[:10] + ["(869 - 177*4) / 23", "'ubiquitous'[::3]"]:
+        assert run_code(src) == chat.evaluate_expression(src)
+
+
+def test_code_tool_from_many_threads_at_once():
+    results = {}
+    threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, run_code(f"{i} * {i}"))) for i in range(16)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert results == {i: str(i * i) for i in range(16)}
+
+
+# Downloads: a server that misbehaves in the ways a careless one does. The first path component picks it:
+#   /short/NAME       200 with a Content-Length 100 bytes short (the Hub's X-Linked-Size tells the truth)
+#   /bare-short/NAME  the same with no X-Linked-* headers at all (only a caller's size= can catch it)
+#   /no-length/NAME   200, no Content-Length, no X-Linked-*, half the body, then the connection closes
+#   /bare-416/NAME    the first GET is cut after 64 kB; a Range request then gets a bare 416 (no Content-Range)
+#   /etag/NAME        the first GET (ETag "v1") is cut; afterwards the file is another one (ETag "v2"), and a
+#                     Range request gets a 206 of the new file whatever If-Range says
+#   /bad-length/NAME, /bad-range/NAME   a non-numeric Content-Length / Content-Range total
+#   /loop/NAME        a redirect to itself
+class CarelessFileHandler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    root = log = gets = None
+
+    def log_message(self, *args):
+        pass
+
+    def do_GET(self):
+        self.log.append(("GET", self.path, self.headers.get("Range"), self.headers.get("If-Range")))
+        self.gets[self.path] = n = self.gets.get(self.path, 0) + 1
+        fault, _, name = self.path.lstrip("/").partition("/")
+        body = (pathlib_read(self.root, name))
+        if fault == "etag" and n > 1:
+            body = body[::-1]
+        start = int(re.match(r"bytes=(\d+)-", self.headers["Range"]).group(1)) if self.headers.get("Range") else 0
+        if fault == "loop":
+            self.send_response(302)
+            self.send_header("Location", self.path)
+            self.send_header("Content-Length", "0")
+            return self.end_headers()
+        if fault == "bare-416" and start:
+            self.send_response(416)
+            self.send_header("Content-Length", "0")
+            return self.end_headers()
+        if fault == "no-length":  # ignores Range: the first half of the file, again and again
+            self.send_response(200)
+            self.send_header("Connection", "close")
+            self.end_headers()
+            self.wfile.write(body[:len(body) // 2])
+            self.close_connection = True
+            return
+        self.send_response(206 if start else 200)
+        if fault in ("short", "bare-416"):
+            self.send_header("X-Linked-Size", str(len(body)))
+        if fault == "etag":
+            self.send_header("ETag", '"v1"' if n == 1 else '"v2"')
+        if start:
+            total = "abc" if fault == "bad-range" else len(body)
+            self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{total}")
+        part = body[start:]
+        cut = fault in ("bare-416", "etag", "bad-range") and n == 1
+        length = {"bad-length": "abc", "short": str(len(part) - 100), "bare-short": str(len(part) - 100)}
+        self.send_header("Content-Length", length.get(fault, str(len(part))) if not start else str(len(part)))
+        self.end_headers()
+        self.wfile.write(part[:65536] if cut else part)
+        self.close_connection = cut or fault in ("short", "bare-short")
+
+
+def pathlib_read(root, name):
+    with open(os.path.join(root, name), "rb") as f:
+        return f.read()
+
+
+@pytest.fixture
+def careless_server(tmp_path):
+    root = tmp_path / "served"
+    root.mkdir()
+    (root / "file.bin").write_bytes(np.random.default_rng(1).integers(0, 256, 200_000, dtype=np.uint8).tobytes())
+    handler = type("Handler", (CarelessFileHandler,), {"root": str(root), "log": [], "gets": {}})
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    httpd.handle_error = lambda request, address: None  # a client hanging up on a lie is expected here
+    threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}", (root / "file.bin").read_bytes(), handler.log
+    httpd.shutdown()
+    httpd.server_close()
+
+
+@pytest.mark.parametrize("fault", ["short", "bare-416"])
+def test_download_completes_exactly_when_the_server_lies_about_the_rest(careless_server, tmp_path, fault):
+    base, body, log = careless_server
+    dest = fast_download(f"{base}/{fault}/file.bin", tmp_path / "file.bin")
+    assert open(dest, "rb").read() == body
+
+
+def test_download_with_a_short_content_length_and_the_callers_size_completes(careless_server, tmp_path):
+    base, body, log = careless_server
+    dest = data.download(f"{base}/bare-short/file.bin", str(tmp_path / "file.bin"), size=len(body), backoff=0.01)
+    assert open(dest, "rb").read() == body
+    with pytest.raises(data.DataError, match="has 199900 bytes, expected 200000"):  # a prefix kept by another tool
+        (tmp_path / "other.bin").write_bytes(body[:199_900])
+        data.download(f"{base}/bare-short/file.bin", str(tmp_path / "other.bin"), size=len(body))
+
+
+def test_download_of_unknown_size_stays_part_and_fails_in_one_line_every_time(careless_server, tmp_path):
+    base, body, log = careless_server
+    for _ in range(2):  # a second run must not take the prefix for a finished file either
+        with pytest.raises(data.DataError, match="gave no size.*kept as .*file.bin.part"):
+            fast_download(f"{base}/no-length/file.bin", tmp_path / "file.bin")
+        assert not (tmp_path / "file.bin").exists() and (tmp_path / "file.bin.part").stat().st_size == 100_000
+    dest = data.download(f"{base}/no-length/file.bin", str(tmp_path / "sha.bin"),
+                         sha256=hashlib.sha256(body[:100_000]).hexdigest())  # a caller's checksum vouches
+    assert open(dest, "rb").read() == body[:100_000]
+
+
+def test_download_restarts_from_zero_when_the_etag_changes(careless_server, tmp_path):
+    base, body, log = careless_server
+    dest = fast_download(f"{base}/etag/file.bin", tmp_path / "file.bin")
+    assert open(dest, "rb").read() == body[::-1]  # the new version, whole: no old prefix glued to a new tail
+    assert log[1][2:] == ("bytes=65536-", '"v1"') and log[2][2] is None
+
+
+@pytest.mark.parametrize("url, problem", [
+    ("{base}/bad-length/file.bin", "non-numeric Content-Length ('abc')"),
+    ("{base}/bad-range/file.bin", "non-numeric Content-Range ('abc')"),
+    ("{base}/loop/file.bin", "TooManyRedirects"),
+    ("ftp://127.0.0.1/file.bin", "expected an http:// or https:// URL"),
+    ("127.0.0.1/file.bin", "expected an http:// or https:// URL"),
+])
+def test_download_cli_broken_servers_and_urls_exit_2_with_one_line(careless_server, tmp_path, capsys, url, problem):
+    base, body, log = careless_server
+    with pytest.raises(SystemExit) as exit:
+        data.main(["download", url.format(base=base), "--out", str(tmp_path / "dl")])
+    err = capsys.readouterr().err.strip().split("\r")[-1].strip()
+    assert exit.value.code == 2 and problem in err and err.count("\n") == 0, err
+    assert not glob.glob(str(tmp_path / "dl" / "file.bin"))
+
+
+# The tokenizer: one long "word" goes through the heap version of BPE, which must merge exactly as the plain
+# scan does (and as tiktoken does), only in O(n log n).
+long_words = st.lists(st.sampled_from(["the", "cat", "sat", "a", "t", "mat", "é", "世", "👋", "on", "e\u0301"]),
+                      min_size=260, max_size=800).map("".join)
+
+
+@pytest.fixture(scope="module")
+def unicode_tiktoken(unicode_tok):
+    pytest.importorskip("tiktoken")
+    return unicode_tok.to_tiktoken()
+
+
+@settings(max_examples=40)
+@given(long_words)
+def test_long_chunks_merge_exactly_as_the_plain_scan_and_tiktoken(unicode_tok, unicode_tiktoken, word):
+    data = word.encode()
+    assert len(data) > tokenizer.LONG_CHUNK_BYTES
+    heap_ids = unicode_tok._encode_long_chunk(data)  # cut where no merge can cross, then the heap
+    assert unicode_tok._merge(data) == heap_ids == unicode_tok._merge_with_heap(data)  # the plain scan; no cuts
+    assert unicode_tok.decode(list(heap_ids)) == word
+    assert unicode_tiktoken.encode_ordinary(word) == unicode_tok.encode(word)
+
+
+def test_a_long_word_round_trips(unicode_tok):
+    """180 kB in one chunk: a second or so here, where the quadratic scan took many minutes."""
+    word = "thecatsat" * 20_000  # 180 kB, one chunk
+    assert unicode_tok.decode(unicode_tok.encode(word)) == word
+
+
+# The web server: every request answered with the right status and a JSON error, never a dropped connection.
+def raw_exchange(base, data, wait=10.0, pause_after=None):
+    """Send raw bytes to the server (optionally pausing `pause_after` seconds mid-way, without closing),
+    and read the whole answer: -> (status, headers, body bytes). A dropped connection is status None."""
+    import socket
+    host, port = base.rsplit("/", 1)[1].split(":")
+    with socket.create_connection((host, int(port)), timeout=wait) as sock:
+        sock.sendall(data)
+        if pause_after:
+            time.sleep(pause_after)
+        received = b""
+        try:
+            while True:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                received += chunk
+                head, _, body = received.partition(b"\r\n\r\n")
+                length = re.search(rb"(?i)content-length: *(\d+)", head)
+                if _ and length and len(body) >= int(length.group(1)):
+                    break
+        except (ConnectionResetError, TimeoutError):
+            pass
+    if not received.startswith(b"HTTP/1."):
+        return None, {}, received
+    head, _, body = received.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+    return int(lines[0].split()[1]), headers, body
+
+
+def api_post(body, content_type="application/json", extra=""):
+    data = body if isinstance(body, bytes) else body.encode()
+    return (f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: {content_type}\r\n"
+            f"Content-Length: {len(data)}\r\n{extra}\r\n").encode() + data
+
+
+HI = '{"messages": [{"role": "user", "content": "hi"}]%s}'
+BAD_REQUESTS = [
+    (api_post(HI % ', "temperature": NaN'), 400, "NaN is not a JSON number"),
+    (api_post(HI % ', "temperature": Infinity'), 400, "Infinity is not a JSON number"),
+    (api_post(HI % ', "temperature": 1e999'), 400, "'temperature' must be a finite number"),
+    (api_post(HI % ', "top_p": NaN'), 400, "NaN is not a JSON number"),
+    (api_post(HI % ', "top_p": 0'), 400, "'top_p' must be in (0, 1]"),
+    (api_post(HI % ', "top_p": -0.5'), 400, "'top_p' must be in (0, 1]"),
+    (api_post(HI % ', "top_p": 1.01'), 400, "'top_p' must be in (0, 1]"),
+    (api_post(HI % ', "max_tokens": -1e999'), 400, "'max_tokens' must be a int"),
+    (api_post(HI % (', "seed": ' + "9" * 5000)), 400, "not valid JSON"),
+    (api_post("[" * 100_000 + "]" * 100_000), 400, "nested too deeply"),
+    (api_post('{"a": ' * 50_000 + "1" + "}" * 50_000), 400, "nested too deeply"),
+    (api_post(b"\xff\xfe{}"), 400, "not valid JSON"),
+    (b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+     b"Content-Length: abc\r\n\r\n{}", 400, "Content-Length must be a number"),
+    (b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n\r\n{}", 411,
+     "Content-Length header is required"),
+    (b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+     b"Content-Length: 5000000\r\n\r\n{}", 413, "at most 1048576"),
+    (b"GET /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", 405, "takes POST, not GET"),
+    (b"PUT /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 0\r\n\r\n", 405, "not PUT"),
+    (b"DELETE /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", 405, "takes GET, HEAD, not DELETE"),
+    (b"OPTIONS /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nOrigin: http://evil.example\r\n\r\n", 405,
+     "not OPTIONS"),
+    (b"GET /nowhere HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", 404, "no such path /nowhere"),
+    (b"BREW /pot HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", 501, "Unsupported method"),
+    (b"this is not http\r\n\r\n", 400, "Bad request"),
+    (api_post(HI % "", content_type="text/plain"), 415, "application/json, not 'text/plain'"),
+    (api_post(HI % "", content_type="application/x-www-form-urlencoded"), 415, "application/json"),
+    (api_post(HI % "", extra="Origin: http://evil.example\r\n"), 403, "cross-origin requests are refused"),
+    (api_post(HI % "").replace(b"Host: 127.0.0.1", b"Host: evil.example"), 403, "not this server's loopback"),
+]
+
+
+@pytest.mark.parametrize("request_bytes, status, problem", BAD_REQUESTS, ids=[str(i) for i in range(len(BAD_REQUESTS))])
+def test_api_answers_every_bad_request_with_its_status_and_a_json_error(api_server, request_bytes, status, problem):
+    got, headers, body = raw_exchange(api_server, request_bytes)
+    assert got == status, (got, body[:200])
+    assert problem in json.loads(body)["error"]["message"]
+    if status == 405:
+        assert headers["allow"]
+    assert raw_exchange(api_server, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")[0] == 200  # still serving
+
+
+def test_api_same_origin_page_head_and_good_json_still_work(api_server):
+    port = api_server.rsplit(":", 1)[1]
+    status, _, body = raw_exchange(api_server, api_post(HI % "", extra=f"Origin: http://127.0.0.1:{port}\r\n")
+                                   .replace(b"Host: 127.0.0.1", f"Host: 127.0.0.1:{port}".encode()))
+    assert status == 200 and json.loads(body)["choices"][0]["message"]["content"] == "Hi! 2+2 = 4"
+    status, headers, body = raw_exchange(api_server, b"HEAD /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert status == 200 and headers["content-type"] == "application/json" and body == b""
+    status, _, body = raw_exchange(api_server, api_post(HI % ', "top_p": 1, "temperature": 0'))
+    assert status == 200
+
+
+@pytest.fixture
+def strict_server():
+    """The web server with small bounds, over a scripted model slowed to 20 ms a token: (URL, server)."""
+    tok = byte_tok()
+
+    class SlowModel(ScriptedModel):
+        def forward(self, idx, targets=None, kv_cache=None):
+            time.sleep(0.02)
+            return super().forward(idx, targets, kv_cache)
+
+    engine = Engine(SlowModel(tok, "Hi! 2+2 = 4<|im_end|>", seq_len=256), tok)
+    server = chat.make_server(engine, chat.ChatConfig(host="127.0.0.1", port=0), read_seconds=0.5,
+                              max_connections=4, max_queued=1)
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_port}", server
+    server.shutdown()
+    server.server_close()
+
+
+def test_api_slow_body_gets_408_within_the_read_timeout(strict_server):
+    base, _ = strict_server
+    started = time.monotonic()
+    status, _, body = raw_exchange(base, api_post(HI % "")[:-10], wait=5)  # the last 10 bytes never come
+    assert status == 408 and "did not arrive within 0.5 s" in json.loads(body)["error"]["message"]
+    assert time.monotonic() - started < 4
+
+
+def test_api_bounds_open_connections_with_503_and_retry_after(strict_server):
+    import socket
+    base, _ = strict_server
+    host, port = "127.0.0.1", int(base.rsplit(":", 1)[1])
+    threads_before = threading.active_count()
+    idle = [socket.create_connection((host, port)) for _ in range(20)]  # they say nothing: 4 threads wait
+    time.sleep(0.2)
+    assert threading.active_count() - threads_before <= 4  # the other 16 were answered 503 and closed
+    status, headers, body = raw_exchange(base, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert status == 503 and headers["retry-after"] == "1" and "too many open connections" in body.decode()
+    for sock in idle:
+        sock.close()
+    time.sleep(0.7)  # > read_seconds: their threads have given up and freed their places
+    assert raw_exchange(base, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")[0] == 200
+
+
+def test_api_bounds_queued_generations_with_503_and_retry_after(strict_server):
+    base, _ = strict_server
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(raw_exchange(base, api_post(HI % "")))) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    statuses = sorted(status for status, _, _ in results)
+    assert 200 in statuses and 503 in statuses and set(statuses) <= {200, 503}, statuses
+    assert all(h["retry-after"] == "1" for s, h, _ in results if s == 503)
+
+
+def read_stream(base, body):
+    """POST a streaming request with urllib; -> the list of `data:` payloads received."""
+    request = urllib.request.Request(base + "/v1/chat/completions", data=body.encode(),
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=60) as response:
+        return [line[6:] for line in response.read().decode().split("\n\n") if line.startswith("data: ")]
+
+
+def test_api_sixteen_concurrent_streams_all_end_with_done(api_server):
+    results = []
+    body = HI % ', "stream": true'
+    threads = [threading.Thread(target=lambda: results.append(read_stream(api_server, body))) for _ in range(16)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(results) == 16 and all(events[-1] == "[DONE]" for events in results)
+    assert {"".join(json.loads(e)["choices"][0]["delta"].get("content", "") for e in events[:-1])
+            for events in results} == {"Hi! 2+2 = 4"}
+
+
+def test_api_stream_that_fails_half_way_ends_with_an_error_event_and_done(monkeypatch):
+    tok = byte_tok()
+
+    class BrokenModel(ScriptedModel):
+        def forward(self, idx, targets=None, kv_cache=None):
+            if kv_cache.pos > 0 and kv_cache.pos > self.prompt_width + 3:  # the fifth token of a reply
+                raise RuntimeError("simulated failure")
+            return super().forward(idx, targets, kv_cache)
+
+    engine = Engine(BrokenModel(tok, "Hi! 2+2 = 4<|im_end|>", seq_len=256), tok)
+    server = chat.make_server(engine, chat.ChatConfig(host="127.0.0.1", port=0))
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_port}"
+    try:
+        events = read_stream(base, HI % ', "stream": true')
+        assert events[-1] == "[DONE]" and json.loads(events[-2])["error"]["type"] == "server_error"
+        status, _, body = raw_exchange(base, api_post(HI % ""))
+        assert status == 500 and "RuntimeError" in json.loads(body)["error"]["message"]
+        assert raw_exchange(base, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")[0] == 200
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def rss_kb():
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+
+
+def test_api_soak_keeps_memory_flat(api_server):
+    """A bounded soak: 300 requests, good and bad, streamed and not; the process's RSS after the last 200
+    stays within a few MB of what it was after the first 100 (a leak per request would show as growth)."""
+    mix = [api_post(HI % ""), api_post(HI % ', "stream": true'), api_post(HI % ', "top_p": 0'),
+           api_post("[" * 10_000 + "]" * 10_000), b"GET /v1/models HTTP/1.1\r\nHost: x\r\n\r\n",
+           b"GET /v1/chat/completions HTTP/1.1\r\nHost: x\r\n\r\n"]
+    for i in range(100):
+        assert raw_exchange(api_server, mix[i % len(mix)])[0] is not None
+    before = rss_kb()
+    for i in range(200):
+        assert raw_exchange(api_server, mix[i % len(mix)])[0] is not None
+    assert rss_kb() - before < 8_000, (before, rss_kb())
+
+
+# Files and flags: every mistake is one line naming the flag or file and what was expected, exit code 2.
+@pytest.fixture
+def careless_files(tmp_path):
+    """A folder of the files a careless user passes: -> {name: path}."""
+    files = {"a_file": tmp_path / "a_file.txt", "latin1": tmp_path / "latin1.txt", "tok": tmp_path / "tok.json",
+             "empty": tmp_path / "empty.jsonl", "unclosed": tmp_path / "unclosed.jsonl",
+             "orphan": tmp_path / "orphan.jsonl", "latin1_jsonl": tmp_path / "latin1.jsonl"}
+    files["a_file"].write_text("I am a file, not a folder\n")
+    files["latin1"].write_bytes("Once upon a time, a café.\n".encode("latin-1"))  # é is byte 0xE9 at offset 23
+    byte_tok().save(str(files["tok"]))
+    files["empty"].write_text("\n\n")
+    conversation = lambda reply: json.dumps({"messages": [{"role": "user", "content": "2+2?"},
+                                                          {"role": "assistant", "content": reply}]},
+                                              ensure_ascii=False) + "\n"
+    files["unclosed"].write_text(conversation("ok") + conversation("<|code_start|>2+2 and then nothing"))
+    files["orphan"].write_text(conversation("<|output_start|>4<|output_end|> it is 4"))
+    files["latin1_jsonl"].write_bytes(conversation("fine").encode() + conversation("café").encode("latin-1"))
+    return {name: str(path) for name, path in files.items()}
+
+
+STAGES = {"train_gpt": lambda: train_gpt.main, "sft": lambda: sft.main, "rl": lambda: rl.main,
+          "rlhf": lambda: rlhf.main, "chat": lambda: chat.main}
+FLAG_MISTAKES = [
+    ("train_gpt", "--batch-size 0", "--batch-size must be at least 1, got 0"),
+    ("train_gpt", "--seq-len 0", "--seq-len must be at least 1, got 0"),
+    ("train_gpt", "--depth 0", "--depth must be at least 1, got 0"),
+    ("train_gpt", "--num-steps 0", "--num-steps must be at least 1, got 0"),
+    ("train_gpt", "--matrix-lr nan", "--matrix-lr must be a finite number, got nan"),
+    ("train_gpt", "--embed-lr inf", "--embed-lr must be a finite number, got inf"),
+    ("train_gpt", "--head-lr -0.1", "--head-lr must be at least 0, got -0.1"),
+    ("train_gpt", "--warmdown-frac 2", "--warmdown-frac must be at most 1, got 2.0"),
+    ("train_gpt", "--adam-beta2 1.5", "--adam-beta2 must be at most 1, got 1.5"),
+    ("train_gpt", "--dtype float16", "--dtype must be one of auto, float32, bfloat16, got 'float16'"),
+    ("train_gpt", "--compile maybe", "--compile must be one of auto, on, off, got 'maybe'"),
+    ("train_gpt", "--batch-size many", "argument --batch-size: invalid int value: 'many'"),
+    ("train_gpt", "--out-dir {a_file}", "--out-dir {a_file}: is a file; expected a folder to write into"),
+    ("train_gpt", "--device gpu --num-steps 1", "--device must be cuda, mps, cpu or auto"),
+    ("train_gpt", "--device cuda --num-steps 1", "--device cuda: no cuda device is available"),
+    ("train_gpt", "--input {latin1} --tokenizer {tok} --out-dir {tmp}/base",
+     "{latin1}: not UTF-8 text (byte 23: b'\\xe9')"),
+    ("train_gpt", "demo --lr nan", "--lr must be a finite number"),
+    ("train_gpt", "eval --batch-size 0", "--batch-size must be at least 1"),
+    ("train_gpt", "eval --text {latin1}", "{latin1}: not UTF-8 text (byte 23: b'\\xe9')"),
+    ("sft", "--num-steps 0", "--num-steps must be at least 1, got 0"),
+    ("sft", "--batch-size 0", "--batch-size must be at least 1, got 0"),
+    ("sft", "--matrix-lr nan", "--matrix-lr must be a finite number"),
+    ("sft", "--out-dir {a_file}", "--out-dir {a_file}: is a file"),
+    # (a missing --base: should reading --data ever pass, the run still stops at once, failing the test)
+    ("sft", "--data {empty} --device cpu --base {tmp}/no-base.pt", "{empty}: no conversations in the file"),
+    ("sft", "--data {unclosed} --device cpu --base {tmp}/no-base.pt",
+     "{unclosed}:2: not a valid conversation: message 1 (assistant): <|code_start|> is not closed by <|code_end|>"),
+    ("sft", "--data {orphan} --device cpu --base {tmp}/no-base.pt",
+     "{orphan}:1: not a valid conversation: message 1 (assistant): a tool output must directly follow a tool call"),
+    ("sft", "--data {latin1_jsonl} --device cpu --base {tmp}/no-base.pt",
+     "{latin1_jsonl}: not UTF-8 text (byte 182: b'\\xe9')"),
+    ("rl", "--out-dir {a_file}", "--out-dir {a_file}: is a file"),
+    ("rl", "--temperature nan", "--temperature must be a finite number"),
+    ("rlhf", "--out-dir {a_file}", "--out-dir {a_file}: is a file"),
+    ("rlhf", "--kl-coef nan", "--kl-coef must be a finite number"),
+    ("chat", "--temperature -1", "--temperature must be at least 0, got -1.0"),
+    ("chat", "--temperature nan", "--temperature must be a finite number, got nan"),
+    ("chat", "--top-k -5", "--top-k must be at least 0, got -5"),
+    ("chat", "--top-p 0", "--top-p must be greater than 0, got 0.0"),
+    ("chat", "--top-p 1.5", "--top-p must be at most 1, got 1.5"),
+    ("chat", "--max-tokens 0", "--max-tokens must be at least 1"),
+    ("chat", "--port 99999 --web", "--port must be at most 65535, got 99999"),
+    ("chat", "--search-folder {tmp}/nowhere", "--search-folder {tmp}/nowhere: no such folder"),
+]
+
+
+@pytest.mark.parametrize("stage, args, expected", FLAG_MISTAKES, ids=[f"{s} {a}" for s, a, _ in FLAG_MISTAKES])
+def test_every_flag_and_file_mistake_is_one_line_and_exit_2(careless_files, tmp_path, capsys, stage, args, expected):
+    if "--device cuda" in args and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    names = {**careless_files, "tmp": str(tmp_path)}
+    with pytest.raises(SystemExit) as exit:
+        train_gpt.run_cli(STAGES[stage](), args.format(**names).split())
+    err = capsys.readouterr().err.strip()
+    assert exit.value.code == 2 and err.count("\n") == 0 and "Traceback" not in err, err
+    assert expected.format(**names) in err
+
+
+def test_data_tokenize_refuses_non_utf8_input_with_file_and_byte(careless_files, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit:
+        data.main(["tokenize", "--input", careless_files["latin1"], "--tokenizer", careless_files["tok"],
+                   "--out", str(tmp_path / "shards")])
+    err = capsys.readouterr().err.strip()
+    assert exit.value.code == 2 and err == f"error: {careless_files['latin1']}: not UTF-8 text (byte 23: b'\\xe9')"
+    assert not (tmp_path / "shards").exists() or not list((tmp_path / "shards").rglob("*.bin"))
+
+
+def test_a_shard_path_that_is_a_folder_is_one_line(tmp_path):
+    (tmp_path / "set_train_000000.bin").mkdir()
+    with pytest.raises(data.DataError, match="set_train_000000.bin: is a folder, not a token shard"):
+        data.DataLoader(str(tmp_path / "set_train_*.bin"), 1, 8)
+
+
+def test_a_port_in_use_is_one_line(api_server):
+    port = int(api_server.rsplit(":", 1)[1])
+    with pytest.raises(train_gpt.UserError, match=f"--port {port}: cannot listen there"):
+        chat.make_server(None, chat.ChatConfig(host="127.0.0.1", port=port))
+
+
+def test_windows_line_ends_read_as_before(tmp_path):
+    (tmp_path / "crlf.txt").write_bytes(b"line one\r\nline two\rline three\n")
+    texts = [d["text"] for d in data.read_documents([str(tmp_path / "crlf.txt")])]
+    assert texts == ["line one\nline two\nline three\n"]

@@ -51,6 +51,7 @@ import time
 from collections import Counter, defaultdict
 from itertools import chain
 
+import numpy as np
 import regex
 
 # ----------------------------------------------------------------------------------------------------
@@ -259,6 +260,11 @@ def available_cpus():
 # ----------------------------------------------------------------------------------------------------
 # The tokenizer
 
+# Chunks longer than this go through the heap version of BPE (O(n log n)); shorter ones through the plain
+# scan, which is faster at the lengths of ordinary words.
+LONG_CHUNK_BYTES = 256
+
+
 class _ChunkCache(dict):
     """chunk string -> tuple of token ids, filled on first use. A dict subclass with __missing__ lets
     `map(cache.__getitem__, chunks)` run at C speed for every chunk already seen."""
@@ -294,6 +300,7 @@ class Tokenizer:
         self.special_tokens = {name: first_special + k for k, name in enumerate(special_tokens)}
         self.special_names = {i: name for name, i in self.special_tokens.items()}
         self._cache = _ChunkCache(self._encode_chunk)
+        self._pairs_inside_tokens = None  # built by the first long chunk
 
     # -- training and persistence ------------------------------------------------------------------
 
@@ -375,6 +382,13 @@ class Tokenizer:
         lowest rank (the earliest merge), leftmost first on ties. `pair_ranks[k]` is the rank of
         parts[k] + parts[k+1]; a merge changes only the two entries beside it."""
         data = chunk.encode("utf-8", "surrogateescape")
+        if len(data) > LONG_CHUNK_BYTES:
+            return self._encode_long_chunk(data)
+        return self._merge(data)
+
+    def _merge(self, data):
+        """The plain scan of _encode_chunk over the bytes `data`: fast for word-sized chunks, quadratic
+        for long ones (each merge looks at every pair)."""
         ranks = self.ranks
         if data in ranks:
             return (ranks[data],)
@@ -393,6 +407,58 @@ class Tokenizer:
             if k > 0:
                 pair_ranks[k - 1] = ranks.get(parts[k - 1] + parts[k], no_merge)
         return tuple(map(ranks.__getitem__, parts))
+
+    def _encode_long_chunk(self, data):
+        """A chunk longer than LONG_CHUNK_BYTES, merged exactly as _encode_chunk would, without its
+        quadratic cost. First cut it wherever two neighbouring bytes appear together inside no token:
+        no merge can ever join them, so the pieces merge independently, exactly as they would within the
+        whole. A long random "word" falls apart into short pieces, many repeated (remembered here); a
+        piece still long (a word of pairs that all merge, like "thethethe...") goes through the heap."""
+        if self._pairs_inside_tokens is None:  # which of the 65,536 byte pairs occur inside some token
+            inside = np.zeros(1 << 16, dtype=bool)
+            for token in self.vocab:
+                for a, b in zip(token, token[1:]):
+                    inside[a << 8 | b] = True
+            self._pairs_inside_tokens = inside
+        codes = np.frombuffer(data, dtype=np.uint8).astype(np.int32)
+        cuts = (np.flatnonzero(~self._pairs_inside_tokens[codes[:-1] << 8 | codes[1:]]) + 1).tolist()
+        pieces, ids = {}, []
+        for start, end in zip([0, *cuts], [*cuts, len(data)]):
+            piece = data[start:end]
+            if piece not in pieces:
+                short = len(piece) <= LONG_CHUNK_BYTES or piece in self.ranks
+                pieces[piece] = self._merge(piece) if short else self._merge_with_heap(piece)
+            ids.extend(pieces[piece])
+        return tuple(ids)
+
+    def _merge_with_heap(self, data):
+        """The same merges as _merge, in O(n log n) for n bytes: a heap holds every
+        candidate pair, keyed rank * n + start of its left part, so the lowest rank, leftmost on ties,
+        is popped in log n instead of found by scanning all n pairs after every merge (quadratic: a
+        40,000-letter "word" took 29 s). The parts are a linked list of start offsets into `data`; a
+        merge absorbs the right part into the left one and pushes the two new pairs beside it. An entry
+        made stale by an earlier merge is skipped when popped: its pair is current only if a part still
+        starts at `left` and the pair there still spells the token of that rank (one rank, one spelling)."""
+        ranks, n = self.ranks, len(data)
+        rank_of, push, pop = ranks.get, heapq.heappush, heapq.heappop
+        nxt = list(range(1, n + 1))  # nxt[s]: the end of the part starting at s; 0 once it is merged away
+        prev = list(range(-1, n - 1))  # prev[s]: the start of the part before it
+        heap = [rank * n + k for k in range(n - 1) if (rank := rank_of(data[k:k + 2])) is not None]
+        heapq.heapify(heap)
+        while heap:
+            rank, left = divmod(pop(heap), n)
+            right = nxt[left]
+            if not right or right == n or rank_of(data[left:nxt[right]]) != rank:
+                continue  # stale: one of its parts has merged since it was pushed
+            end = nxt[left] = nxt[right]
+            nxt[right] = 0
+            if end < n:
+                prev[end] = left
+                if (rank := rank_of(data[left:nxt[end]])) is not None:
+                    push(heap, rank * n + left)
+            if (before := prev[left]) >= 0 and (rank := rank_of(data[before:end])) is not None:
+                push(heap, rank * n + before)
+        return tuple(ranks[data[s:nxt[s]]] for s in range(n) if nxt[s])
 
     def encode_ordinary(self, text):
         """Encode text with no special tokens at all: a literal "<|im_end|>" is just characters."""
@@ -535,28 +601,29 @@ def check_messages(messages):
             for name in TOOL_TOKENS:
                 if name in content:
                     raise ValueError(f"{where} ({role}): {name} may only appear inside an assistant turn")
+        else:
+            tool_markup(content, f"{where} (assistant)")
 
 
-def _assistant_segments(tok, content, where):
-    """Split an assistant turn into (ids, trainable) segments. Tool calls are the model's own words
-    (trained on); tool outputs are pasted in by the engine (never trained on). The markup must be
-    well formed: every call closed, and an output only right after a call."""
+def tool_markup(content, where):
+    """An assistant turn's content -> its parts in order: ("text", text), (call start token, query) or
+    ("output", text). The markup must be well formed: every call closed, and an output only right after
+    a call. Needs no tokenizer, so conversations files are checked when they are read."""
     pieces = regex.split("(" + "|".join(regex.escape(t) for t in TOOL_TOKENS) + ")", content)
-    segments, last_closed_call = [], False
+    parts, last_closed_call = [], False
     k = 0
     while k < len(pieces):
         piece = pieces[k]
         if k % 2 == 0:  # plain text between markers
             if piece:
-                segments.append((tok.encode_ordinary(piece), True))
+                parts.append(("text", piece))
                 last_closed_call = False
             k += 1
         elif piece in TOOL_CALLS:
             end = TOOL_CALLS[piece]
             if k + 2 >= len(pieces) or pieces[k + 2] != end:
                 raise ValueError(f"{where}: {piece} is not closed by {end}")
-            ids = [tok.special_id(piece)] + tok.encode_ordinary(pieces[k + 1]) + [tok.special_id(end)]
-            segments.append((ids, True))
+            parts.append((piece, pieces[k + 1]))
             last_closed_call = True
             k += 3
         elif piece == TOOL_OUTPUT[0]:
@@ -564,13 +631,27 @@ def _assistant_segments(tok, content, where):
                 raise ValueError(f"{where}: a tool output must directly follow a tool call")
             if k + 2 >= len(pieces) or pieces[k + 2] != TOOL_OUTPUT[1]:
                 raise ValueError(f"{where}: {TOOL_OUTPUT[0]} is not closed by {TOOL_OUTPUT[1]}")
-            ids = [tok.special_id(TOOL_OUTPUT[0])] + tok.encode_ordinary(pieces[k + 1]) + \
-                [tok.special_id(TOOL_OUTPUT[1])]
-            segments.append((ids, False))
+            parts.append(("output", pieces[k + 1]))
             last_closed_call = False
             k += 3
         else:
             raise ValueError(f"{where}: unexpected {piece} outside a tool call")
+    return parts
+
+
+def _assistant_segments(tok, content, where):
+    """Split an assistant turn into (ids, trainable) segments. Tool calls are the model's own words
+    (trained on); tool outputs are pasted in by the engine (never trained on)."""
+    segments = []
+    for kind, text in tool_markup(content, where):
+        if kind == "text":
+            segments.append((tok.encode_ordinary(text), True))
+        elif kind == "output":
+            ids = [tok.special_id(TOOL_OUTPUT[0])] + tok.encode_ordinary(text) + [tok.special_id(TOOL_OUTPUT[1])]
+            segments.append((ids, False))
+        else:  # a call: its start token, the query, its end token
+            ids = [tok.special_id(kind)] + tok.encode_ordinary(text) + [tok.special_id(TOOL_CALLS[kind])]
+            segments.append((ids, True))
     return segments
 
 

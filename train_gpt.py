@@ -503,9 +503,35 @@ def run_cli(main_fn, argv=None):
         sys.exit(2)
 
 
-def opt(default, help):
-    """A config field with its --help text, so the CLI documents itself."""
-    return field(default=default, metadata={"help": help})
+def opt(default, help, low=None, high=None, above=None, choices=None, path=None):
+    """A config field with its --help text, so the CLI documents itself, and what a valid value is, so
+    parse_config can refuse a mistake before anything runs: `low`/`high` (inclusive bounds), `above`
+    (an exclusive lower bound), `choices`, and for paths `path="dir"` (a folder that must exist, when
+    given) or `path="out"` (a folder to write into: anything but an existing file)."""
+    rules = {"low": low, "high": high, "above": above, "choices": choices, "path": path}
+    return field(default=default, metadata={"help": help, **{k: v for k, v in rules.items() if v is not None}})
+
+
+def check_flags(cfg):
+    """Every field of a parsed config against the rules of its opt(): the first broken one is one line
+    naming the flag and what it expects. Floats must be finite whatever the rules (a NaN learning rate
+    would train a model of NaNs without a word)."""
+    for f in fields(cfg):
+        value, rule, flag = getattr(cfg, f.name), f.metadata, "--" + f.name.replace("_", "-")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UserError(f"{flag} must be a finite number, got {value}")
+        if "choices" in rule and value not in rule["choices"]:
+            raise UserError(f"{flag} must be one of {', '.join(map(str, rule['choices']))}, got {value!r}")
+        if "low" in rule and value < rule["low"]:
+            raise UserError(f"{flag} must be at least {rule['low']}, got {value}")
+        if "high" in rule and value > rule["high"]:
+            raise UserError(f"{flag} must be at most {rule['high']}, got {value}")
+        if "above" in rule and not value > rule["above"]:
+            raise UserError(f"{flag} must be greater than {rule['above']}, got {value}")
+        if rule.get("path") == "dir" and value and not os.path.isdir(value):
+            raise UserError(f"{flag} {value}: no such folder")
+        if rule.get("path") == "out" and os.path.exists(value) and not os.path.isdir(value):
+            raise UserError(f"{flag} {value}: is a file; expected a folder to write into")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -516,7 +542,7 @@ class _Parser(argparse.ArgumentParser):
 def parse_config(cls, argv, presets=None, prog=None, description=None, aliases=None):
     """Build the CLI from a config dataclass: one --flag per field (bools get --flag/--no-flag), plus
     --preset NAME when presets are given, plus short `aliases` ({"prompt": "-p"}). Precedence: dataclass
-    defaults < preset < explicit flags."""
+    defaults < preset < explicit flags. The result is checked against each field's rules (see opt)."""
     parser = _Parser(prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     if presets:
         parser.add_argument("--preset", help=f"named configuration: {', '.join(presets)}")
@@ -536,7 +562,9 @@ def parse_config(cls, argv, presets=None, prog=None, description=None, aliases=N
     if preset is not None and preset not in presets:
         raise UserError(f"unknown preset {preset!r}; choose one of: {', '.join(presets)}")
     overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in args.items()}
-    return cls(**{**(presets[preset] if preset else {}), **overrides})
+    cfg = cls(**{**(presets[preset] if preset else {}), **overrides})
+    check_flags(cfg)
+    return cfg
 
 
 @dataclass
@@ -567,7 +595,13 @@ def setup_runtime(device="auto", dtype="auto"):
         device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
     if device == "cuda" and world > 1:
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
-    device = torch.device(device)
+    try:
+        device = torch.device(device)
+    except RuntimeError:
+        raise UserError(f"--device must be cuda, mps, cpu or auto (or cuda:N), got {device!r}") from None
+    available = {"cuda": torch.cuda.is_available, "mps": torch.backends.mps.is_available}.get(device.type)
+    if available is not None and not available():
+        raise UserError(f"--device {device}: no {device.type} device is available on this machine (try --device cpu)")
     if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True  # float32 matmuls that remain use tensor cores too
@@ -741,51 +775,56 @@ def load_checkpoint(path, device="cpu", tokenizer=None):
 class TrainConfig:
     """Every knob of a pretraining run. The defaults are the `tiny` preset: a few minutes on 2 CPU cores."""
     # the network
-    depth: int = opt(4, "transformer blocks (n_layer)")
-    n_embd: int = opt(128, "width of the residual stream")
-    n_head: int = opt(4, "query heads per block")
-    n_kv_head: int = opt(4, "key/value heads (fewer than n_head = grouped-query attention)")
-    seq_len: int = opt(256, "context window in tokens")
+    depth: int = opt(4, "transformer blocks (n_layer)", low=1)
+    n_embd: int = opt(128, "width of the residual stream", low=1)
+    n_head: int = opt(4, "query heads per block", low=1)
+    n_kv_head: int = opt(4, "key/value heads (fewer than n_head = grouped-query attention)", low=1)
+    seq_len: int = opt(256, "context window in tokens", low=1)
     # the data
-    shards: str = opt("", "train on a shard set made by `python data.py tokenize`: its folder, or NAME under out/shards")
+    shards: str = opt("", "train on a shard set made by `python data.py tokenize`: its folder, or NAME under "
+                          "out/shards")
     input: tuple = opt((), "train on these text files instead of the embedded corpus")
     val_input: tuple = opt((), "held-out text files for --input (default: the last 10%% of each --input file)")
     tokenizer: str = opt("", "tokenizer.json to use (default: the one data.py prepares)")
-    out_dir: str = opt(os.path.join("out", "base"), "where the checkpoint, logs and metrics go")
+    out_dir: str = opt(os.path.join("out", "base"), "where the checkpoint, logs and metrics go", path="out")
     # the batch: batch_size windows of seq_len tokens per process per micro-step; micro-steps are
     # accumulated until total_batch_tokens tokens have been seen, then the optimizer steps once
-    batch_size: int = opt(32, "windows per process per micro-step")
-    total_batch_tokens: int = opt(8192, "tokens per optimizer step, over all processes and micro-steps")
-    num_steps: int = opt(220, "optimizer steps")
+    batch_size: int = opt(32, "windows per process per micro-step", low=1)
+    total_batch_tokens: int = opt(8192, "tokens per optimizer step, over all processes and micro-steps", low=1)
+    num_steps: int = opt(220, "optimizer steps", low=1)
     # the optimizer
-    matrix_lr: float = opt(0.04, "Muon learning rate for the matrices inside the blocks")
-    embed_lr: float = opt(0.3, "AdamW learning rate for the token embedding")
-    head_lr: float = opt(0.008, "AdamW learning rate for the output head")
-    muon_momentum: float = opt(0.95, "Muon momentum")
-    adam_beta1: float = opt(0.8, "AdamW beta1")
-    adam_beta2: float = opt(0.95, "AdamW beta2")
-    warmup_steps: int = opt(10, "linear learning-rate warmup")
-    warmdown_frac: float = opt(0.4, "fraction of steps at the end with a linearly decaying learning rate")
-    final_lr_frac: float = opt(0.0, "learning rate at the last step, as a fraction of the peak")
-    grad_clip: float = opt(0.0, "clip the gradient norm to this (0 = no clipping)")
+    matrix_lr: float = opt(0.04, "Muon learning rate for the matrices inside the blocks", low=0)
+    embed_lr: float = opt(0.3, "AdamW learning rate for the token embedding", low=0)
+    head_lr: float = opt(0.008, "AdamW learning rate for the output head", low=0)
+    muon_momentum: float = opt(0.95, "Muon momentum", low=0, high=1)
+    adam_beta1: float = opt(0.8, "AdamW beta1", low=0, high=1)
+    adam_beta2: float = opt(0.95, "AdamW beta2", low=0, high=1)
+    warmup_steps: int = opt(10, "linear learning-rate warmup", low=0)
+    warmdown_frac: float = opt(0.4, "fraction of steps at the end with a linearly decaying learning rate",
+                               low=0, high=1)
+    final_lr_frac: float = opt(0.0, "learning rate at the last step, as a fraction of the peak", low=0, high=1)
+    grad_clip: float = opt(0.0, "clip the gradient norm to this (0 = no clipping)", low=0)
     # watching it learn
-    eval_every: int = opt(100, "steps between validation evaluations (0 = only at the end)")
-    eval_tokens: int = opt(32768, "validation tokens per intermediate evaluation (the final one reads all)")
-    sample_every: int = opt(50, "steps between generated samples (0 = never)")
-    sample_tokens: int = opt(64, "tokens per generated sample")
-    save_every: int = opt(50, "steps between checkpoints, so a killed run can --resume (0 = only at the end)")
+    eval_every: int = opt(100, "steps between validation evaluations (0 = only at the end)", low=0)
+    eval_tokens: int = opt(32768, "validation tokens per intermediate evaluation (the final one reads all)", low=1)
+    sample_every: int = opt(50, "steps between generated samples (0 = never)", low=0)
+    sample_tokens: int = opt(64, "tokens per generated sample", low=1)
+    save_every: int = opt(50, "steps between checkpoints, so a killed run can --resume (0 = only at the end)", low=0)
     # where and how
     device: str = opt("auto", "cuda, mps, cpu, or auto")
-    dtype: str = opt("auto", "autocast dtype: auto (bfloat16 on CUDA), float32, bfloat16")
-    compile: str = opt("auto", "torch.compile: auto (on CUDA only), on, off")
+    dtype: str = opt("auto", "autocast dtype: auto (bfloat16 on CUDA), float32, bfloat16",
+                      choices=("auto", "float32", "bfloat16"))
+    compile: str = opt("auto", "torch.compile: auto (on CUDA only), on, off", choices=("auto", "on", "off"))
     seed: int = opt(1337, "random seed; the same seed gives the same run on CPU")
     resume: bool = opt(False, "continue from the checkpoint in out_dir")
     # the plan
-    dry_run: bool = opt(False, "print the plan (size, tokens, shards, memory per GPU, time) and exit: no data, no GPU")
-    plan_gpus: int = opt(8, "--dry-run: plan for this many GPUs")
-    plan_vocab: int = opt(32768, "--dry-run: the vocabulary to plan for when the tokenizer does not exist yet")
+    dry_run: bool = opt(False, "print the plan (size, tokens, shards, memory per GPU, time) and exit: no data, "
+                               "no GPU")
+    plan_gpus: int = opt(8, "--dry-run: plan for this many GPUs", low=1)
+    plan_vocab: int = opt(32768, "--dry-run: the vocabulary to plan for when the tokenizer does not exist yet",
+                          low=1, high=65536)
     tokens_per_file: int = opt(0, "--dry-run / shards-needed: tokens one downloaded FineWeb-Edu file gives "
-                                  "(0 = FINEWEB_TOKENS_PER_FILE, an estimate)")
+                                  "(0 = FINEWEB_TOKENS_PER_FILE, an estimate)", low=0)
 
 
 GPU_VOCAB_SIZE = 32768  # the GPU presets' tokenizer (run.sh's VOCAB=65536 for a larger one)
@@ -818,8 +857,8 @@ PRESETS = {
     # The d12 flow (FineWeb-Edu layout, its own tokenizer, a held-out val file, checkpoints, resume) at a size
     # 2 CPU processes finish in a minute: what CI runs against a local stand-in for the Hub (run.sh rehearsal).
     "rehearsal": {**_gpu_preset("rehearsal", 2, 4), "n_embd": 64, "n_head": 2, "n_kv_head": 2, "seq_len": 256,
-                  "num_steps": 40, "total_batch_tokens": 4096, "matrix_lr": 0.04, "embed_lr": 0.3, "head_lr": 0.008, "eval_every": 10,
-                  "eval_tokens": 4096, "sample_every": 20, "sample_tokens": 24, "save_every": 10},
+                  "num_steps": 40, "total_batch_tokens": 4096, "matrix_lr": 0.04, "embed_lr": 0.3, "head_lr": 0.008,
+                  "eval_every": 10, "eval_tokens": 4096, "sample_every": 20, "sample_tokens": 24, "save_every": 10},
 }
 
 # The lecture's reference run, printed beside ours
@@ -829,7 +868,9 @@ GPT2_FACTS = ("GPT-2 (2019): 1.6B parameters, 1024-token context, ~100B training
 
 def shard_set(cfg):
     """--shards: a folder holding a shard set (out/d12/shards/fineweb) or the NAME of one under out/shards/."""
-    return cfg.shards if os.sep in cfg.shards or os.path.isdir(cfg.shards) else os.path.join(data.SHARDS_DIR, cfg.shards)
+    if os.sep in cfg.shards or os.path.isdir(cfg.shards):
+        return cfg.shards
+    return os.path.join(data.SHARDS_DIR, cfg.shards)
 
 
 def data_paths(cfg):
@@ -1302,7 +1343,6 @@ def train(cfg):
     rt = setup_runtime(cfg.device, cfg.dtype)
     torch.manual_seed(cfg.seed)
     log = print if rt.master else (lambda *a, **k: None)
-    check_out_dir(cfg.out_dir)
     tokenizer, train_pattern, val_pattern = open_data(cfg, rt)
     micro_tokens = cfg.batch_size * cfg.seq_len * rt.world
     if cfg.total_batch_tokens % micro_tokens:
@@ -1395,11 +1435,6 @@ def train(cfg):
         log_file.close()
         write_results(cfg, metrics, losses)
     return metrics
-
-
-def check_out_dir(out_dir):
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise UserError(f"--out-dir {out_dir} is a file; expected a folder (or a path that does not exist yet)")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1513,7 +1548,7 @@ def shards_needed_main(argv):
 class EvalConfig:
     checkpoint: str = opt(os.path.join("out", "base"), "checkpoint file or stage folder")
     text: str = opt("", "UTF-8 text file to measure")
-    batch_size: int = opt(8, "windows per forward pass")
+    batch_size: int = opt(8, "windows per forward pass", low=1)
     device: str = opt("auto", "cuda, mps, cpu, or auto")
 
 
@@ -1545,10 +1580,9 @@ def eval_main(argv):
     if not cfg.text:
         raise UserError("eval needs --text FILE")
     try:
-        with open(cfg.text, encoding="utf-8") as f:
-            text = f.read()
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"cannot read --text {cfg.text}: {e}") from None
+        text = data.read_text_file(cfg.text)  # not UTF-8: one line with the file and the byte
+    except OSError as e:
+        raise UserError(f"cannot read --text {cfg.text}: {e.strerror or e}") from None
     rt = setup_runtime(cfg.device)
     model, tokenizer, meta = load_checkpoint(cfg.checkpoint, device=rt.device)
     res = text_bpb(model, tokenizer, text, cfg.batch_size, rt)
@@ -1561,8 +1595,8 @@ class DemoConfig:
     checkpoint: str = opt(os.path.join("out", "base"), "checkpoint to nudge (an untrained model if none)")
     text: str = opt("To be, or not to be, that is the question",
                     "the example: the model sees all but its last token and is trained to predict the last")
-    lr: float = opt(0.05, "learning rate of the single SGD step")
-    top: int = opt(8, "how many of the likeliest next tokens to show")
+    lr: float = opt(0.05, "learning rate of the single SGD step", low=0)
+    top: int = opt(8, "how many of the likeliest next tokens to show", low=1)
 
 
 def demo_main(argv):
