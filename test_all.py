@@ -1058,10 +1058,12 @@ def test_top_k_and_top_p_cut_the_tail():
 def test_autocast_code_path_runs_in_bfloat16_on_cpu():
     rt = train_gpt.Runtime(torch.device("cpu"), torch.bfloat16)
     model = tiny_gpt()
+    x, y = torch.randint(0, 97, (2, 8)), torch.randint(0, 97, (2, 8))
     with rt.autocast():
-        logits, loss = model(torch.randint(0, 97, (2, 8)), torch.randint(0, 97, (2, 8)))
+        logits, _ = model(x)
+        no_logits, loss = model(x, y)  # with targets only the loss comes back (the head runs in chunks)
         assert torch.is_autocast_enabled("cpu")
-    assert logits.dtype == torch.float32 and torch.isfinite(loss)  # logits are upcast before the softmax
+    assert logits.dtype == torch.float32 and no_logits is None and torch.isfinite(loss)  # upcast before softmax
     loss.backward()
     assert all(p.grad.dtype == torch.float32 for p in model.parameters())  # master weights stay fp32
 
