@@ -28,7 +28,7 @@ a mirror, or at a local folder of fixtures standing in for the Hub), into --data
     python evals.py --checkpoint out/sft                   # MMLU, ARC, GSM8K (code tool), ChatCORE-style
     python evals.py --checkpoint out/sft --limit 200       # PARTIAL: a seeded sample of 200 items per task
     python evals.py --checkpoint out/base --shots 5        # few-shot: 5 solved items of the set first
-    python evals.py write-fixtures DIR                     # tiny stand-in Hub files: HF_ENDPOINT=http://.../
+    python evals.py write-fixtures DIR [ROWS]              # stand-in Hub files (for tests and rehearsals)
 """
 import glob
 import json
@@ -599,9 +599,9 @@ def fixture_rows(name, n, rng):
     """n templated rows in the real schema of a task's file (the content is simple; the columns, types and
     nesting are those of the real file)."""
     rows = []
-    for i in range(n):
-        a, b = rng.randint(2, 40), rng.randint(2, 40)
-        wrong = rng.sample([v for v in range(4, 81) if v != a + b], 3)
+    for i in range(n):  # two-digit answers: no choice is a prefix of another (a prefix is as likely as the whole)
+        a, b = rng.randint(5, 45), rng.randint(5, 45)
+        wrong = rng.sample([v for v in range(10, 100) if v != a + b], 3)
         options = [a + b] + wrong
         rng.shuffle(options)
         gold = options.index(a + b)
@@ -739,9 +739,9 @@ def run(cfg, log=print):
 
 def main(argv):
     if argv[:1] == ["write-fixtures"]:
-        if len(argv) != 2:
-            raise UserError("usage: python evals.py write-fixtures DIR")
-        for path in write_eval_fixtures(argv[1]):
+        if len(argv) not in (2, 3) or not all(a.isdigit() for a in argv[2:]):
+            raise UserError("usage: python evals.py write-fixtures DIR [ROWS per task, default 40]")
+        for path in write_eval_fixtures(argv[1], *map(int, argv[2:])):
             print(path)
         return
     run(parse_config(EvalConfig, argv, prog="evals.py", description=__doc__))
