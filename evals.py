@@ -429,9 +429,10 @@ def conversation_text(row):
 def training_texts(cfg):
     """Post-training text besides the pretraining shards: --train-texts files (conversations JSONL such as
     SFT's --data, or documents: .txt, .jsonl with "text", .parquet) and, with --generated N, N examples of
-    each of data.py's model-free SFT generators plus N RL practice problems (the tiny preset trains on
-    exactly these kinds; sft.py's own mixture also holds questions about the plays' characters, whose text
-    is in the pretraining corpus anyway)."""
+    each of data.py's model-free SFT generators plus N RL practice problems: the kinds of text the tiny
+    preset trains on. Left out, because the pretraining shards already hold their text: the verse requests
+    (their replies are lines of the corpus), the unknown-name refusals (a fixed template around made-up
+    syllables, and 16 ms each to draw) and sft.py's questions about the plays' characters."""
     for path in cfg.train_texts:
         if path.endswith(".jsonl") and is_conversations(path):
             yield from map(conversation_text, data.read_conversations(path))
@@ -439,8 +440,7 @@ def training_texts(cfg):
             yield from (d["text"] for d in data.read_documents([path]) if "text" in d)
     rng = random.Random(f"generated:{cfg.seed}")
     makers = (data.identity_conversation, data.word_problem_conversation, data.arithmetic_conversation,
-              data.mental_arithmetic_conversation, data.counting_conversation, data.unknown_name_conversation,
-              data.lecture_conversation, data.verse_conversation,
+              data.mental_arithmetic_conversation, data.counting_conversation, data.lecture_conversation,
               lambda r: data.word_problem_conversation(r, use_tool=True))
     for make in makers:
         for _ in range(cfg.generated):
@@ -690,6 +690,7 @@ def run(cfg, log=print):
         training_shards(cfg)  # before hours of exams, not after
     started = time.time()
     rt = setup_runtime(cfg.device, cfg.dtype)
+    log = log if rt.master else (lambda *a, **k: None)
     model, tok, meta = load_checkpoint(cfg.checkpoint, device=rt.device)
     model.eval()
     stage = meta.get("stage", "base")
@@ -697,6 +698,11 @@ def run(cfg, log=print):
     tasks = cfg.tasks or (CHAT_TASKS if chat else BASE_TASKS)
     if not chat and "gsm8k" in tasks:
         raise UserError("--tasks gsm8k needs a chat model (GSM8K is answered in a reply); use --chat yes to insist")
+    if rt.master:  # one process downloads; under torchrun the others wait, then read the same files
+        for name in tasks:
+            data_file(name, cfg.data_dir)
+    if rt.world > 1:
+        dist.barrier()
     exams = {}
     for name in tasks:
         items = load_items(name, cfg.data_dir)
