@@ -238,8 +238,8 @@ def few_shot_prefix(name, items, index, shots, seed):
     learns the format from them in context. The examples are a pure function of (seed, item index)."""
     if not shots:
         return ""
-    others = [i for i in range(len(items)) if i != index]
-    chosen = random.Random(f"shots:{seed}:{index}").sample(others, min(shots, len(others)))
+    drawn = random.Random(f"shots:{seed}:{index}").sample(range(len(items)), min(shots + 1, len(items)))
+    chosen = [i for i in drawn if i != index][:shots]  # never the item itself
     return "".join(loglik_context(name, items[i]) + " " + items[i]["choices"][items[i]["gold"]] + "\n\n"
                    for i in chosen)
 
@@ -248,13 +248,11 @@ def score_loglik(model, tok, rt, name, items, indices, cfg):
     """Base-model multiple choice: the choice with the highest log-probability (acc) and with the highest
     log-probability per token (acc_norm) -> [(acc hit, acc_norm hit)] per item of `indices`."""
     mine = indices[rt.rank::rt.world]
-    pairs, owners = [], []
+    pairs = []
     for i in mine:
         item = items[i]
         context = tok.encode(few_shot_prefix(name, items, i, cfg.shots, cfg.seed) + loglik_context(name, item))
-        for choice in item["choices"]:
-            pairs.append((context, tok.encode(" " + choice)))
-            owners.append(i)
+        pairs += [(context, tok.encode(" " + choice)) for choice in item["choices"]]
     scores = continuation_logprobs(model, rt, pairs, cfg.batch_size)
     results, at = [], 0
     for i in mine:

@@ -2482,3 +2482,12 @@ def test_published_references_are_printed_beside_a_peer_sized_model():
     assert "OpenAI GPT-2 124M 0.294 (llm.c discussion #481" in row and "FLAG >1%" in row and "0.300" in row
     assert not any("PARTIAL" in line or "HF_ENDPOINT" in line for line in lines)
     assert evals.references_for(4, "base") == {}  # the tiny model has no published peer
+
+
+def test_few_shot_prefix_shows_other_solved_items_the_same_for_the_same_seed(served_exams):
+    data_dir, _ = served_exams
+    items = evals.load_items("arc_easy", data_dir)
+    prefix = evals.few_shot_prefix("arc_easy", items, 5, 3, seed=1)
+    assert prefix.count("Question: ") == 3 and prefix.endswith("\n\n") and items[5]["question"] not in prefix
+    assert prefix == evals.few_shot_prefix("arc_easy", items, 5, 3, seed=1) != evals.few_shot_prefix("arc_easy", items, 5, 3, seed=2)
+    assert evals.few_shot_prefix("arc_easy", items, 5, 0, seed=1) == ""
