@@ -549,6 +549,7 @@ def write_json(path, obj):
 
 
 REPORT_STAGES = ("base", "sft", "rl", "rlhf")
+TABLE_FILE = "table.md"  # <root>/evals/table.md: report_table(root), rewritten after every run, for the report card
 
 
 def report_table(root):
@@ -737,6 +738,10 @@ def run(cfg, log=print):
         with data.atomic_path(os.path.join(out_dir, "results.txt")) as tmp, open(tmp, "w") as f:
             f.write(f"python evals.py {' '.join(sys.argv[1:])}\nconfig: {json.dumps(asdict(cfg))}\n\n"
                     + "\n".join(lines) + "\n")
+        evals_dir = os.path.dirname(os.path.abspath(out_dir))
+        if os.path.basename(evals_dir) == "evals":  # the agreed layout: refresh the table of every stage so far
+            with data.atomic_path(os.path.join(evals_dir, TABLE_FILE)) as tmp, open(tmp, "w") as f:
+                f.write("\n".join(report_table(os.path.dirname(evals_dir))) + "\n")
         log(f"-> {os.path.join(out_dir, 'metrics.json')} ({time.time() - started:.1f}s)")
     return metrics
 

@@ -2461,6 +2461,7 @@ def test_evals_cli_partial_run_is_marked_deterministic_and_feeds_the_report_tabl
     assert {"mmlu_acc", "arc_easy_acc", "gsm8k_acc", "chatcore"} <= set(sft_metrics) and "hellaswag_acc" not in sft_metrics
     assert runs[1].stdout.splitlines()[-8:-1] == runs[2].stdout.splitlines()[-8:-1]  # same seed, same table
     table = evals.report_table(str(root))
+    assert (root / "evals" / "table.md").read_text() == "\n".join(table) + "\n"  # what the report card includes
     assert table[0].startswith("| stage | hellaswag_acc | hellaswag_acc_norm |") and "| base |" in table[2]
     assert table[3].startswith("| sft |") and table[3].endswith("| 12* |") and "not benchmark scores" in table[-1]
 
