@@ -316,8 +316,10 @@ def score_gsm8k(model, tok, rt, items, indices, cfg):
     results = []
     for start in range(0, len(order), cfg.batch_size):
         batch = order[start:start + cfg.batch_size]
-        cut = [prompts[i][-(cap - MIN_REPLY_ROOM):] for i in batch]  # the engine stops when the window is full
-        completions = engine.generate(cut, n=1, max_tokens=cfg.max_tokens, temperature=0.0, seed=cfg.seed)
+        cut = [prompts[i][-(cap - MIN_REPLY_ROOM):] for i in batch]
+        # The engine left-pads the batch to its longest prompt; the replies get the rest of the window.
+        room = min(cfg.max_tokens, cap - max(map(len, cut)))
+        completions = engine.generate(cut, n=1, max_tokens=room, temperature=0.0, seed=cfg.seed)
         for i, ids, completion in zip(batch, cut, completions):
             got = data.extract_answer(assistant_content(tok, completion))
             results.append((i, (got is not None and got == items[i]["answer"], len(ids) < len(prompts[i]))))
