@@ -413,29 +413,42 @@ class OverlapIndex:
             self.scan(stream[start:start + SCAN_CHUNK + self.n - 1])
 
 
-def is_conversations(path):
-    """A JSONL file of {"messages": [...]} rows (not of {"text": ...} documents), judged by its first line."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            return '"messages"' in f.readline()
-    except OSError as e:
-        raise data.DataError(f"--train-texts {path}: cannot read ({e.strerror or e})") from None
-
-
 def conversation_text(row):
     return "\n".join(m["content"] for m in row["messages"])
 
 
+def jsonl_texts(path):
+    """The text of each row of a JSONL file: a document's "text", a conversation's messages, or a problem's
+    "question" and "answer" (RL's GSM8K file). A row with none of them is a mistake named by its line."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                    if "messages" in row:
+                        yield conversation_text(row)
+                    elif "text" in row or "question" in row:
+                        yield row.get("text") or f"{row['question']} {row.get('answer', '')}"
+                    else:
+                        raise ValueError('expected "text", "messages" or "question"')
+                except (ValueError, TypeError, KeyError, AttributeError) as e:
+                    raise data.DataError(f"{path}:{lineno}: not a training row ({e})") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise data.DataError(f"--train-texts {path}: cannot read ({e})") from None
+
+
 def training_texts(cfg):
-    """Post-training text besides the pretraining shards: --train-texts files (conversations JSONL such as
-    SFT's --data, or documents: .txt, .jsonl with "text", .parquet) and, with --generated N, N examples of
+    """Post-training text besides the pretraining shards: --train-texts files (JSONL of conversations such
+    as SFT's --data, of documents or of problems such as RL's GSM8K train file; .txt; .parquet) and, with --generated N, N examples of
     each of data.py's model-free SFT generators plus N RL practice problems: the kinds of text the tiny
     preset trains on. Left out, because the pretraining shards already hold their text: the verse requests
     (their replies are lines of the corpus), the unknown-name refusals (a fixed template around made-up
     syllables, and 16 ms each to draw) and sft.py's questions about the plays' characters."""
     for path in cfg.train_texts:
-        if path.endswith(".jsonl") and is_conversations(path):
-            yield from map(conversation_text, data.read_conversations(path))
+        if path.endswith(".jsonl"):
+            yield from jsonl_texts(path)
         else:
             yield from (d["text"] for d in data.read_documents([path]) if "text" in d)
     rng = random.Random(f"generated:{cfg.seed}")
@@ -662,7 +675,8 @@ class EvalConfig:
     contamination: bool = opt(True, "check the exam items against the training data")
     train_shards: tuple = opt((os.path.join("out", "shards", "embedded", "embedded_train_*.bin"),),
                               "globs of the pretraining token shards the model read")
-    train_texts: tuple = opt((), "post-training files the model read (conversations JSONL, .txt, .jsonl, .parquet)")
+    train_texts: tuple = opt((), "post-training files the model read (.jsonl of conversations, documents or "
+                                 "problems; .txt; .parquet)")
     generated: int = opt(500, "examples of each of data.py's SFT generators (and RL problems) to check against")
     ngram: int = opt(13, "contamination: tokens in a shared window")
     device: str = opt("auto", "cuda, mps, cpu, or auto")

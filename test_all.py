@@ -2424,6 +2424,14 @@ def test_contamination_finds_a_planted_item_and_nothing_where_there_is_none(tmp_
     tok, exams, cfg = setup(prose)
     cfg.train_texts = (str(conversations),)
     assert evals.contamination(tok, exams, cfg, log=quiet) == {"mmlu": 1, "gsm8k": 0}
+    problems = tmp_path / "rl_train.jsonl"  # ...or among RL's practice problems ({"question", "answer"} rows)
+    data.write_jsonl(str(problems), [{"question": planted, "answer": "17 * 2 * 7 = 238\n#### 238"}])
+    cfg.train_texts = (str(problems),)
+    assert evals.contamination(tok, exams, cfg, log=quiet) == {"mmlu": 0, "gsm8k": 1}
+    (tmp_path / "bad.jsonl").write_text('{"title": "no text here"}\n')
+    cfg.train_texts = (str(tmp_path / "bad.jsonl"),)
+    with pytest.raises(data.DataError, match=r"bad.jsonl:1: not a training row"):
+        evals.contamination(tok, exams, cfg, log=quiet)
 
 
 def test_window_hashes_see_every_window_across_scan_chunks(monkeypatch):
