@@ -35,9 +35,11 @@ import json
 import math
 import os
 import random
+import re
 import signal
 import sys
 import time
+import urllib.parse
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -116,11 +118,18 @@ BASE_TASKS = ("hellaswag", "arc_easy", "arc_challenge")
 CHAT_TASKS = ("mmlu", "arc_easy", "arc_challenge", "gsm8k")
 
 
+def hf_endpoint():
+    """The base URL every download goes through (data.hf_url's): the Hub, or whatever HF_ENDPOINT names."""
+    return os.environ.get("HF_ENDPOINT", data.DEFAULT_HF_ENDPOINT).rstrip("/")
+
+
 def data_file(name, data_dir):
-    """The local copy of a task's split, downloaded on first use. The file keeps its Hub path under
-    data_dir/<repo>/ so the two ARC files (both named test-00000-of-00001.parquet) never collide."""
-    task = TASKS[name]
-    return data.download(data.hf_url(task.repo, task.path), os.path.join(data_dir, task.repo, task.path))
+    """The local copy of a task's split, downloaded on first use, as data_dir/<server>/<repo>/<path>. The
+    server is part of the path so that files from a stand-in server (fixtures) are never later read as the
+    Hub's, and the repo path keeps the two ARC files (both test-00000-of-00001.parquet) apart."""
+    task, url = TASKS[name], urllib.parse.urlsplit(hf_endpoint())
+    server = re.sub(r"[^A-Za-z0-9.-]+", "_", url.netloc + url.path).strip("_")
+    return data.download(data.hf_url(task.repo, task.path), os.path.join(data_dir, server, task.repo, task.path))
 
 
 def read_rows(path, columns):
@@ -729,7 +738,7 @@ def run(cfg, log=print):
                "params": model.num_params(), "partial": bool(cfg.limit) and any(
                    len(ix) < len(items) for items, ix in exams.values()),
                "limit": cfg.limit, "shots": cfg.shots if not chat else 0, "seed": cfg.seed,
-               "hf_endpoint": os.environ.get("HF_ENDPOINT", data.DEFAULT_HF_ENDPOINT).rstrip("/")}
+               "hf_endpoint": hf_endpoint()}
     for name, (items, indices) in exams.items():
         t0 = time.time()
         metrics.update(evaluate_task(model, tok, rt, name, items, indices, chat, cfg))

@@ -2300,6 +2300,8 @@ def test_eval_fixtures_download_through_hf_endpoint_and_load_in_the_real_schemas
     requests_before = len(log)
     evals.load_items("mmlu", data_dir)  # cached: downloaded once
     assert len(log) == requests_before
+    # ...under the server's name: a stand-in server's files are never later taken for the Hub's
+    assert os.path.relpath(evals.data_file("mmlu", data_dir), data_dir).startswith("127.0.0.1_")
 
 
 def test_eval_bad_or_truncated_file_is_one_clear_line(served_exams, tmp_path):
