@@ -12,7 +12,8 @@
 # Where things go: the tiny preset writes out/tokenizer, out/shards, out/base, out/sft, out/rl, out/rlhf and
 # out/report.md; every other preset P writes the same under out/P/, so presets never skip, resume or overwrite
 # each other's stages. A stage that finished (its metrics.json exists) is skipped; pretraining that was
-# interrupted resumes from its last checkpoint. Extra flags per stage come from the environment, e.g. a smoke run:
+# interrupted resumes from its last checkpoint. Extra flags per stage come from the environment (BASE_ARGS,
+# SFT_ARGS, RL_ARGS, RLHF_ARGS, HACK_ARGS, EVALS_ARGS), e.g. a smoke run:
 #   BASE_ARGS="--num-steps 20" SFT_ARGS="--num-steps 10" RL_ARGS="--num-steps 2" RLHF_ARGS="--num-steps 2" \
 #   HACK_ARGS="--hack-steps 2" bash run.sh --fresh
 # GPU presets also read VOCAB (tokenizer size, default 32768; 65536 is the other choice), VAL_TOKENS (size of
@@ -33,7 +34,7 @@ done
 root=out
 [ "$preset" = tiny ] || root="out/$preset"
 if [ "$fresh" = 1 ]; then
-    rm -rf "$root/base" "$root/sft" "$root/rl" "$root/rlhf" "$root/report.md" "$root/report.json"
+    rm -rf "$root/base" "$root/sft" "$root/rl" "$root/rlhf" "$root/evals" "$root/report.md" "$root/report.json"
 fi
 launch=${TORCHRUN:-python}
 
@@ -81,14 +82,44 @@ else
     sft_preset=d12 rl_preset=gsm8k post_args="--data-dir $downloads"
 fi
 
+# The exam after every stage (evals.py): HellaSwag/ARC for the base model, MMLU/ARC/GSM8K for the chat models,
+# with the overlap of each test set with the pretraining shards. GPU presets take the real test sets from the
+# Hub; the tiny preset stays offline with small stand-in files in the same schemas (its scores say so), or the
+# real ones with EVAL_DATA=hub; the rehearsal's stand-in Hub serves them. Small models take a seeded sample.
+evals_args=(--data-dir "$root/evals/data")
+evals_env=()
+if [ "$preset" = tiny ]; then
+    evals_args+=(--limit 200 --train-shards "out/shards/embedded/embedded_train_*.bin")
+    if [ "${EVAL_DATA:-fixtures}" = fixtures ]; then
+        python evals.py write-fixtures out/evals/hub 400 >/dev/null
+        port=$(python -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+        python -m http.server "$port" --bind 127.0.0.1 --directory out/evals/hub >/dev/null 2>&1 &
+        fixtures_pid=$!
+        trap 'kill "$fixtures_pid" 2>/dev/null || true' EXIT
+        evals_env=(HF_ENDPOINT="http://127.0.0.1:$port")
+    fi
+else
+    evals_args+=(--train-shards "$shards/fineweb/fineweb_train_*.bin")
+    [ "$preset" = rehearsal ] && evals_args+=(--limit 200)
+fi
+# exam STAGE: the benchmarks on that stage's checkpoint (skipped once done, like a stage)
+exam() {
+    # shellcheck disable=SC2086
+    stage "evals/$1" env "${evals_env[@]}" $launch evals.py --checkpoint "$root/$1" --out-dir "$root/evals/$1" \
+        "${evals_args[@]}" ${EVALS_ARGS:-}
+}
+
 resume=""
 if [ -f "$root/base/model.pt" ] && [ ! -f "$root/base/metrics.json" ]; then resume="--resume"; fi
 # shellcheck disable=SC2086  # the *_ARGS variables are lists of flags
 stage base $launch train_gpt.py --preset "$preset" $resume ${BASE_ARGS:-}
+exam base
 # shellcheck disable=SC2086
 stage sft $launch sft.py --preset "$sft_preset" --base "$root/base/model.pt" --out-dir "$root/sft" $post_args ${SFT_ARGS:-}
+exam sft
 # shellcheck disable=SC2086
 stage rl $launch rl.py --preset "$rl_preset" --checkpoint "$root/sft" --out-dir "$root/rl" $post_args ${RL_ARGS:-}
+exam rl
 # shellcheck disable=SC2086
 stage rlhf $launch rlhf.py --checkpoint "$root/rl" --out-dir "$root/rlhf" ${RLHF_ARGS:-}
 if ! grep -q '"hack_true_final"' "$root/rlhf/metrics.json"; then  # the demonstration adds its figures to the stage's
@@ -96,6 +127,7 @@ if ! grep -q '"hack_true_final"' "$root/rlhf/metrics.json"; then  # the demonstr
     # shellcheck disable=SC2086
     $launch rlhf.py --hack --checkpoint "$root/rl" --out-dir "$root/rlhf" ${RLHF_ARGS:-} ${HACK_ARGS:-}
 fi
+exam rlhf
 
 echo "=== chat: a few questions to the finished assistant (greedy)"
 for question in "What is your name?" \

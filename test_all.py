@@ -39,6 +39,7 @@ from hypothesis import strategies as st
 
 import chat
 import data
+import evals
 import rl
 import rlhf
 import sft
@@ -2841,9 +2842,10 @@ def test_truncate_log_keeps_each_step_once(tmp_path):
 
 
 def write_rehearsal_hub(root):
-    """Everything `run.sh rehearsal` downloads, in the Hub's layout under root (.ci/run serves it):
-    FineWeb-Edu, SmolTalk and GSM8K in their real schemas."""
+    """Everything `run.sh rehearsal` downloads, in the Hub's layout under root (.ci/rehearsal serves it):
+    FineWeb-Edu, SmolTalk, GSM8K and the exams' test sets in their real schemas."""
     write_fineweb_fixtures(root)
+    evals.write_eval_fixtures(root, 400)  # first: its GSM8K test file gives way to write_hub_fixtures' (same schema)
     write_hub_fixtures(root)
 
 
@@ -3823,3 +3825,269 @@ def test_windows_line_ends_read_as_before(tmp_path):
     (tmp_path / "crlf.txt").write_bytes(b"line one\r\nline two\rline three\n")
     texts = [d["text"] for d in data.read_documents([str(tmp_path / "crlf.txt")])]
     assert texts == ["line one\nline two\nline three\n"]
+
+# ---- issue 16: Standard evaluations
+
+
+@pytest.fixture
+def served_exams(server, tmp_path, monkeypatch):
+    """evals.write_eval_fixtures in the folder the local server serves, HF_ENDPOINT pointed at it, and a
+    fresh --data-dir: every task's file then downloads exactly as it would from the Hub."""
+    base, root, log = server
+    evals.write_eval_fixtures(str(root), n=40)
+    monkeypatch.setenv("HF_ENDPOINT", f"{base}/ok")
+    return str(tmp_path / "evaldata"), log
+
+
+class OracleModel(torch.nn.Module):
+    """A stand-in model that knows some token sequences by heart: after any prefix of one it gives the
+    sequence's next token a big logit (probability ~1); everywhere else it gives all tokens equal logits."""
+
+    def __init__(self, vocab_size, sequences, seq_len=512):
+        super().__init__()
+        self.config = train_gpt.GPTConfig(vocab_size=vocab_size, seq_len=seq_len, n_layer=1)
+        self.vocab_size, self.next = vocab_size, {}
+        for seq in sequences:
+            for t in range(len(seq) - 1):
+                self.next[tuple(seq[:t + 1])] = seq[t + 1]
+
+    def forward(self, idx, targets=None, kv_cache=None):
+        logits = torch.zeros(*idx.shape, self.vocab_size)
+        for b, row in enumerate(idx.tolist()):
+            for t in range(len(row)):
+                if (token := self.next.get(tuple(row[:t + 1]))) is not None:
+                    logits[b, t, token] = 30.0
+        return logits, None
+
+
+class RandomModel(torch.nn.Module):
+    """Logits drawn at random (seeded): a guesser with no knowledge and no preference."""
+
+    def __init__(self, vocab_size, seed=0, seq_len=512):
+        super().__init__()
+        self.config = train_gpt.GPTConfig(vocab_size=vocab_size, seq_len=seq_len, n_layer=1)
+        self.vocab_size, self.generator = vocab_size, torch.Generator().manual_seed(seed)
+
+    def forward(self, idx, targets=None, kv_cache=None):
+        return torch.randn(*idx.shape, self.vocab_size, generator=self.generator), None
+
+
+def exam_config(**over):
+    return evals.EvalConfig(**{"batch_size": 16, "max_tokens": 16, **over})
+
+
+def test_eval_fixtures_download_through_hf_endpoint_and_load_in_the_real_schemas(served_exams):
+    data_dir, log = served_exams
+    for name, task in evals.TASKS.items():
+        items = evals.load_items(name, data_dir)
+        assert len(items) == 40 and all(item["text"] for item in items)
+        if name == "gsm8k":
+            assert all(isinstance(item["answer"], int) for item in items)
+        else:
+            assert all(0 <= item["gold"] < len(item["choices"]) == 4 for item in items)
+        assert f"/ok/datasets/{task.repo}/resolve/main/{task.path}" in [path for _, path, _ in log]
+    requests_before = len(log)
+    evals.load_items("mmlu", data_dir)  # cached: downloaded once
+    assert len(log) == requests_before
+    # ...under the server's name: a stand-in server's files are never later taken for the Hub's
+    assert os.path.relpath(evals.data_file("mmlu", data_dir), data_dir).startswith("127.0.0.1_")
+
+
+def test_eval_bad_or_truncated_file_is_one_clear_line(served_exams, tmp_path):
+    data_dir, _ = served_exams
+    path = evals.data_file("arc_easy", data_dir)
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 2)
+    with pytest.raises(data.DataError, match="not a readable parquet file.*delete it"):
+        evals.load_items("arc_easy", data_dir)
+    pq.write_table(pa.table({"text": ["not an exam"]}), path)
+    with pytest.raises(data.DataError, match=r"lacks the columns \['id', 'question', 'choices', 'answerKey'\]"):
+        evals.load_items("arc_easy", data_dir)
+
+
+@pytest.mark.parametrize("name", ["hellaswag", "arc_easy", "arc_challenge", "mmlu"])
+def test_loglik_scorer_oracle_scores_all_and_a_guesser_scores_chance(served_exams, name):
+    """Base-model scoring: a model that gives the right continuation probability ~1 gets every item right
+    (acc and acc_norm); a random guesser's score has the baseline inside its 95% interval."""
+    data_dir, _ = served_exams
+    tok, cfg = byte_tok(), exam_config()
+    rt = train_gpt.setup_runtime("cpu")
+    items = evals.load_items(name, data_dir)
+    indices = list(range(len(items)))
+    gold = [tok.encode(evals.loglik_context(name, it)) + tok.encode(" " + it["choices"][it["gold"]]) for it in items]
+    oracle = evals.evaluate_task(OracleModel(tok.vocab_size, gold), tok, rt, name, items, indices, False, cfg)
+    assert oracle[f"{name}_acc"] == 1.0 and oracle[f"{name}_acc_n"] == 40 and oracle[f"{name}_acc_baseline"] == 0.25
+    if name == "hellaswag":
+        assert oracle["hellaswag_acc_norm"] == 1.0
+    guess = evals.evaluate_task(RandomModel(tok.vocab_size), tok, rt, name, items * 5, list(range(200)), False, cfg)
+    assert guess[f"{name}_acc_lo"] <= 0.25 <= guess[f"{name}_acc_hi"] and guess[f"{name}_acc"] < 1.0
+
+
+@pytest.mark.parametrize("name", ["arc_challenge", "mmlu"])
+def test_letter_scorer_oracle_scores_all_and_a_guesser_scores_chance(served_exams, name):
+    """Chat-model multiple choice: the letter with the highest logit as the reply's first token."""
+    data_dir, _ = served_exams
+    tok, cfg = byte_tok(), exam_config()
+    rt = train_gpt.setup_runtime("cpu")
+    items = evals.load_items(name, data_dir)
+    gold = [evals.letter_prompt(tok, it) + tok.encode("ABCD"[it["gold"]]) for it in items]
+    oracle = evals.evaluate_task(OracleModel(tok.vocab_size, gold), tok, rt, name, items, list(range(40)), True, cfg)
+    assert oracle[f"{name}_acc"] == 1.0
+    guess = evals.evaluate_task(RandomModel(tok.vocab_size), tok, rt, name, items * 5, list(range(200)), True, cfg)
+    assert guess[f"{name}_acc_lo"] <= 0.25 <= guess[f"{name}_acc_hi"] and guess[f"{name}_acc"] < 1.0
+
+
+class ScriptedEngine:
+    """Stands in for chat.Engine: replies to each GSM8K prompt with a fixed function of its question."""
+    reply = None  # question -> reply text; set per test
+
+    def __init__(self, model, tok):
+        self.tok = tok
+
+    def generate(self, prompts, n=1, max_tokens=256, temperature=1.0, top_k=None, top_p=None, seed=None):
+        end = self.tok.special_id("<|im_end|>")
+        return [chat.Completion(i, self.tok.encode(self.reply(self.tok.decode(p))) + [end], finish="stop")
+                for i, p in enumerate(prompts)]
+
+
+def test_gsm8k_scorer_marks_the_answer_line_against_the_key(served_exams, monkeypatch):
+    data_dir, _ = served_exams
+    tok, cfg = byte_tok(), exam_config()
+    rt = train_gpt.setup_runtime("cpu")
+    items = evals.load_items("gsm8k", data_dir)
+    answers = {it["question"]: it["answer"] for it in items}
+    key_of = lambda prompt: next(a for q, a in answers.items() if q in prompt)  # noqa: E731
+    monkeypatch.setattr(evals, "Engine", type("Right", (ScriptedEngine,), {
+        "reply": staticmethod(lambda p: f"Let me add.\nThe answer is {key_of(p):,}.")}))
+    model = RandomModel(tok.vocab_size)
+    right = evals.evaluate_task(model, tok, rt, "gsm8k", items, list(range(40)), True, cfg)
+    assert right["gsm8k_acc"] == 1.0 and right["gsm8k_acc_baseline"] == 0.0
+    monkeypatch.setattr(evals, "Engine", type("Wrong", (ScriptedEngine,), {
+        "reply": staticmethod(lambda p: f"The answer is {key_of(p) + 1}")}))
+    assert evals.evaluate_task(model, tok, rt, "gsm8k", items, list(range(40)), True, cfg)["gsm8k_acc"] == 0.0
+
+
+def test_wilson_interval_shrinks_with_n_and_covers_the_share():
+    assert evals.wilson_interval(0, 10)[1] == pytest.approx(1.959964 ** 2 / (10 + 1.959964 ** 2))  # 0/n: z²/(n+z²)
+    widths = []
+    for n in (10, 100, 1000, 10000):
+        lo, hi = evals.wilson_interval(n * 3 // 10, n)
+        assert lo < 0.3 < hi
+        widths.append(hi - lo)
+    assert all(a > b for a, b in zip(widths, widths[1:]))
+    assert widths[-1] == pytest.approx(2 * 1.96 * math.sqrt(0.3 * 0.7 / 10000), rel=0.01)  # large n: the normal one
+    mean, lo, hi = evals.centred_mean([(0.25, 0.25, 100), (1.0, 0.25, 100)])
+    assert mean == pytest.approx(0.5) and lo < 0.5 < hi
+
+
+def contamination_setup(tmp_path, served_exams, train_text):
+    """A pretraining shard holding `train_text` and the MMLU + GSM8K fixture items to check."""
+    data_dir, _ = served_exams
+    tok = byte_tok()
+    data.write_shard(str(tmp_path / "pre_train_000000.bin"), tok.encode(train_text))
+    exams = {name: (items, list(range(len(items)))) for name in ("mmlu", "gsm8k")
+             for items in [evals.load_items(name, data_dir)]}
+    cfg = exam_config(train_shards=(str(tmp_path / "pre_train_*.bin"),), generated=0)
+    return tok, exams, cfg
+
+
+def test_contamination_finds_a_planted_item_and_nothing_where_there_is_none(tmp_path, served_exams):
+    """The fixture items are templated (they share their wording with each other, not with the prose), so
+    the planted items get sentences of their own: exactly the planted one must be found."""
+    prose = "Now is the winter of our discontent made glorious summer by this sun of York. " * 20
+    planted = "A lighthouse keeper polishes 17 brass lamps every evening; how many in a fortnight?"
+    quiet = lambda *a: None  # noqa: E731
+
+    def setup(train_text):
+        tok, exams, cfg = contamination_setup(tmp_path, served_exams, train_text)
+        exams["gsm8k"][0][7]["text"] = planted
+        exams["mmlu"][0][3]["text"] = "Which gas do green plants take in from the air to make sugar?"
+        return tok, exams, cfg
+
+    tok, exams, cfg = setup(prose)
+    assert evals.contamination(tok, exams, cfg, log=quiet) == {"mmlu": 0, "gsm8k": 0}
+    tok, exams, cfg = setup(prose + planted + prose)  # quoted whole inside a training document
+    assert evals.contamination(tok, exams, cfg, log=quiet) == {"mmlu": 0, "gsm8k": 1}
+    conversations = tmp_path / "sft.jsonl"  # ...or in a post-training conversation file
+    data.write_jsonl(str(conversations), [{"messages": [
+        {"role": "user", "content": "Which gas do green plants take in from the air to make sugar?"},
+        {"role": "assistant", "content": "Carbon dioxide."}]}])
+    tok, exams, cfg = setup(prose)
+    cfg.train_texts = (str(conversations),)
+    assert evals.contamination(tok, exams, cfg, log=quiet) == {"mmlu": 1, "gsm8k": 0}
+    problems = tmp_path / "rl_train.jsonl"  # ...or among RL's practice problems ({"question", "answer"} rows)
+    data.write_jsonl(str(problems), [{"question": planted, "answer": "17 * 2 * 7 = 238\n#### 238"}])
+    cfg.train_texts = (str(problems),)
+    assert evals.contamination(tok, exams, cfg, log=quiet) == {"mmlu": 0, "gsm8k": 1}
+    (tmp_path / "bad.jsonl").write_text('{"title": "no text here"}\n')
+    cfg.train_texts = (str(tmp_path / "bad.jsonl"),)
+    with pytest.raises(data.DataError, match=r"bad.jsonl:1: not a training row"):
+        evals.contamination(tok, exams, cfg, log=quiet)
+
+
+def test_window_hashes_see_every_window_across_scan_chunks(monkeypatch):
+    """The stream is hashed in chunks that overlap by n-1 tokens: a window straddling two chunks is found."""
+    monkeypatch.setattr(evals, "SCAN_CHUNK", 10)
+    item = list(range(500, 513))
+    index = evals.OverlapIndex({"x": item}, 13)
+    stream = np.array([1] * 5 + item + [2] * 30, dtype=np.uint16)  # the window spans tokens 5..17
+    index.scan_stream(stream)
+    assert index.seen == {"x"}
+
+
+def test_evals_cli_partial_run_is_marked_deterministic_and_feeds_the_report_table(served_exams, tmp_path):
+    """End to end: `python evals.py` on a saved tiny checkpoint, fixtures served through HF_ENDPOINT;
+    --limit marks the run PARTIAL; the same seed gives the same scores; report_table shows stage x task."""
+    data_dir, _ = served_exams
+    tok = byte_tok()
+    root = tmp_path / "out"
+    for stage in ("base", "sft"):
+        train_gpt.save_checkpoint(str(root / stage / "model.pt"), tiny_model(tok.vocab_size, seq_len=512), tok, 0, {},
+                                  stage=stage)
+    data.write_shard(str(tmp_path / "pre_train_000000.bin"), tok.encode("Some training text. " * 50))
+    common = ["--data-dir", data_dir, "--limit", "12", "--train-shards", str(tmp_path / "pre_train_*.bin"),
+              "--generated", "5", "--max-tokens", "8"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    runs = [subprocess.run([sys.executable, os.path.join(HERE, "evals.py"), "--checkpoint", str(root / stage), *common],
+                           capture_output=True, text=True, timeout=300, env=env) for stage in ("base", "sft", "sft")]
+    for r in runs:
+        assert r.returncode == 0, r.stderr
+        assert "PARTIAL: --limit 12" in r.stdout and "not on the benchmarks as published" in r.stdout
+    base = json.loads((root / "evals" / "base" / "metrics.json").read_text())
+    assert base["partial"] and base["hellaswag_acc_n"] == 12 and base["hellaswag_of"] == 40 and "core" in base
+    assert {"hellaswag_overlap", "arc_easy_overlap", "arc_challenge_overlap"} <= set(base)
+    sft_metrics = json.loads((root / "evals" / "sft" / "metrics.json").read_text())
+    assert {"mmlu_acc", "arc_easy_acc", "gsm8k_acc", "chatcore"} <= set(sft_metrics) and "hellaswag_acc" not in sft_metrics
+    assert runs[1].stdout.splitlines()[-8:-1] == runs[2].stdout.splitlines()[-8:-1]  # same seed, same table
+    table = evals.report_table(str(root))
+    assert (root / "evals" / "table.md").read_text() == "\n".join(table) + "\n"  # what the report card includes
+    assert table[0].startswith("| stage | hellaswag_acc | hellaswag_acc_norm |") and "| base |" in table[2]
+    assert table[3].startswith("| sft |") and table[3].endswith("| 12* |") and "not benchmark scores" in table[-1]
+
+
+def test_evals_cli_user_mistakes_are_one_clear_line(tmp_path):
+    for args, problem in ((["--tasks", "squad"], "--tasks: unknown squad"),
+                          (["--checkpoint", str(tmp_path / "none")], "no checkpoint at"),
+                          (["--train-shards", str(tmp_path / "nothing_*.bin")], "no token shards match")):
+        result = run_cli("evals.py", *args)
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 2 and len(lines) == 1 and problem in lines[0], result.stderr
+
+
+def test_published_references_are_printed_beside_a_peer_sized_model():
+    metrics = {"stage": "base", "n_layer": 12, "partial": False, "hf_endpoint": data.DEFAULT_HF_ENDPOINT,
+               **evals.figure("hellaswag_acc_norm", [True] * 30 + [False] * 70, 0.25), "hellaswag_overlap": 0.02}
+    lines = evals.result_lines(metrics)
+    row = next(line for line in lines if line.startswith("hellaswag_acc_norm"))
+    assert "OpenAI GPT-2 124M 0.294 (llm.c discussion #481" in row and "FLAG >1%" in row and "0.300" in row
+    assert not any("PARTIAL" in line or "HF_ENDPOINT" in line for line in lines)
+    assert evals.references_for(4, "base") == {}  # the tiny model has no published peer
+
+
+def test_few_shot_prefix_shows_other_solved_items_the_same_for_the_same_seed(served_exams):
+    data_dir, _ = served_exams
+    items = evals.load_items("arc_easy", data_dir)
+    prefix = evals.few_shot_prefix("arc_easy", items, 5, 3, seed=1)
+    assert prefix.count("Question: ") == 3 and prefix.endswith("\n\n") and items[5]["question"] not in prefix
+    assert prefix == evals.few_shot_prefix("arc_easy", items, 5, 3, seed=1) != evals.few_shot_prefix("arc_easy", items, 5, 3, seed=2)
+    assert evals.few_shot_prefix("arc_easy", items, 5, 0, seed=1) == ""

@@ -1309,6 +1309,10 @@ def write_report(root):
             with open(os.path.join(root, stage, name + ".txt")) as f:
                 lines += ["", f"`{stage}/{name}.txt`:", "", "```", f.read().rstrip(), "```"]
         lines.append("")
+    table = os.path.join(root, "evals", "table.md")  # evals.py's stage x task table (it writes it after each exam)
+    if os.path.exists(table):
+        with open(table) as f:
+            lines += ["## evals: the standard exams (evals.py)", "", f.read().rstrip(), ""]
     for name, text in (("report.json", json.dumps({"machine": machine, "stages": stages}, indent=1)),
                        ("report.md", "\n".join(lines))):
         with open(os.path.join(root, name + ".tmp"), "w") as f:
