@@ -923,8 +923,8 @@ def on_every_process(check, rt):
     node. (A process that stopped alone would leave the others waiting forever at their next all-reduce.)"""
     try:
         result, problem = check(), None
-    except (UserError, data.DataError) as e:
-        result, problem = None, f"{node_name(rt)}: {e}"
+    except (UserError, data.DataError) as e:  # alone, the process is the node: no name needed
+        result, problem = None, f"{node_name(rt)}: {e}" if rt.world > 1 else str(e)
     problems = [problem]
     if rt.world > 1:
         problems = [None] * rt.world
