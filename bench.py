@@ -527,7 +527,8 @@ def measure_gpu(preset="d12", steps=300, device="auto", vocab_size=train_gpt.GPU
                 peak_memory_gib=torch.cuda.max_memory_allocated(rt.device) / train_gpt.GIB
                 if rt.device.type == "cuda" else None,
                 estimated_memory_gib=estimate / train_gpt.GIB,
-                estimated_tokens_per_second_at_40pct=train_gpt.PLAN_MFU * peak / model.flops_per_token() if peak else None)
+                estimated_tokens_per_second_at_40pct=train_gpt.PLAN_MFU * peak / model.flops_per_token()
+                if peak else None)
 
 
 def optional(value, template):

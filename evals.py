@@ -607,7 +607,7 @@ def report_table(root):
                 lines.append(f"| {who} | " + " | ".join(f"{value:.3f}" if k == key else "" for k in keys) +
                              f" | {source} |")
     notes = ["", "Cells: score ± half the 95% interval; * = PARTIAL (--limit); ! = more than 1% of the items share a "
-             f"13-token stretch with the training data."]
+             "13-token stretch with the training data."]
     endpoints = {m["hf_endpoint"] for m in stages.values()}
     if endpoints != {data.DEFAULT_HF_ENDPOINT}:
         notes.append(f"Exam files served by {', '.join(sorted(endpoints))}, not the Hugging Face Hub: not benchmark scores.")

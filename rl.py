@@ -53,9 +53,9 @@ import data
 from chat import DEFAULT_MEMORY_GB, Engine, assistant_content
 from sft import collate, gsm8k_records
 from tokenizer import render_for_completion, use_colour
-from train_gpt import (UserError, all_reduce_grads, all_reduce_mean, build_optimizers, fmt_time, gather_lists,
-                       load_checkpoint, lr_multiplier, only_master_prints, opt, parse_config, require_positive,
-                       run_cli, save_checkpoint, save_curves, setup_runtime, write_metrics, distributed_stage)
+from train_gpt import (UserError, all_reduce_grads, all_reduce_mean, build_optimizers, distributed_stage, fmt_time,
+                       gather_lists, load_checkpoint, lr_multiplier, only_master_prints, opt, parse_config,
+                       require_positive, run_cli, save_checkpoint, save_curves, setup_runtime, write_metrics)
 
 # ====================================================================================================
 # 1. Practice problems and the verifier

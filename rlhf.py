@@ -52,9 +52,10 @@ from rl import PRESETS as RL_PRESETS
 from rl import RLConfig, group_advantages, learn, make_learner, one_line, pack, prompt_ids, sample_in_chunks
 from sft import SFTConfig
 from train_gpt import PRESETS as TRAIN_PRESETS
-from train_gpt import (GIB, GPT, LOSS_CHUNK_TOKENS, GPTConfig, TrainConfig, dry_run, SAVED_BYTES_PER_TOKEN_LAYER, UserError, all_reduce_grads, checkpoint_file, fmt_time, gather_lists, load_checkpoint,
-                       only_master_prints, opt, parse_config, require_positive, run_cli, sampling_bytes,
-                       save_checkpoint, save_curves, write_metrics, distributed_stage)
+from train_gpt import (GIB, GPT, LOSS_CHUNK_TOKENS, SAVED_BYTES_PER_TOKEN_LAYER, GPTConfig, TrainConfig, UserError,
+                       all_reduce_grads, checkpoint_file, distributed_stage, dry_run, fmt_time, gather_lists,
+                       load_checkpoint, only_master_prints, opt, parse_config, require_positive, run_cli,
+                       sampling_bytes, save_checkpoint, save_curves, write_metrics)
 
 # ====================================================================================================
 # 1. The simulated human

@@ -52,8 +52,9 @@ from chat import (DEFAULT_MEMORY_GB, MAX_TOOL_OUTPUT_TOKENS, SYSTEM_MESSAGE, Eng
 from tokenizer import (SPECIAL_TOKENS, Tokenizer, available_cpus, check_messages, render_conversation,
                        render_for_completion, render_tokens, use_colour)
 from train_gpt import PRESETS as PRETRAINING_PRESETS
-from train_gpt import (UserError, all_reduce_mean, build_optimizers, checkpoint_file, fmt_time, load_checkpoint,
-                       lr_multiplier, opt, parse_config, run_cli, save_checkpoint, setup_runtime, write_metrics, distributed_stage)
+from train_gpt import (UserError, all_reduce_mean, build_optimizers, checkpoint_file, distributed_stage, fmt_time,
+                       load_checkpoint, lr_multiplier, opt, parse_config, run_cli, save_checkpoint, setup_runtime,
+                       write_metrics)
 
 
 @dataclass

@@ -1523,6 +1523,7 @@ def dry_run(cfg):
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         print(f"  {key:<{width}}  {value}")
+    print("  (post-training's memory at this size: python rlhf.py plan, with the same flags)")
     return dict(params=n, tokens=tokens, files=files, memory_bytes=total, parts=parts, vocab_size=vocab)
 
 
