@@ -3174,7 +3174,7 @@ def test_two_torchrun_agents_in_separate_checkouts_survive_a_kill_and_resume(tra
     logs.mkdir()
     flags = ["--shards", os.path.join("shards", "mini"), "--tokenizer", "tok.json", "--depth", "2", "--n-embd", "32",
              "--n-head", "2", "--n-kv-head", "1", "--seq-len", "32", "--batch-size", "4", "--total-batch-tokens", "8192",
-             "--num-steps", "24", "--warmup-steps", "2", "--eval-every", "0", "--sample-every", "0", "--save-every", "4",
+             "--num-steps", "60", "--warmup-steps", "2", "--eval-every", "0", "--sample-every", "0", "--save-every", "4",
              "--device", "cpu"]
     reference = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                                 "train_gpt.py", *flags, "--out-dir", str(tmp_path / "reference")], cwd=nodes[0],
@@ -3191,14 +3191,15 @@ def test_two_torchrun_agents_in_separate_checkouts_survive_a_kill_and_resume(tra
     subprocess.run(["pkill", "-9", "-f", f"--out-dir {shared}"])
     while subprocess.run(["pgrep", "-f", f"--out-dir {shared}"], capture_output=True).returncode == 0:
         time.sleep(0.05)
-    assert (shared / "model.pt").exists() and not (shared / "metrics.json").exists(), \
+    killed_at = max(row["step"] for row in map(json.loads, open(shared / "log.jsonl")) if "loss" in row)
+    assert (shared / "model.pt").exists() and killed_at < 60, \
         "\n".join((logs / f"{n.name}.log").read_text()[-1500:] for n in nodes)
     procs = launch_agents(nodes, [*flags, "--out-dir", str(shared), "--resume"], free_port(), logs)
     for p in procs:
         assert p.wait(timeout=600) == 0, "\n".join((logs / f"{n.name}.log").read_text()[-3000:] for n in nodes)
     resumed, uninterrupted = train_log_losses(shared), train_log_losses(tmp_path / "reference")
     steps = [row["step"] for row in map(json.loads, open(shared / "log.jsonl")) if "loss" in row]
-    assert sorted(steps) == list(range(1, 25)) and len(set(steps)) == 24  # each step once, after the resume too
+    assert sorted(steps) == list(range(1, 61))  # each step once, after the resume too
     assert all(abs(resumed[k] - uninterrupted[k]) < 1e-5 for k in uninterrupted), (resumed, uninterrupted)
     assert "resuming from" in "".join((logs / f"{n.name}.log").read_text() for n in nodes)
 

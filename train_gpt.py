@@ -24,6 +24,7 @@ This file, top to bottom:
 import argparse
 import contextlib
 import dataclasses
+import gc
 import glob
 import json
 import math
@@ -625,8 +626,9 @@ def distributed_stage():
             dist.destroy_process_group()
         raise
     if dist.is_initialized():
+        gc.collect()  # objects holding collective work (DDP's reducer sits in reference cycles) go first...
         dist.barrier()
-        dist.destroy_process_group()
+        dist.destroy_process_group()  # ...then the group: never the other way round, at interpreter exit
 
 
 def all_reduce_mean(tensors, rt):
@@ -1171,7 +1173,7 @@ def wrap_for_training(model, cfg, rt):
     ddp = None
     if rt.world > 1:
         ddp = DDP(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None,
-                  broadcast_buffers=False,  # the rotary tables are derived from the config: equal everywhere
+                  forward_sync_buffers=False,  # the rotary tables come from the config: equal everywhere
                   gradient_as_bucket_view=True)  # gradients live in the buckets: no second copy
     use_compile = cfg.compile == "on" or (cfg.compile == "auto" and rt.device.type == "cuda")
     wrapped = ddp or model
