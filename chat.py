@@ -1852,28 +1852,6 @@ def demo_sft_vs_rl(cfg, name):
               f"mean length {sum(lengths) / len(lengths):.1f} tokens\n  {questions[0]}\n  -> {shown(replies[0])}")
 
 
-# The lecture's worked example: five jokes, the reward model's scores, the person's ranking (1 = best).
-LECTURE_SCORES = (0.1, 0.8, 0.3, 0.4, 0.5)
-LECTURE_ORDER = (2, 1, 3, 5, 4)
-
-
-def demo_reward_example(cfg, name):
-    """F5: one ranking-loss update on the lecture's numbers: scores move toward the person's order."""
-    import rlhf  # imports chat.py: so only here
-    logits = torch.logit(torch.tensor([LECTURE_SCORES])).requires_grad_(True)
-    human = -torch.tensor([LECTURE_ORDER], dtype=torch.float)  # a higher human score = a better rank
-    loss = rlhf.ranking_loss(logits, human)
-    loss.backward()
-    with torch.no_grad():
-        after = torch.sigmoid(logits - 1.0 * logits.grad)[0]  # one step of plain gradient descent, lr 1
-    print(f"ranking loss {loss.item():.3f}; one gradient step (lr 1.0) on the five scores:")
-    print("attempt | person's rank | RM score before -> after")
-    for i, (s, r, a) in enumerate(zip(LECTURE_SCORES, LECTURE_ORDER, after.tolist()), 1):
-        print(f"{i:7d} | {r:13d} | {s:.2f} -> {a:.2f}")
-    print("The person's best (rank 1: 0.8) goes up, rank 2 (0.1) goes up most, rank 5 (0.4) goes down "
-          "(the lecture: 0.8 -> ~0.81, 0.1 -> ~0.15, 0.4 -> ~0.3-0.35)")
-
-
 def demo_discriminator(cfg, name):
     """F7: the discriminator-generator gap: judging is easier than writing. The reward model picks the
     person's favourite of 5 attempts far more often than chance, while the policy's own attempt is rarely
@@ -1886,20 +1864,6 @@ def demo_discriminator(cfg, name):
           f"(started at {metrics['true_reward_sft']:.2f}) on a 0..1 scale")
     print("It is easier to say which of five poems is best than to write the best one: people rank, "
           "and the reward model learns to rank.")
-
-
-def demo_reward_hacking(cfg, name):
-    """F8: RL against the reward model for too long: the proxy reward keeps rising while the true one falls,
-    and the top sample degenerates (from the `python rlhf.py --hack` run in out/rlhf)."""
-    import rlhf
-    path = os.path.join(cfg.out_dir, "rlhf", "hack_log.jsonl")
-    if not os.path.exists(path):
-        raise UserError(f"this demo needs {path}: run `python rlhf.py --hack` (about 1-2 minutes) first")
-    evals = [json.loads(line) for line in open(path) if '"eval": true' in line]
-    for e in evals:
-        print(f"step {e['step']:3d}: proxy (reward model) {e['proxy']:.3f} | true (the person) {e['true']:.3f} | "
-              f"degenerate {e['degenerate']:.0%}")
-    rlhf.report_hacking(evals)
 
 
 # -- facts and scale (lecture §1, §3) ------------------------------------------------------------------
@@ -1997,11 +1961,11 @@ LECTURE_DEMOS = [
     LectureDemo("R8", "rl-curves", "accuracy and response length over RL steps", demo_rl_thinking),
     LectureDemo("R9", "sft-vs-rl", "the same problems solved by the SFT and the RL policy", demo_sft_vs_rl),
     LectureDemo("F5", "reward-example", "scores 0.1 0.8 0.3 0.4 0.5 vs order 2 1 3 5 4, one update's nudge",
-                demo_reward_example),
+                stage_command("rlhf", "demo", "reward-example")),
     LectureDemo("F7", "discriminator", "judging (RM pair accuracy) vs writing (the policy's true reward)",
                 demo_discriminator),
     LectureDemo("F8", "reward-hacking", "proxy reward up, true reward down, the top sample degenerate",
-                demo_reward_hacking),
+                stage_command("rlhf", "demo", "reward-hacking", "--out-dir", "{out}/rlhf")),
 ]
 
 

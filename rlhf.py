@@ -676,10 +676,63 @@ def plan_main(argv):
               f"({'fits' if max(figures.values()) < 80e9 else 'does NOT fit'} an 80 GB GPU)")
 
 
+# ----------------------------------------------------------------------------------------------------
+# python rlhf.py demo reward-example | reward-hacking (chat.py's lecture tour runs these)
+
+# The lecture's worked example: five jokes, the reward model's scores, the person's ranking (1 = best).
+LECTURE_SCORES = (0.1, 0.8, 0.3, 0.4, 0.5)
+LECTURE_ORDER = (2, 1, 3, 5, 4)
+
+
+def demo_reward_example():
+    """F5: one ranking-loss update on the lecture's numbers: scores move toward the person's order."""
+    logits = torch.logit(torch.tensor([LECTURE_SCORES])).requires_grad_(True)
+    human = -torch.tensor([LECTURE_ORDER], dtype=torch.float)  # a higher human score = a better rank
+    loss = ranking_loss(logits, human)
+    loss.backward()
+    with torch.no_grad():
+        after = torch.sigmoid(logits - 1.0 * logits.grad)[0]  # one step of plain gradient descent, lr 1
+    print(f"ranking loss {loss.item():.3f}; one gradient step (lr 1.0) on the five scores:")
+    print("attempt | person's rank | RM score before -> after")
+    for i, (s, r, a) in enumerate(zip(LECTURE_SCORES, LECTURE_ORDER, after.tolist()), 1):
+        print(f"{i:7d} | {r:13d} | {s:.2f} -> {a:.2f}")
+    print("The person's best (rank 1: 0.8) goes up, rank 2 (0.1) goes up most, rank 5 (0.4) goes down "
+          "(the lecture: 0.8 -> ~0.81, 0.1 -> ~0.15, 0.4 -> ~0.3-0.35)")
+
+
+def demo_reward_hacking(out_dir):
+    """F8: RL against the reward model for too long: the proxy reward keeps rising while the true one falls,
+    and the top sample degenerates (from the `python rlhf.py --hack` run's log in out_dir)."""
+    path = os.path.join(out_dir, "hack_log.jsonl")
+    if not os.path.exists(path):
+        raise UserError(f"this demo needs {path}: run `python rlhf.py --hack` (about 1-2 minutes) first")
+    evals = [json.loads(line) for line in open(path) if '"eval": true' in line]
+    for e in evals:
+        print(f"step {e['step']:3d}: proxy (reward model) {e['proxy']:.3f} | true (the person) {e['true']:.3f} | "
+              f"degenerate {e['degenerate']:.0%}")
+    report_hacking(evals)
+
+
+@dataclass
+class DemoConfig:
+    out_dir: str = opt(os.path.join("out", "rlhf"), "reward-hacking: the RLHF folder holding hack_log.jsonl")
+
+
+def demo_main(argv):
+    """`python rlhf.py demo reward-example` (the lecture's five scores, one update) or `demo reward-hacking`."""
+    if not argv or argv[0] not in ("reward-example", "reward-hacking"):
+        raise UserError("usage: python rlhf.py demo reward-example | reward-hacking [--out-dir DIR]")
+    cfg = parse_config(DemoConfig, argv[1:], prog=f"rlhf.py demo {argv[0]}")
+    return demo_reward_example() if argv[0] == "reward-example" else demo_reward_hacking(cfg.out_dir)
+
+
 def main(argv):
     if argv and argv[0] == "plan":
         return plan_main(argv[1:])
-    cfg = parse_config(RLHFConfig, argv, PRESETS, prog="rlhf.py", description=__doc__ + "\nsubcommand: plan (--help)")
+    if argv and argv[0] == "demo":
+        return demo_main(argv[1:])
+    cfg = parse_config(RLHFConfig, argv, PRESETS, prog="rlhf.py",
+                       description=__doc__ + "\nsubcommands: plan (--help), demo reward-example | reward-hacking")
     with distributed_stage(), only_master_prints():
         train(cfg)
 
