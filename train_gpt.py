@@ -1095,10 +1095,6 @@ def print_plan(cfg, model, accum, rt, train_tokens):
     print(f"for scale: {GPT2_FACTS}; its batch was ~1M tokens/step (ours {cfg.total_batch_tokens:,})")
 
 
-def describe_config(config):
-    return ", ".join(f"{k} {v}" for k, v in dataclasses.asdict(config).items())
-
-
 def restore(path, model, optimizers, loader, cfg, rt):
     """Resume: load weights, optimizer and loader states and RNG from a checkpoint -> the step to continue
     from. Refuses a checkpoint whose model shape differs from the config."""
