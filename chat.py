@@ -487,6 +487,47 @@ def format_search_results(results, max_chars=600):
 MAX_TOOL_OUTPUT_TOKENS = 128  # a tool's answer is cut to this many tokens before it enters the context
 
 
+# Copying. The lecture's tool prompts ("How many dots are here? .......", "How many r's in strawberry?")
+# only work if the model copies the user's text into the code call exactly; one dot too many and the tool
+# counts the wrong thing. Copying a run of 37 identical dot tokens, knowing where to stop, is what a tiny
+# model does worst (attention finds "the token after this one" by content, and every dot looks the same).
+# The training data marks a copy: a string literal that opens with a quote and a space, `' strawberry '`
+# (data.quoted); the model's likeliest token after a quote says whether it means one (a space) or an
+# ordinary literal like `'e'`. Inside a copy, the engine lets the model write only text that its prompt's
+# last user message holds, the way
+# grammar-constrained decoding keeps JSON valid: the model still decides to call the tool, where the copy
+# starts and where it closes; the engine only rules out text it never saw. Engine(copy_guard=False) turns
+# this off, so that what the model does alone can be measured (sft.py reports both).
+COPY_CLOSE = b" '"  # a copy literal ends with a space and the quote
+
+
+def copy_source(prompt):
+    """The bytes a copy literal may copy from: the last user message of a chat prompt (what the lecture's
+    prompts ask about; the system message would offer its own words), or the whole prompt if none."""
+    opening = b"<|im_start|>user<|im_sep|>"
+    start = prompt.rfind(opening)
+    if start < 0:
+        return prompt
+    message = prompt[start + len(opening):]
+    return message.split(b"<|im_end|>", 1)[0]
+
+
+def copy_literal_state(call):
+    """Where the bytes of a code call so far stand: None (not inside a string literal), "opened" (just
+    after an opening quote: the next token says whether this is a copy) or the bytes copied so far (inside
+    `' ...`, without the quote and space that open it)."""
+    inside, start = False, 0
+    for i, byte in enumerate(call):
+        if byte == 39:  # ord("'"): a quote opens or closes a literal
+            inside, start = not inside, i + 1
+    if not inside:
+        return None
+    literal = call[start:]
+    if not literal:
+        return "opened"
+    return literal[1:] if literal[:1] == b" " else None
+
+
 @dataclass
 class Completion:
     """One sampled continuation. `sampled[i]` is 1 where the model chose tokens[i] and 0 where the engine
@@ -500,8 +541,9 @@ class Completion:
 class Row:
     """The state of one row of the batch: what it generated, and whether it is inside a tool call."""
 
-    def __init__(self, prompt_index):
+    def __init__(self, prompt_index, source=b""):
         self.out = Completion(prompt_index)
+        self.source = source  # the bytes of the prompt: what a copy literal may copy from
         self.forced = deque()  # tokens the engine will feed next instead of sampling (a tool's answer)
         self.tool = None  # the end token of the tool call being written, or None
         self.tool_tokens = []
@@ -525,8 +567,9 @@ class Engine:
     into several calls of fewer prompts each (same results when greedy; sampling draws from one seeded
     stream either way). train_gpt.sampling_bytes is the estimate both this and the plan use."""
 
-    def __init__(self, model, tokenizer, search=None, memory_gb=DEFAULT_MEMORY_GB):
+    def __init__(self, model, tokenizer, search=None, memory_gb=DEFAULT_MEMORY_GB, copy_guard=True):
         self.model, self.tok = model, tokenizer
+        self.copy_guard = copy_guard
         self.search = search  # a Search; built on the first search call if None
         self.memory_bytes = memory_gb * 2**30
         self.end_ids = {tokenizer.special_id("<|im_end|>"), tokenizer.special_id("<|endoftext|>")}
@@ -534,6 +577,7 @@ class Engine:
         self.tool_names = {tokenizer.special_id(end): end.strip("<|>").removesuffix("_end")  # -> "code"
                            for end in TOOL_CALLS.values()}
         self.output_ids = [tokenizer.special_id(name) for name in TOOL_OUTPUT]
+        self.code_end = tokenizer.special_id("<|code_end|>")
         # Tokens the model may never sample at a given point: only the engine writes tool outputs, a turn
         # never opens inside a reply, and tool markup must nest (no call inside a call, no stray ends).
         # One row of this table per state a row can be in: 0 = outside a tool call, 1.. = inside the call
@@ -546,6 +590,13 @@ class Engine:
         for state, tokens in enumerate(banned):
             self.ban_table[state, tokens] = True
         self.state_of_call = {end: state for state, end in enumerate(ends, start=1)}
+        # The copy guard's tables: every ordinary token's bytes, and the reverse lookup.
+        self.token_bytes = list(tokenizer.vocab)
+        self.id_of_bytes = {b: i for i, b in enumerate(self.token_bytes)}
+        self.longest_token = max(map(len, self.token_bytes))
+        self.quote_tokens = [(i, b) for i, b in enumerate(self.token_bytes) if b"'" in b]
+        self.space_tokens = torch.zeros(model.config.vocab_size, dtype=torch.bool)
+        self.space_tokens[[i for i, b in enumerate(self.token_bytes) if b[:1] == b" "]] = True
 
     # -- tools -------------------------------------------------------------------------------------
 
@@ -587,8 +638,48 @@ class Engine:
         every reply renders back into exactly the tokens the model saw. One masked fill for the whole batch:
         each row picks its state's row of the ban table."""
         states = torch.tensor([0 if row.tool is None else self.state_of_call[row.tool] for row in rows])
-        mask = self.ban_table.to(logits.device)[states.to(logits.device)]
-        return logits.masked_fill(mask, float("-inf"))
+        mask = self.ban_table[states]
+        if self.copy_guard:
+            for r, row in enumerate(rows):
+                if row.tool == self.code_end and not row.done and not row.forced:
+                    state = copy_literal_state(self.tok.decode_bytes(row.tool_tokens))
+                    if state == "opened":  # the model's likeliest token says whether it means to copy
+                        favourite = logits[r].masked_fill(mask[r].to(logits.device), float("-inf")).argmax()
+                        state = state if self.space_tokens[favourite.item()] else None
+                    if state is not None:
+                        mask[r] |= self.copy_ban(state, row.source)
+        return logits.masked_fill(mask.to(logits.device), float("-inf"))
+
+    def copy_ban(self, state, source):
+        """The tokens a copy literal may not continue with (see COPY_CLOSE). Just after the opening quote
+        of a copy (state "opened"), the next token must be a space and text of `source`; inside a copy
+        (state: the bytes copied so far), a token must extend them to text of `source`, or close the
+        literal after a non-empty copy."""
+        ban = torch.ones(len(self.space_tokens), dtype=torch.bool)
+        allowed = set()
+        if state == "opened":
+            allowed.add(self.id_of_bytes.get(b" "))
+            for start in range(len(source)):
+                for end in range(start + 1, min(start + self.longest_token, len(source) + 1)):
+                    allowed.add(self.id_of_bytes.get(b" " + source[start:end]))
+        else:
+            starts = range(len(source) + 1) if not state else [
+                i for i in range(len(source)) if source.startswith(state, i)]
+            for start in starts:
+                rest = source[start + len(state):start + len(state) + self.longest_token]
+                for end in range(len(rest) + 1):
+                    if state or end:  # the space that may close a non-empty copy
+                        allowed.add(self.id_of_bytes.get(rest[:end] + b" "))
+                    if end:
+                        allowed.add(self.id_of_bytes.get(rest[:end]))
+            for token, text in self.quote_tokens:
+                grown = state + text
+                close = grown.find(COPY_CLOSE)
+                if close > 0 and grown[:close] in source:
+                    allowed.add(token)
+        allowed.discard(None)
+        ban[list(allowed)] = False
+        return ban
 
     # -- memory ------------------------------------------------------------------------------------
 
@@ -648,7 +739,8 @@ class Engine:
             logits = self.model(batch, kv_cache=cache)[0][:, -1].float()
         cache.repeat_rows(n, length)
         logits = logits.repeat_interleave(n, dim=0) if n > 1 else logits
-        rows = [Row(i // n) for i in range(len(prompts) * n)]
+        sources = [copy_source(self.tok.decode_bytes(p)) for p in prompts]
+        rows = [Row(i // n, sources[i // n]) for i in range(len(prompts) * n)]
         idle_token = min(self.end_ids)  # what finished rows are fed, to keep the batch rectangular
         while True:
             logits = self.ban_invalid_tokens(logits, rows)

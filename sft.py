@@ -127,11 +127,13 @@ PRESETS = {
     "d26": _gpu_preset(26, 4000, 128, 10**9, 40_000),
 }
 
-# The SFT mixture: what share of the generated conversations each labeler's task gets.
+# The SFT mixture: what share of the generated conversations each labeler's task gets. Copying the user's
+# text into a call (dots, letters, the Emily problem's four numbers) is learned from examples like any
+# other skill: at 3% (about 60 rows per kind) the tiny model copied almost nothing (dots 0/40).
 MIXTURE = {
-    "identity": 0.04, "word_problem": 0.17, "word_problem_tool": 0.05, "arithmetic_tool": 0.30,
-    "mental_arithmetic": 0.13, "counting_tool": 0.03, "unknown_name": 0.04, "knowledge": 0.16, "search": 0.03,
-    "lecture": 0.02, "verse": 0.03,
+    "identity": 0.03, "word_problem": 0.17, "word_problem_tool": 0.05, "arithmetic_tool": 0.30,
+    "mental_arithmetic": 0.07, "counting_tool": 0.10, "emily_code": 0.04, "unknown_name": 0.03, "knowledge": 0.15,
+    "search": 0.02, "lecture": 0.02, "verse": 0.02,
 }
 
 
@@ -562,11 +564,12 @@ def reply_texts(engine, tok, questions, cfg, chat=True):
     return [(tok.decode(c.tokens).removesuffix("<|im_end|>"), c.finish) for c in completions]
 
 
-def tool_call_correct(text, answer):
-    """A correct code call (its expression evaluates to the answer) and a final answer line equal to it.
-    A number must match as a number (7.0 from the tool, "The answer is 7."); a string (the letters of
-    "every third letter") comes back from the tool bare and is the answer line's word."""
-    calls = re.findall(r"<\|code_start\|>(.*?)<\|code_end\|>", text, re.S)
+def tool_call_correct(text, answer, copied=""):
+    """A correct code call (its expression evaluates to the answer, and holds the `copied` text: the
+    user's dots or word, quoted, which a call that only happens to give the same count lacks) and a final
+    answer line equal to it. A number must match as a number (7.0 from the tool, "The answer is 7."); a
+    string (the letters of "every third letter") comes back from the tool bare and is the answer line's word."""
+    calls = [c for c in re.findall(r"<\|code_start\|>(.*?)<\|code_end\|>", text, re.S) if copied in c]
     if isinstance(answer, str):
         lines = [m.group(1).strip().rstrip(".") for m in map(data.ANSWER_LINE.search, text.splitlines()) if m]
         return any(run_code(c) == answer for c in calls) and bool(lines) and lines[-1] == answer
@@ -603,11 +606,16 @@ def eval_sets(cfg, known):
     def question_and_value(item):  # (question, code, value) -> (question, value): the code is the model's job
         return item[0], item[2]
 
-    copying = {kind: heldout_items(lambda kind=kind: question_and_value(data.counting_item(rng, kind, "heldout")), n)
+    def question_and_copy(item):  # -> (question, (the quoted text the call must copy, value))
+        question, code, value = item
+        return question, (code[:code.index(" '", 1) + 2], value)
+
+    copying = {kind: heldout_items(lambda kind=kind: question_and_copy(data.counting_item(rng, kind, "heldout")), n)
                for kind in data.COUNTING_WORDINGS}
     emily_code = heldout_items(lambda: question_and_value(data.emily_code_problem(rng, "heldout")), n)
     return {
-        **{kind: [(q, lambda t, a=a: tool_call_correct(t, a)) for q, a in items] for kind, items in copying.items()},
+        **{kind: [(q, lambda t, c=c, a=a: tool_call_correct(t, a, c)) for q, (c, a) in items]
+           for kind, items in copying.items()},
         "emily_code": [(q, lambda t, a=a: tool_call_correct(t, float(a))) for q, a in emily_code],
         "identity": [(q, lambda t: data.IDENTITY_NAME in t.lower()) for q, _ in identity],
         "word_problem": [(p["question"], lambda t, a=p["answer"]: data.extract_answer(t) == a) for p in problems],
@@ -776,7 +784,12 @@ def run_eval(cfg, base_engine, sft_engine, tok, known):
     before, base_replies = evaluate_chat(base_engine, tok, sets, cfg, chat=False)
     after, sft_replies = evaluate_chat(sft_engine, tok, sets, cfg)
     print_before_after(before, after, base_replies, sft_replies, sets)
-    return {**after, **{f"base_{k}": v for k, v in before.items()}}
+    # The copying prompts again with the engine's copy guard off (chat.py, "Copying"): the model alone.
+    alone = Engine(sft_engine.model, tok, memory_gb=sft_engine.memory_bytes / 2**30, copy_guard=False)
+    unguarded, _ = evaluate_chat(alone, tok, {k: sets[k] for k in data.COUNTING_WORDINGS}, cfg)
+    unguarded = {f"{METRIC_OF[k]}_unguarded": unguarded[METRIC_OF[k]] for k in data.COUNTING_WORDINGS}
+    print("copy guard off (the model alone): " + ", ".join(f"{k} {v:.2f}" for k, v in unguarded.items()))
+    return {**after, **unguarded, **{f"base_{k}": v for k, v in before.items()}}
 
 
 def write_sft_results(out_dir, metrics, known):

@@ -4092,3 +4092,56 @@ def test_few_shot_prefix_shows_other_solved_items_the_same_for_the_same_seed(ser
     assert prefix.count("Question: ") == 3 and prefix.endswith("\n\n") and items[5]["question"] not in prefix
     assert prefix == evals.few_shot_prefix("arc_easy", items, 5, 3, seed=1) != evals.few_shot_prefix("arc_easy", items, 5, 3, seed=2)
     assert evals.few_shot_prefix("arc_easy", items, 5, 0, seed=1) == ""
+
+
+# ---- issue 18: the copy guard (lead)
+
+@pytest.fixture(scope="module")
+def dots_tok():
+    """Merges that join dots and letters into many-byte tokens, as the tiny tokenizer's do."""
+    texts = iter(["How many dots are here? " + "." * n + " strawberry ubiquitous the cat sat " for n in range(1, 60)])
+    return Tokenizer.train(texts, 256 + len(SPECIAL_TOKENS) + 120)
+
+
+@settings(max_examples=60, deadline=None)
+@given(source=st.text(alphabet=". abrstwy'\n", min_size=1, max_size=40), seed=st.integers(0, 10**6))
+def test_copy_guard_lets_a_copy_literal_hold_only_text_of_the_message(dots_tok, source, seed):
+    """Whatever the model writes inside `' ...` (here: a random walk over the tokens the guard allows), the
+    copied span is text of the user's message, and the guard never leaves the walk without a token."""
+    engine = Engine(tiny_model(dots_tok.vocab_size), dots_tok)
+    source = source.encode()
+    rng, call = random.Random(seed), b"'"
+    for _ in range(30):
+        state = chat.copy_literal_state(call)
+        if state is None:
+            break
+        allowed = [i for i in (~engine.copy_ban(state, source)).nonzero()[:, 0].tolist() if i < len(dots_tok.vocab)]
+        assert allowed, (call, source)
+        if state == "opened":  # a copy starts with a space
+            assert all(dots_tok.vocab[i][:1] == b" " for i in allowed)
+        call += dots_tok.vocab[rng.choice(allowed)]
+    literal = call[2:]  # after the opening quote and space
+    span = literal[:literal.find(chat.COPY_CLOSE)] if chat.COPY_CLOSE in literal else literal.rstrip(b" ")
+    assert span in source, (call, source)
+
+
+def test_copy_guard_stops_a_run_of_dots_at_the_users_count(dots_tok):
+    """A model that would write dots forever (the tiny model's failure on the lecture's prompt) copies
+    exactly the user's 37 with the guard on, and runs away with it off."""
+    reply = "<|code_start|>' " + "." * 120
+    prompt = render_for_completion(dots_tok, [{"role": "user", "content": "How many dots are here? " + "." * 37}])
+    for guard, expected in ((True, 37), (False, None)):
+        engine = Engine(ScriptedModel(dots_tok, reply, seq_len=400), dots_tok, copy_guard=guard)
+        engine.model.script = dots_tok.encode("<|code_start|>'", allowed_special="all") + [
+            dots_tok.encode_ordinary(" .")[0]] + [dots_tok.encode_ordinary(".")[0]] * 200
+        text = dots_tok.decode(engine.generate(prompt, max_tokens=150, temperature=0)[0].tokens)
+        copied = re.match(r"<\|code_start\|>' (\.*)", text).group(1)
+        assert (len(copied) == expected) if guard else len(copied) > 37
+
+
+def test_copy_source_is_the_last_user_message(dots_tok):
+    messages = [{"role": "system", "content": "You are nice."}, {"role": "user", "content": "first"},
+                {"role": "assistant", "content": "ok"}, {"role": "user", "content": "How many r's in strawberry"}]
+    prompt = dots_tok.decode_bytes(render_for_completion(dots_tok, messages))
+    assert chat.copy_source(prompt) == b"How many r's in strawberry"
+    assert chat.copy_source(b"plain text for --base") == b"plain text for --base"
