@@ -512,6 +512,17 @@ def copy_source(prompt):
     return message.split(b"<|im_end|>", 1)[0]
 
 
+def byte_class(byte):
+    """Letters, digits and non-ASCII bytes are one class; every other byte (".", " ", "?") its own."""
+    return "w" if chr(byte).isalnum() or byte >= 128 else byte
+
+
+def word_bounds(source):
+    """Positions 0..len(source) where a word of `source` starts or ends: a change of byte class. A copy
+    quotes whole words (or a whole run of dots), so both its ends must be such a position."""
+    return {0, len(source)} | {i for i in range(1, len(source)) if byte_class(source[i - 1]) != byte_class(source[i])}
+
+
 def copy_literal_state(call):
     """Where the bytes of a code call so far stand: None (not inside a string literal), "opened" (just
     after an opening quote: the next token says whether this is a copy) or the bytes copied so far (inside
@@ -654,28 +665,31 @@ class Engine:
         """The tokens a copy literal may not continue with (see COPY_CLOSE). Just after the opening quote
         of a copy (state "opened"), the next token must be a space and text of `source`; inside a copy
         (state: the bytes copied so far), a token must extend them to text of `source`, or close the
-        literal after a non-empty copy."""
+        literal after a non-empty copy of whole words."""
         ban = torch.ones(len(self.space_tokens), dtype=torch.bool)
-        allowed = set()
+        allowed, bounds = set(), word_bounds(source)
+
+        def whole(span):  # the span is whole words of the source
+            return any(source.startswith(span, i) and i + len(span) in bounds for i in bounds if i < len(source))
+
         if state == "opened":
             allowed.add(self.id_of_bytes.get(b" "))
-            for start in range(len(source)):
+            for start in sorted(bounds - {len(source)}):
                 for end in range(start + 1, min(start + self.longest_token, len(source) + 1)):
                     allowed.add(self.id_of_bytes.get(b" " + source[start:end]))
         else:
-            starts = range(len(source) + 1) if not state else [
-                i for i in range(len(source)) if source.startswith(state, i)]
+            starts = [i for i in bounds if i < len(source) and source.startswith(state, i)]
             for start in starts:
                 rest = source[start + len(state):start + len(state) + self.longest_token]
                 for end in range(len(rest) + 1):
-                    if state or end:  # the space that may close a non-empty copy
+                    if (state or end) and start + len(state) + end in bounds:  # the space that closes a copy
                         allowed.add(self.id_of_bytes.get(rest[:end] + b" "))
                     if end:
                         allowed.add(self.id_of_bytes.get(rest[:end]))
             for token, text in self.quote_tokens:
                 grown = state + text
                 close = grown.find(COPY_CLOSE)
-                if close > 0 and grown[:close] in source:
+                if close > 0 and whole(grown[:close]):
                     allowed.add(token)
         allowed.discard(None)
         ban[list(allowed)] = False
@@ -1840,12 +1854,17 @@ def demo_tools(cfg, name):
     for (question, answer), reply in zip(LECTURE_TOOL_PROMPTS, replies):
         verdict = "right" if final_answer(reply) == str(answer) else f"wrong (expected {answer})"
         print(f"you> {question}\nassistant> {shown(reply)}   <- {verdict}")
-    questions, counts = [f"How many dots are here? {'.' * k}" for k in range(1, 81, 80 // cfg.n or 1)], None
+    questions = [f"How many dots are here? {'.' * k}" for k in range(1, 81, 80 // cfg.n or 1)]
     counts = [q.count(".") for q in questions]
+
+    def right(replies):
+        return rate(final_answer(r) == str(c) for r, c in zip(replies, counts))
+
     with_tool = chat_replies(engine, questions, cfg)
+    alone = chat_replies(Engine(model, tok, copy_guard=False), questions, cfg)
     in_head = chat_replies(engine, questions, cfg, primer="The answer is")  # no room for a call: answer now
-    print(f"-- dots 1..80 ({len(questions)} counts): with the code tool {rate(final_answer(r) == str(c) for r, c in zip(with_tool, counts))}; "
-          f"answered at once, without the tool {rate(final_answer(r) == str(c) for r, c in zip(in_head, counts))}")
+    print(f"-- dots 1..80 ({len(questions)} counts): with the code tool {right(with_tool)}; the same with the "
+          f"engine's copy guard off {right(alone)}; answered at once, without the tool {right(in_head)}")
 
 
 def demo_hallucination(cfg, name):

@@ -4121,8 +4121,11 @@ def test_copy_guard_lets_a_copy_literal_hold_only_text_of_the_message(dots_tok, 
             assert all(dots_tok.vocab[i][:1] == b" " for i in allowed)
         call += dots_tok.vocab[rng.choice(allowed)]
     literal = call[2:]  # after the opening quote and space
-    span = literal[:literal.find(chat.COPY_CLOSE)] if chat.COPY_CLOSE in literal else literal.rstrip(b" ")
-    assert span in source, (call, source)
+    if chat.COPY_CLOSE in literal:  # a closed copy is whole words of the source
+        span, bounds = literal[:literal.find(chat.COPY_CLOSE)], chat.word_bounds(source)
+        assert any(source.startswith(span, i) and i + len(span) in bounds for i in bounds), (call, source)
+    else:
+        assert literal.rstrip(b" ") in source, (call, source)
 
 
 def test_copy_guard_stops_a_run_of_dots_at_the_users_count(dots_tok):
