@@ -4092,3 +4092,179 @@ def test_few_shot_prefix_shows_other_solved_items_the_same_for_the_same_seed(ser
     assert prefix.count("Question: ") == 3 and prefix.endswith("\n\n") and items[5]["question"] not in prefix
     assert prefix == evals.few_shot_prefix("arc_easy", items, 5, 3, seed=1) != evals.few_shot_prefix("arc_easy", items, 5, 3, seed=2)
     assert evals.few_shot_prefix("arc_easy", items, 5, 0, seed=1) == ""
+
+
+# ---- issue 20: SFT and RL save checkpoints and --resume like pretraining; every stream ends (resume)
+
+TIMING_KEYS = {"elapsed", "dt", "sample_s", "learn_s", "rollout_tok_s", "train_seconds", "wall_seconds"}
+# A child process running a stage's CLI with the search index of one small folder (the default index makes
+# building SFT's search conversations take ~40 s on a loaded core; the resume logic does not care what it indexes).
+STAGE_WITH_SMALL_SEARCH = ("import sys, chat, sft, train_gpt; folder = sys.argv[1]; "
+                           "sft.Search = lambda: chat.Search(folder); train_gpt.run_cli(sft.main, sys.argv[2:])")
+
+
+def log_rows(out_dir):
+    """log.jsonl's rows without the timings (which differ between any two runs); a row cut short by a kill
+    is left out."""
+    rows = []
+    with open(os.path.join(out_dir, "log.jsonl")) as f:
+        for line in f:
+            with contextlib.suppress(json.JSONDecodeError):
+                rows.append({k: v for k, v in json.loads(line).items() if k not in TIMING_KEYS})
+    return rows
+
+
+def kill_when_logged(command, out_dir, step, training_key):
+    """Start `command` and kill -9 it once its log.jsonl shows training step `step`; -> the last step it logged."""
+    proc = subprocess.Popen(command, cwd=HERE, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    log, deadline = os.path.join(out_dir, "log.jsonl"), time.monotonic() + 280
+    try:
+        while proc.poll() is None and time.monotonic() < deadline:
+            if os.path.exists(log) and any(r.get("step", 0) >= step and training_key in r for r in log_rows(out_dir)):
+                proc.kill()  # SIGKILL: no handler runs, no file is closed
+                break
+            time.sleep(0.005)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        stderr = proc.communicate()[1]
+    assert proc.returncode == -9, f"the run ended by itself ({proc.returncode}) before the kill:\n{stderr[-2000:]}"
+    return max(r["step"] for r in log_rows(out_dir) if training_key in r)
+
+
+def assert_same_weights(a, b):
+    wa, wb = train_gpt.load_checkpoint(str(a))[0].state_dict(), train_gpt.load_checkpoint(str(b))[0].state_dict()
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def without_timings(metrics):
+    return {k: v for k, v in metrics.items() if k not in TIMING_KEYS}
+
+
+@pytest.fixture(scope="module")
+def sft_resume_inputs(tmp_path_factory):
+    """A tiny base checkpoint (byte tokens: prompts need room) and a two-file search folder."""
+    root = tmp_path_factory.mktemp("sft_resume")
+    tok, base, search = byte_tok(), root / "base.pt", root / "search"
+    train_gpt.save_checkpoint(str(base), small_model(tok, seq_len=512), tok, 0, {})
+    search.mkdir()
+    (search / "a.txt").write_text("First line of the first poem here\nSecond line of it follows now\n")
+    (search / "b.txt").write_text("Another document with other words in it\nand a closing line for it\n")
+    return str(base), str(search)
+
+
+def sft_flags(base, out_dir, *more):
+    return ["--base", base, "--out-dir", str(out_dir), "--num-steps", "30", "--save-every", "10", "--batch-size", "16",
+            "--conversations", "60", "--eval-every", "7", "--sample-every", "0", "--eval-prompts", "1",
+            "--eval-tokens", "4", "--interrogate-samples", "1", "--device", "cpu", *more]
+
+
+def run_sft_in_process(flags, search, monkeypatch):
+    monkeypatch.setattr(sft, "Search", lambda: chat.Search(search))
+    return sft.finetune(train_gpt.parse_config(sft.SFTConfig, flags, sft.PRESETS))
+
+
+@pytest.mark.slow  # three small SFT runs: ~45 s on a loaded core, most of it building the mixture three times
+def test_sft_killed_mid_run_and_resumed_ends_bit_identical_to_an_uninterrupted_run(sft_resume_inputs, tmp_path,
+                                                                                   monkeypatch):
+    base, search = sft_resume_inputs
+    straight = run_sft_in_process(sft_flags(base, tmp_path / "straight"), search, monkeypatch)
+    killed = tmp_path / "killed"
+    killed_at = kill_when_logged([sys.executable, "-c", STAGE_WITH_SMALL_SEARCH, search, *sft_flags(base, killed)],
+                                 killed, 13, "loss")
+    checkpoint_step = train_gpt.load_checkpoint(str(killed))[2]["step"]
+    assert checkpoint_step in (10, 20) and killed_at >= 13 and not (killed / "metrics.json").exists()
+    (killed / ".tmp-abc123.pt").write_bytes(b"half a checkpoint")  # as a kill during a checkpoint write leaves it
+    resumed = run_sft_in_process(sft_flags(base, killed, "--resume"), search, monkeypatch)
+    assert without_timings(resumed) == without_timings(straight)
+    assert log_rows(killed) == log_rows(tmp_path / "straight")  # every loss equal, every step once
+    assert [r["step"] for r in log_rows(killed) if "loss" in r] == list(range(1, 31))
+    assert_same_weights(killed, tmp_path / "straight")
+    assert not glob.glob(str(killed / ".tmp-*"))
+
+
+def rl_resume_flags(checkpoint, out_dir, *more):
+    return ["--checkpoint", checkpoint, "--out-dir", str(out_dir), "--num-steps", "16", "--save-every", "5",
+            "--samples", "2", "--problems-per-step", "2", "--micro-batch", "4", "--max-tokens", "6",
+            "--eval-problems", "2", "--pass-k", "2", "--eval-every", "4", "--show-every", "0", "--device", "cpu", *more]
+
+
+def test_rl_killed_mid_run_and_resumed_ends_bit_identical_to_an_uninterrupted_run(rl_checkpoint, tmp_path):
+    """The problem stream's position and the policy's optimizer states come back from the checkpoint, the
+    attempts' sampling generator is seeded by the step: the resumed run samples the very same attempts."""
+    straight = rl.train(train_gpt.parse_config(rl.RLConfig, rl_resume_flags(rl_checkpoint, tmp_path / "straight")))
+    killed = tmp_path / "killed"
+    killed_at = kill_when_logged([sys.executable, "rl.py", *rl_resume_flags(rl_checkpoint, killed)], killed, 7, "reward")
+    meta = train_gpt.load_checkpoint(str(killed))[2]
+    assert meta["step"] in (5, 10, 15) and killed_at >= 7 and not (killed / "metrics.json").exists()
+    (killed / ".tmp-abc123.pt").write_bytes(b"half a checkpoint")
+    resumed = rl.train(train_gpt.parse_config(rl.RLConfig, rl_resume_flags(rl_checkpoint, killed, "--resume")))
+    assert without_timings(resumed) == without_timings(straight)
+    rows = log_rows(killed)
+    assert rows == log_rows(tmp_path / "straight")
+    assert [r["step"] for r in rows if "reward" in r] == list(range(1, 17))
+    assert [r["step"] for r in rows if "pass1" in r] == [0, 4, 8, 12, 16]
+    assert_same_weights(killed, tmp_path / "straight")
+    assert (killed / "curves.txt").read_text() == (tmp_path / "straight" / "curves.txt").read_text()
+    assert not glob.glob(str(killed / ".tmp-*"))
+
+
+def run_stage_main(module, argv, capsys):
+    """A stage's CLI in-process -> (exit code, stdout, stderr)."""
+    capsys.readouterr()
+    try:
+        train_gpt.run_cli(module.main, argv)
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def resumable_checkpoint(path, model, tok, step, cfg, stage, processes=1):
+    """What the refusals look at (stage, model shape, flags, processes); no optimizer state."""
+    train_gpt.save_checkpoint(str(path), model, tok, step, cfg, optimizers=(), loader_states=[{}] * processes,
+                              stage=stage)
+
+
+@pytest.mark.parametrize("case, problem", [
+    ("none", "cannot --resume: no checkpoint at"),
+    ("other flags", "it was trained with --batch-size 16, this run asks for --batch-size 8 (resume with the flags"),
+    ("other shape", "it holds a model with n_embd 64, but this run asks for n_embd 32"),
+    ("other stage", "it is a 'rl' checkpoint, this run trains 'sft'"),
+])
+def test_sft_resume_refuses_a_missing_or_foreign_checkpoint_in_one_line_before_building_the_mixture(
+        case, problem, sft_resume_inputs, tmp_path, capsys):
+    base, _ = sft_resume_inputs
+    tok, out = byte_tok(), tmp_path / "sft"
+    out.mkdir()
+    cfg = train_gpt.parse_config(sft.SFTConfig, sft_flags(base, out))
+    model = small_model(tok, seq_len=512)
+    if case == "other shape":
+        model = train_gpt.GPT(dataclasses.replace(model.config, n_embd=64))
+    if case != "none":
+        resumable_checkpoint(out / "model.pt", model, tok, 10, cfg, "rl" if case == "other stage" else "sft")
+    flags = sft_flags(base, out, "--resume", *(["--batch-size", "8"] if case == "other flags" else []))
+    code, out, err = run_stage_main(sft, flags, capsys)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and problem in lines[0], err
+    assert "interrogation" not in out  # refused before the interrogation and the mixture (minutes at scale)
+
+
+@pytest.mark.parametrize("case, problem", [
+    ("none", "cannot --resume: no checkpoint at"),
+    ("other flags", "it was trained with --samples 2, this run asks for --samples 4"),
+    ("other processes", "it was saved by 2 process(es), this run has 1"),
+])
+def test_rl_resume_refuses_a_missing_or_foreign_checkpoint_in_one_line(case, problem, rl_checkpoint, tmp_path, capsys):
+    out = tmp_path / "rl"
+    out.mkdir()
+    model, tok, _ = train_gpt.load_checkpoint(rl_checkpoint)
+    cfg = train_gpt.parse_config(rl.RLConfig, rl_resume_flags(rl_checkpoint, out))
+    if case != "none":
+        resumable_checkpoint(out / "model.pt", model, tok, 5, cfg, "rl", 2 if case == "other processes" else 1)
+    code, _, err = run_stage_main(rl, rl_resume_flags(rl_checkpoint, out, "--resume",
+                                                   *(["--samples", "4"] if case == "other flags" else [])), capsys)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and problem in lines[0], err
