@@ -4268,3 +4268,90 @@ def test_rl_resume_refuses_a_missing_or_foreign_checkpoint_in_one_line(case, pro
                                                    *(["--samples", "4"] if case == "other flags" else [])), capsys)
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and problem in lines[0], err
+
+
+@pytest.fixture
+def paced_server():
+    """The web server (default bounds) over a scripted model slowed to 5 ms a token: (URL, its ChatService)."""
+    tok = byte_tok()
+
+    class PacedModel(ScriptedModel):
+        def forward(self, idx, targets=None, kv_cache=None):
+            time.sleep(0.005)
+            return super().forward(idx, targets, kv_cache)
+
+    engine = Engine(PacedModel(tok, "Hi! 2+2 = 4<|im_end|>", seq_len=256), tok)
+    server = chat.make_server(engine, chat.ChatConfig(host="127.0.0.1", port=0))
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_port}", server.RequestHandlerClass.service
+    server.shutdown()
+    server.server_close()
+
+
+def stream_end(base, hang_up=False):
+    """One streaming request -> how it ended: "done" (content, then [DONE]), "error" (an error event, then
+    [DONE]), "503" (refused with Retry-After), "hung up" (we closed it after the first chunk), or
+    "dropped: ..." (anything else: a stream cut short, a reset)."""
+    request = urllib.request.Request(base + "/v1/chat/completions", data=(HI % ', "stream": true').encode(),
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            if hang_up:
+                response.readline()
+                return "hung up"
+            events = [e[6:] for e in response.read().decode().split("\n\n") if e.startswith("data: ")]
+    except urllib.error.HTTPError as e:
+        return "503" if e.code == 503 and e.headers["Retry-After"] else f"dropped: status {e.code}"
+    except OSError as e:
+        return f"dropped: {type(e).__name__}"
+    if not events or events[-1] != "[DONE]":
+        return f"dropped: ends with {events[-1:]}"
+    if any("error" in json.loads(e) for e in events[:-1]):
+        return "error"
+    text = "".join(json.loads(e)["choices"][0]["delta"].get("content", "") for e in events[:-1])
+    return "done" if text == "Hi! 2+2 = 4" else f"dropped: text {text!r}"
+
+
+def test_sixteen_streaming_clients_hanging_up_and_reconnecting_never_get_a_stream_without_its_end(paced_server):
+    """16 clients x 4 streaming requests, every second one closed by its client after the first chunk
+    and the next sent at once: every other stream ends with [DONE] (or an error event, or a 503 with
+    Retry-After: an answer, never a cut); the hung-up requests leave the line, so afterwards 16 clients at
+    once are all served again."""
+    import concurrent.futures
+    base, service = paced_server
+
+    def client(k):
+        return [stream_end(base, hang_up=(k + i) % 2 == 0) for i in range(4)]
+
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        ends = [end for run in pool.map(client, range(16)) for end in run]
+        assert ends.count("hung up") == 32 and set(ends) <= {"hung up", "done", "error", "503"}, ends
+        assert list(pool.map(lambda _: stream_end(base), range(16))) == ["done"] * 16
+    assert not service.turns.line and not service.turns.busy
+
+
+def test_a_request_whose_client_hangs_up_while_it_waits_leaves_the_line_at_once(paced_server):
+    import concurrent.futures
+    base, service = paced_server
+    slow = threading.Event()
+    original = service.engine.stream
+
+    def held_stream(*args, **kwargs):  # the first request keeps the model until the test lets it go
+        slow.wait(30)
+        yield from original(*args, **kwargs)
+
+    service.engine.stream = held_stream
+    first = concurrent.futures.ThreadPoolExecutor(1).submit(stream_end, base)
+    for _ in range(200):  # wait until the first request holds the model
+        if service.turns.busy:
+            break
+        time.sleep(0.01)
+    assert stream_end(base, hang_up=True) == "hung up"  # it got its first chunk, then waited for its turn
+    for _ in range(500):
+        if not service.turns.line:
+            break
+        time.sleep(0.01)
+    assert not service.turns.line and service.turns.busy  # gone from the line while the first still runs
+    del service.engine.stream  # the class's method again
+    slow.set()
+    assert first.result(timeout=30) == "done"
