@@ -1348,7 +1348,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def client_gone(self):
         """Has the client closed its end of the connection? Its request has been read whole, so the socket
         turns readable now only when the client hangs up (an empty peek) or sends another request (bytes:
-        still there)."""
+        still there). A client that shuts down its sending half after the request counts as gone too, as
+        nginx counts it."""
         try:
             readable, _, _ = select.select([self.connection], [], [], 0)
             return bool(readable) and self.connection.recv(1, socket.MSG_PEEK) == b""

@@ -4096,32 +4096,34 @@ def test_few_shot_prefix_shows_other_solved_items_the_same_for_the_same_seed(ser
 
 # ---- issue 20: SFT and RL save checkpoints and --resume like pretraining; every stream ends (resume)
 
-TIMING_KEYS = {"elapsed", "dt", "sample_s", "learn_s", "rollout_tok_s", "train_seconds", "wall_seconds"}
+TIMING_KEYS = {"elapsed", "dt", "sample_s", "learn_s", "rollout_tok_s", "seconds", "train_seconds", "wall_seconds",
+               "rl_seconds"}
 # A child process running a stage's CLI with the search index of one small folder (the default index makes
 # building SFT's search conversations take ~40 s on a loaded core; the resume logic does not care what it indexes).
 STAGE_WITH_SMALL_SEARCH = ("import sys, chat, sft, train_gpt; folder = sys.argv[1]; "
                            "sft.Search = lambda: chat.Search(folder); train_gpt.run_cli(sft.main, sys.argv[2:])")
 
 
-def log_rows(out_dir):
-    """log.jsonl's rows without the timings (which differ between any two runs); a row cut short by a kill
+def log_rows(out_dir, name="log.jsonl"):
+    """A stage log's rows without the timings (which differ between any two runs); a row cut short by a kill
     is left out."""
     rows = []
-    with open(os.path.join(out_dir, "log.jsonl")) as f:
+    with open(os.path.join(out_dir, name)) as f:
         for line in f:
             with contextlib.suppress(json.JSONDecodeError):
                 rows.append({k: v for k, v in json.loads(line).items() if k not in TIMING_KEYS})
     return rows
 
 
-def kill_when_logged(command, out_dir, step, training_key):
-    """Start `command` and kill -9 it once its log.jsonl shows training step `step`; -> the last step it logged."""
+def kill_when_logged(command, out_dir, step, training_key, name="log.jsonl"):
+    """Start `command` and kill -9 it once its log shows training step `step`; -> the last step it logged."""
     proc = subprocess.Popen(command, cwd=HERE, env={**os.environ, "OMP_NUM_THREADS": "1"},
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    log, deadline = os.path.join(out_dir, "log.jsonl"), time.monotonic() + 280
+    log, deadline = os.path.join(out_dir, name), time.monotonic() + 280
     try:
         while proc.poll() is None and time.monotonic() < deadline:
-            if os.path.exists(log) and any(r.get("step", 0) >= step and training_key in r for r in log_rows(out_dir)):
+            if os.path.exists(log) and any(r.get("step", 0) >= step and training_key in r
+                                           for r in log_rows(out_dir, name)):
                 proc.kill()  # SIGKILL: no handler runs, no file is closed
                 break
             time.sleep(0.005)
@@ -4130,7 +4132,7 @@ def kill_when_logged(command, out_dir, step, training_key):
             proc.kill()
         stderr = proc.communicate()[1]
     assert proc.returncode == -9, f"the run ended by itself ({proc.returncode}) before the kill:\n{stderr[-2000:]}"
-    return max(r["step"] for r in log_rows(out_dir) if training_key in r)
+    return max(r["step"] for r in log_rows(out_dir, name) if training_key in r)
 
 
 def assert_same_weights(a, b):
@@ -4355,3 +4357,29 @@ def test_a_request_whose_client_hangs_up_while_it_waits_leaves_the_line_at_once(
     del service.engine.stream  # the class's method again
     slow.set()
     assert first.result(timeout=30) == "done"
+
+
+def rlhf_resume_flags(checkpoint, out_dir, *more):
+    return ["--checkpoint", checkpoint, "--out-dir", str(out_dir), "--rank-prompts", "4", "--rank-k", "3",
+            "--heldout-prompts", "2", "--rm-epochs", "1", "--rm-batch", "2", "--num-steps", "16", "--save-every", "5",
+            "--prompts-per-step", "2", "--samples", "2", "--max-tokens", "6", "--eval-every", "4", "--eval-samples",
+            "2", "--kl-budget", "0", "--max-degenerate", "0", "--device", "cpu", *more]
+
+
+def test_rlhf_killed_mid_run_and_resumed_goes_on_against_the_same_reward_model_bit_identically(rl_checkpoint,
+                                                                                               tmp_path):
+    straight = rlhf.train(train_gpt.parse_config(rlhf.RLHFConfig, rlhf_resume_flags(rl_checkpoint, tmp_path / "a")))
+    killed = tmp_path / "killed"
+    kill_when_logged([sys.executable, "rlhf.py", *rlhf_resume_flags(rl_checkpoint, killed)], killed, 7, "tokens",
+                     "rl_log.jsonl")
+    assert train_gpt.load_checkpoint(str(killed))[2]["step"] in (5, 10, 15) and not (killed / "metrics.json").exists()
+    resumed = rlhf.train(train_gpt.parse_config(rlhf.RLHFConfig, rlhf_resume_flags(rl_checkpoint, killed, "--resume")))
+    assert without_timings(resumed) == without_timings(straight)
+    rows = log_rows(killed, "rl_log.jsonl")
+    assert rows == log_rows(tmp_path / "a", "rl_log.jsonl")
+    assert [r["step"] for r in rows if "tokens" in r] == list(range(1, 17))
+    assert [r["step"] for r in rows if r.get("eval")] == [4, 8, 12, 16]
+    assert_same_weights(killed, tmp_path / "a")
+    hack = rlhf_resume_flags(rl_checkpoint, killed, "--hack", "--resume")
+    with pytest.raises(train_gpt.UserError, match="--hack does not --resume"):
+        rlhf.train(train_gpt.parse_config(rlhf.RLHFConfig, hack))

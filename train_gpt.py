@@ -1216,12 +1216,12 @@ class StageLog:
     checkpoint write are removed, and on a resume from step N (resume_step) the rows the killed run wrote
     after N are dropped before appending. `started`: a time.time() to add each row's "elapsed" seconds."""
 
-    def __init__(self, out_dir, rt, resume_step=None, started=None, training_key="loss"):
+    def __init__(self, out_dir, rt, resume_step=None, started=None, training_key="loss", name="log.jsonl"):
         self.started, self.file = started, None
         if rt.master:
             os.makedirs(out_dir, exist_ok=True)
             remove_stale_temp_files(out_dir)
-            path = os.path.join(out_dir, "log.jsonl")
+            path = os.path.join(out_dir, name)
             if resume_step is not None:
                 truncate_log(path, resume_step, training_key)
             self.file = open(path, "w" if resume_step is None else "a")
