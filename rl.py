@@ -39,6 +39,7 @@ Tokens that the engine pasted in (tool outputs) get no weight: the model did not
 
     python rl.py                                   # tiny preset, from out/sft, a few minutes on a CPU
     python rl.py --algo best --samples 15          # the lecture's recipe
+    python rl.py --resume                          # continue a killed run from its last checkpoint (same flags)
     python rl.py --preset gsm8k --checkpoint out/d12/sft --out-dir out/d12/rl --data-dir out/d12/downloads
                                                    # GSM8K (downloaded once) on a GPU-sized SFT model
 """

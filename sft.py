@@ -32,6 +32,7 @@ thousands of GPUs; here a couple of minutes on a laptop CPU.
     python sft.py --preset d12 --base out/d12/base --out-dir out/d12/sft --data-dir out/d12/downloads
                                            # GPU: SmolTalk + GSM8K (downloaded) + the generators
     python sft.py eval                     # evaluate out/sft against out/base on held-out prompts
+    python sft.py --resume                 # continue a killed run from its last checkpoint (same flags)
 """
 import json
 import math
