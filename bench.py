@@ -33,6 +33,7 @@ import time
 import regex
 import torch
 
+import chat
 import data
 import rl
 import train_gpt
@@ -753,63 +754,102 @@ def process_rss_mb(pid):
         return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
 
 
-def stream_once(url, max_tokens, seed):
-    """One streaming chat request -> (seconds until [DONE], whether the stream ended with [DONE])."""
+def stream_once(url, max_tokens, seed, hang_up=False):
+    """One streaming chat request -> (seconds, how it ended): "done" (the stream's last event is
+    `data: [DONE]`), "error event" (an error event, then [DONE]), "503" (refused with Retry-After: the
+    queue was full), "hung up" (hang_up: this client closed the connection after the first bytes, as a
+    closed browser tab does), or "dropped" (anything else: a reset, a stream cut short, another status)."""
+    import urllib.error
     import urllib.request
     body = json.dumps({"messages": [{"role": "user", "content": "What is 2+2? Tell me a story."}], "stream": True,
                        "max_tokens": max_tokens, "seed": seed}).encode()
     request = urllib.request.Request(url + "/v1/chat/completions", data=body,
                                      headers={"Content-Type": "application/json"})
     started = time.perf_counter()
-    with urllib.request.urlopen(request, timeout=600) as response:
-        events = [e for e in response.read().decode().split("\n\n") if e.startswith("data: ")]
-    return time.perf_counter() - started, bool(events) and events[-1] == "data: [DONE]"
+    try:
+        with urllib.request.urlopen(request, timeout=600) as response:
+            if hang_up:
+                response.read(50)
+                return time.perf_counter() - started, "hung up"
+            events = [e for e in response.read().decode().split("\n\n") if e.startswith("data: ")]
+    except urllib.error.HTTPError as e:
+        refused = e.code == 503 and e.headers.get("Retry-After") is not None
+        return time.perf_counter() - started, "503" if refused else "dropped"
+    except OSError:  # reset, timed out, or the stream ended before its chunked framing did
+        return time.perf_counter() - started, "dropped"
+    if not events or events[-1] != "data: [DONE]":
+        return time.perf_counter() - started, "dropped"
+    return time.perf_counter() - started, "error event" if any('"error"' in e for e in events) else "done"
+
+
+# (name, clients, requests per client, every how many requests one hangs up (0 = none)); the server's queue holds
+# chat.MAX_QUEUED waiting generations besides the running one, so 24 clients are more than it holds.
+SERVE_SCENARIOS = (("streams", 16, 10, 0), ("every 2nd hangs up", 16, 10, 2), ("beyond the queue", 24, 5, 0))
+
+
+def serve_scenario(url, pool, clients, requests, hang_up_every, max_tokens, seed):
+    """clients threads each send `requests` streaming requests back to back -> (results, wall seconds)."""
+    def client(k):
+        return [stream_once(url, max_tokens, seed + k * 1000 + i,
+                            hang_up=bool(hang_up_every) and (k * requests + i) % hang_up_every == 0)
+                for i in range(requests)]
+    started = time.perf_counter()
+    results = [r for run in pool.map(client, range(clients)) for r in run]
+    return results, time.perf_counter() - started
 
 
 def bench_serve(args):
-    """Load on the real server (`chat.py --web` in its own process): `clients` threads each send
-    `requests` streaming chat requests back to back. Latency is request to [DONE], queueing included (one
-    generation runs at a time, so under load a request mostly waits for the ones before it)."""
+    """Load on the real server (`chat.py --web` in its own process), in SERVE_SCENARIOS and then a soak of
+    `--soak-rounds` rounds of the first. Latency is request to [DONE], queueing included (one generation runs
+    at a time, so under load a request mostly waits for the ones before it)."""
+    import collections
     import concurrent.futures
     server = subprocess.Popen([sys.executable, "chat.py", "--web", "--port", "0", "--checkpoint", args.checkpoint],
                               stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    scenarios = [*SERVE_SCENARIOS, *[(f"soak round {r + 1}", 16, 10, 0) for r in range(args.soak_rounds)]]
+    rows, figures = [], []
     try:
         line = server.stdout.readline()
         url = re.search(r"http://[^/]+", line).group(0) if "serving" in line else None
         if url is None:
             raise SystemExit(f"error: the server did not start: {line.strip()}")
         threading.Thread(target=server.stdout.read, daemon=True).start()  # drain the request log
-        with concurrent.futures.ThreadPoolExecutor(args.clients) as pool:
+        with concurrent.futures.ThreadPoolExecutor(max(c for _, c, _, _ in scenarios)) as pool:
             # warm-up, one request per client: the first calls allocate caches, thread stacks, buffers
-            list(pool.map(lambda k: stream_once(url, args.max_tokens, 10 ** 6 + k), range(args.clients)))
-            rss_before = process_rss_mb(server.pid)
-            started = time.perf_counter()
-            runs = list(pool.map(lambda k: [stream_once(url, args.max_tokens, k * 1000 + i) for i in range(args.requests)],
-                                 range(args.clients)))
-            wall = time.perf_counter() - started
-        rss_after = process_rss_mb(server.pid)
+            list(pool.map(lambda k: stream_once(url, args.max_tokens, 10 ** 6 + k), range(16)))
+            for n, (name, clients, requests, hang_up_every) in enumerate(scenarios):
+                rss_before = process_rss_mb(server.pid)
+                results, wall = serve_scenario(url, pool, clients, requests, hang_up_every, args.max_tokens, n * 10 ** 5)
+                rss_after = process_rss_mb(server.pid)
+                ends = collections.Counter(end for _, end in results)
+                answered = sorted(seconds for seconds, end in results if end in ("done", "error event"))
+                p50, p95 = (answered[len(answered) // 2], answered[min(len(answered) - 1, int(0.95 * len(answered)))]
+                            if answered else (float("nan"),) * 2)
+                rows.append([name, f"{clients} × {requests}", ends["hung up"],
+                             f"{ends['done']}/{len(results) - ends['hung up']}", ends["error event"], ends["503"],
+                             ends["dropped"], f"{p50:.2f}", f"{p95:.2f}", f"{len(results) / wall:.2f}",
+                             f"{rss_before:.0f} → {rss_after:.0f}"])
+                figures.append(dict(scenario=name, clients=clients, requests=requests, **ends, p50_s=round(p50, 3),
+                                    p95_s=round(p95, 3), rss_before_mb=round(rss_before, 1),
+                                    rss_after_mb=round(rss_after, 1)))
     finally:
         server.terminate()
         server.wait()
-    latencies = sorted(seconds for run in runs for seconds, _ in run)
-    complete = sum(done for run in runs for _, done in run)
-    p50, p95 = latencies[len(latencies) // 2], latencies[min(len(latencies) - 1, int(0.95 * len(latencies)))]
-    header = ["clients × requests", "streams ending in [DONE]", "p50 s", "p95 s", "requests/s",
-              "server RSS MB before → after"]
-    rows = [[f"{args.clients} × {args.requests}", f"{complete}/{len(latencies)}", f"{p50:.2f}", f"{p95:.2f}",
-             f"{len(latencies) / wall:.2f}", f"{rss_before:.0f} → {rss_after:.0f}"]]
+    header = ["scenario", "clients × requests", "hung up", "streams ending in [DONE]", "error events",
+              "503 + Retry-After", "dropped", "p50 s", "p95 s", "requests/s", "server RSS MB before → after"]
     print_table(header, rows)
-    print(json.dumps({"bench": "serve", "clients": args.clients, "requests": args.requests, "complete": complete,
-                      "p50_s": round(p50, 3), "p95_s": round(p95, 3), "rss_before_mb": round(rss_before, 1),
-                      "rss_after_mb": round(rss_after, 1), "load_1min": os.getloadavg()[0]}))
+    print(json.dumps({"bench": "serve", "scenarios": figures, "load_1min": os.getloadavg()[0]}))
     write_section("serve", f"""
 ## The web server under load
 
-`python bench.py serve --checkpoint {args.checkpoint} --clients {args.clients} --requests {args.requests}
---max-tokens {args.max_tokens}` — {machine()}, load average {os.getloadavg()[0]:.1f} while measuring (other jobs
-shared the cores). `chat.py --web` runs in its own process; {args.clients} client threads each send
-{args.requests} streaming requests back to back (up to {args.max_tokens} tokens each). One generation runs at a
-time, so latency is mostly queueing: about {args.clients} generations' time at p50. RSS "before" is measured
+`python bench.py serve --checkpoint {args.checkpoint} --max-tokens {args.max_tokens} --soak-rounds
+{args.soak_rounds}` — {machine()}, load average {os.getloadavg()[0]:.1f} while measuring (other jobs shared the
+cores). `chat.py --web` runs in its own process; each client thread sends its streaming requests back to back
+(up to {args.max_tokens} tokens each). One generation runs at a time, so latency is mostly queueing: about as many
+generations' time as there are clients, at p50. "Hung up": the client closed the connection after the first
+bytes (a closed browser tab) and at once sent its next request. "Dropped" counts every other end: a reset, a
+stream without `data: [DONE]`, another status. 24 clients are more than the queue holds ({chat.MAX_QUEUED} waiting + 1
+running): the rest are told 503 with Retry-After. The soak rounds repeat the first row; RSS "before" is measured
 after a warm-up round of one request per client (first calls allocate caches and thread stacks).
 
 {markdown_table(header, rows)}
@@ -861,11 +901,10 @@ def main():
     longword = sub.add_parser("longword", help="encoding one long word: heap BPE against the plain scan")
     longword.add_argument("--tokenizer", default=os.path.join("out", "tokenizer", "tokenizer.json"))
     longword.set_defaults(run=bench_longword)
-    serve = sub.add_parser("serve", help="16 concurrent streaming clients against chat.py --web")
+    serve = sub.add_parser("serve", help="concurrent streaming clients (hanging up, beyond the queue, a soak) against chat.py --web")
     serve.add_argument("--checkpoint", default=os.path.join("out", "sft"))
-    serve.add_argument("--clients", type=int, default=16)
-    serve.add_argument("--requests", type=int, default=10, help="per client")
     serve.add_argument("--max-tokens", type=int, default=32)
+    serve.add_argument("--soak-rounds", type=int, default=3, help="rounds of 16 x 10 streams after the scenarios")
     serve.set_defaults(run=bench_serve)
     args = parser.parse_args()
     for name in ("corpus", "heldout"):

@@ -39,10 +39,10 @@ Tokens that the engine pasted in (tool outputs) get no weight: the model did not
 
     python rl.py                                   # tiny preset, from out/sft, a few minutes on a CPU
     python rl.py --algo best --samples 15          # the lecture's recipe
+    python rl.py --resume                          # continue a killed run from its last checkpoint (same flags)
     python rl.py --preset gsm8k --checkpoint out/d12/sft --out-dir out/d12/rl --data-dir out/d12/downloads
                                                    # GSM8K (downloaded once) on a GPU-sized SFT model
 """
-import json
 import os
 import time
 from dataclasses import dataclass
@@ -53,9 +53,10 @@ import data
 from chat import DEFAULT_MEMORY_GB, Engine, assistant_content
 from sft import collate, gsm8k_records
 from tokenizer import render_for_completion, use_colour
-from train_gpt import (UserError, all_reduce_grads, all_reduce_mean, build_optimizers, distributed_stage, fmt_time,
-                       gather_lists, load_checkpoint, lr_multiplier, only_master_prints, opt, parse_config,
-                       require_positive, run_cli, save_checkpoint, save_curves, setup_runtime, write_metrics)
+from train_gpt import (StageLog, UserError, all_reduce_grads, all_reduce_mean, build_optimizers, distributed_stage,
+                       fmt_time, gather_lists, load_checkpoint, lr_multiplier, only_master_prints, opt, parse_config,
+                       require_positive, resume_if_asked, run_cli, save_curves, save_training_state, setup_runtime,
+                       write_metrics)
 
 # ====================================================================================================
 # 1. Practice problems and the verifier
@@ -358,6 +359,14 @@ class RLConfig:
     dtype: str = opt("auto", "autocast dtype for learning: auto (bfloat16 on CUDA), float32, bfloat16")
     memory_gb: float = opt(DEFAULT_MEMORY_GB, "most GB one sampling call's KV cache and logits may take")
     seed: int = opt(1337, "random seed: problems, attempts and evaluations are the same for the same seed")
+    save_every: int = opt(10, "steps between checkpoints, so a killed run can --resume (0 = only at the end)", low=0)
+    resume: bool = opt(False, "continue from the checkpoint in out_dir (the same flags as the run it continues)")
+
+
+# Flags a resumed run may change (train_gpt.restore refuses any other difference): where the files are, what is
+# watched, and where it runs. (--eval-rows stays: the held-out attempts are sampled in calls of that many rows.)
+RESUME_FREE_FLAGS = ("checkpoint", "out_dir", "data_dir", "eval_every", "show_every", "device", "dtype", "memory_gb",
+                     "save_every", "resume")
 
 
 PRESETS = {
@@ -409,6 +418,26 @@ def make_learner(cfg):
                    build_optimizers(policy, cfg, rt.device.type), meta.get("stage", "?"))
 
 
+class ProblemStream:
+    """The practice problems in order, per_step of them for each step; a finite set (GSM8K) is gone through
+    again from its start. Its position goes into every checkpoint, like a data loader's, so that a resumed
+    run practises on the problems the uninterrupted run would have seen."""
+
+    def __init__(self, problems, per_step):
+        self.problems, self.per_step, self.position = problems, per_step, 0
+
+    def next_batch(self):
+        batch = [self.problems[(self.position + i) % len(self.problems)] for i in range(self.per_step)]
+        self.position += self.per_step
+        return batch
+
+    def state_dict(self):
+        return {"position": self.position}
+
+    def load_state_dict(self, state):
+        self.position = state["position"]
+
+
 def rl_step(step, problems, learner, cfg):
     """Sample N attempts at each problem, score them, weight them, learn. -> the step's log row (and this
     process's attempts, for display). Under torchrun each process takes its share of the problems (every
@@ -445,11 +474,17 @@ def train(cfg):
     check_config(cfg)
     learner = make_learner(cfg)
     tok, rt = learner.tok, learner.rt
-    train_problems = practice_set(cfg, cfg.num_steps * cfg.problems_per_step, "train", rt)
+    stream = ProblemStream(practice_set(cfg, cfg.num_steps * cfg.problems_per_step, "train", rt), cfg.problems_per_step)
     heldout = practice_set(cfg, cfg.eval_problems, "heldout", rt)
-    if rt.master:
-        os.makedirs(cfg.out_dir, exist_ok=True)
-    log_file = open(os.path.join(cfg.out_dir, "log.jsonl"), "w") if rt.master else open(os.devnull, "w")
+    # --resume: the policy, its optimizer states, the problem stream and the curves so far come back from the
+    # checkpoint. The attempts' sampling needs no saved state: each step seeds its own generator from the
+    # step number (rl_step), so step k samples the same attempts whether or not the run was interrupted.
+    resumed = resume_if_asked(cfg, rt, learner.policy, learner.optimizers, stream, "rl", RESUME_FREE_FLAGS)
+    start = resumed["step"] if resumed else 0
+    history, evals = (resumed["history"], resumed["evals"]) if resumed else ([], [])
+    rl_seconds = resumed["rl_seconds"] if resumed else 0.0
+    run_log = StageLog(cfg.out_dir, rt, start if resumed else None, training_key="reward")
+    ckpt_path = os.path.join(cfg.out_dir, "model.pt")
     colour = use_colour()
     print(f"policy: {cfg.checkpoint} ({learner.stage} checkpoint, {learner.policy.num_params():,} parameters), "
           f"device {learner.rt.device}")
@@ -463,19 +498,22 @@ def train(cfg):
         print(f"step {step}/{cfg.num_steps} | held-out pass@1 {scores['pass1']:.3f} | pass@{cfg.pass_k} "
               f"{scores['passk']:.3f} | greedy length {scores['length']:.1f} | {time.time() - t:.1f}s")
         scores = dict(step=step, **scores)
-        log_file.write(json.dumps(scores) + "\n")
+        run_log.record(scores)
         return scores
 
-    evals = [evaluate(0)]
-    history, rl_seconds = [], 0.0
-    for step in range(cfg.num_steps):
-        first = step * cfg.problems_per_step  # a finite set (GSM8K) is gone through again from its start
-        problems = [train_problems[(first + i) % len(train_problems)] for i in range(cfg.problems_per_step)]
+    def save(step, metrics=None):  # what a resumed run needs to go on from `step`: its evaluation is repeated
+        extra = dict(history=history, evals=[e for e in evals if e["step"] < step], rl_seconds=rl_seconds)
+        save_training_state(ckpt_path, learner.policy, tok, step, cfg, learner.optimizers, stream, rt, metrics, "rl",
+                            extra)
+
+    for step in range(start, cfg.num_steps):
+        if step == 0 or (cfg.eval_every and step % cfg.eval_every == 0):
+            evals.append(evaluate(step))
+        problems = stream.next_batch()
         row, completions, rewards, weights = rl_step(step, problems, learner, cfg)
         rl_seconds += row["sample_s"] + row["learn_s"]
         history.append(row)
-        log_file.write(json.dumps(row) + "\n")
-        log_file.flush()
+        run_log.record(row)
         correct = " ".join(str(int(g.sum())) for g in rewards.view(-1, cfg.samples))
         print(f"step {row['step']}/{cfg.num_steps} | reward {row['reward']:.3f} | no-signal groups "
               f"{row['no_signal']:.2f} | length {row['length']:.1f} | KL {row['kl']:.4f} | kept {row['kept']} | "
@@ -484,10 +522,10 @@ def train(cfg):
         if cfg.show_every and row["step"] % cfg.show_every == 0 and rt.master:
             show_attempts(tok, problems[0], completions[:cfg.samples], rewards[:cfg.samples],
                           weights[:cfg.samples], cfg.algo, colour)
-        if cfg.eval_every and row["step"] % cfg.eval_every == 0 and row["step"] < cfg.num_steps:
-            evals.append(evaluate(row["step"]))
+        if cfg.save_every and row["step"] % cfg.save_every == 0 and row["step"] < cfg.num_steps:
+            save(row["step"])
     evals.append(evaluate(cfg.num_steps))
-    log_file.close()
+    run_log.close()
 
     before, after = evals[0], evals[-1]
     metrics = dict(pass1_before=before["pass1"], pass1_after=after["pass1"], passk_before=before["passk"],
@@ -495,9 +533,9 @@ def train(cfg):
                    length_before=before["length"], length_after=after["length"], algo=cfg.algo,
                    steps=cfg.num_steps, heldout_problems=len(heldout), wall_seconds=time.time() - started,
                    processes=rt.world)
+    save(cfg.num_steps, metrics)
     if not rt.master:
         return metrics
-    save_checkpoint(os.path.join(cfg.out_dir, "model.pt"), learner.policy, tok, cfg.num_steps, cfg, metrics, stage="rl")
     print(write_curves(cfg.out_dir, history, evals))
     write_metrics(cfg.out_dir, metrics)  # after the curves, so the report card shows them
     print(f"the same held-out problem before and after RL (greedy):\n  Q: {heldout[0]['question']}  "

@@ -49,13 +49,14 @@ import data
 from chat import DEFAULT_MEMORY_GB, assistant_content
 import sft
 from rl import PRESETS as RL_PRESETS
-from rl import RLConfig, group_advantages, learn, make_learner, one_line, pack, prompt_ids, sample_in_chunks
+from rl import (ProblemStream, RLConfig, group_advantages, learn, make_learner, one_line, pack, prompt_ids,
+                sample_in_chunks)
 from sft import SFTConfig
 from train_gpt import PRESETS as TRAIN_PRESETS
 from train_gpt import (GIB, GPT, LOSS_CHUNK_TOKENS, SAVED_BYTES_PER_TOKEN_LAYER, GPTConfig, TrainConfig, UserError,
-                       all_reduce_grads, checkpoint_file, distributed_stage, dry_run, fmt_time, gather_lists,
-                       load_checkpoint, only_master_prints, opt, parse_config, require_positive, run_cli,
-                       sampling_bytes, save_checkpoint, save_curves, write_metrics)
+                       StageLog, all_reduce_grads, checkpoint_file, distributed_stage, dry_run, fmt_time, gather_lists,
+                       load_checkpoint, only_master_prints, opt, parse_config, require_positive, resume_if_asked,
+                       run_cli, sampling_bytes, save_checkpoint, save_curves, save_training_state, write_metrics)
 
 # ====================================================================================================
 # 1. The simulated human
@@ -393,31 +394,47 @@ def write_curves(out_dir, name, evals, title):
     return save_curves(out_dir, name, title, series) + "\n\n" + table
 
 
-def run_rl(cfg, learner, rm, heldout, log):
+def run_rl(cfg, learner, rm, heldout, prompts, run_log, resumed=None):
     """The RL loop -> (evaluations, why it stopped, tokens sampled). Evaluates every eval_every steps and at
-    the end."""
-    train_prompts = data.verse_prompts(cfg.num_steps * cfg.prompts_per_step, cfg.seed, "train")
-    evals = [dict(step=0, **evaluate(learner, rm, heldout, cfg))]
-    print_eval(0, evals[0])
-    reason, t0, tokens = None, time.time(), 0
-    for step in range(cfg.num_steps):
-        row = rlhf_step(step, train_prompts[step * cfg.prompts_per_step:(step + 1) * cfg.prompts_per_step],
-                        learner, rm, cfg)
-        log.write(json.dumps(row) + "\n")
+    the end; the main run (not --hack) saves a checkpoint every save_every steps, and goes on from one when
+    `resumed` (its meta) is given."""
+    evals, tokens = (resumed["evals"], resumed["tokens"]) if resumed else ([], 0)
+    start, t0 = resumed["step"] if resumed else 0, time.time()
+    reason = resumed.get("stop_reason") if resumed else None  # a finished run that stopped early stays stopped
+
+    last = start  # the last step done
+    for step in range(start, start if reason else cfg.num_steps):
+        if step == 0 or (cfg.eval_every and step % cfg.eval_every == 0):
+            evals.append(dict(step=step, **evaluate(learner, rm, heldout, cfg)))
+            print_eval(step, evals[-1])
+            if step:
+                run_log.record(dict(eval=True, **evals[-1]))
+        row = rlhf_step(step, prompts.next_batch(), learner, rm, cfg)
+        run_log.record(row)
         tokens += row["tokens"]
         print(f"step {row['step']}/{cfg.num_steps} | proxy reward {row['proxy']:.3f} | KL {row['kl']:.4f} | "
               f"degenerate {row['degenerate']:.0%} | length {row['length']:.1f} | {row['seconds']:.1f}s | "
               f"elapsed {fmt_time(time.time() - t0)}")
-        reason = stop_reason(row, cfg)
-        last = reason or row["step"] == cfg.num_steps
-        if last or (cfg.eval_every and row["step"] % cfg.eval_every == 0):
-            evals.append(dict(step=row["step"], **evaluate(learner, rm, heldout, cfg)))
-            print_eval(row["step"], evals[-1])
-            log.write(json.dumps(dict(eval=True, **evals[-1])) + "\n")
+        last, reason = row["step"], stop_reason(row, cfg)
         if reason:
-            print(f"early stop at step {row['step']}: {reason}")
             break
-    return evals, reason or f"the planned {cfg.num_steps} steps", tokens
+        if cfg.save_every and not cfg.hack and last % cfg.save_every == 0 and last < cfg.num_steps:
+            save_policy(cfg, learner, prompts, last, evals, tokens)
+    evals.append(dict(step=last, **evaluate(learner, rm, heldout, cfg)))
+    print_eval(last, evals[-1])
+    run_log.record(dict(eval=True, **evals[-1]))
+    if reason:
+        print(f"early stop at step {last}: {reason}")
+    return evals, reason, tokens
+
+
+def save_policy(cfg, learner, prompts, step, evals, tokens, metrics=None, stop_reason=None):
+    """The RLHF checkpoint (every process calls it): the policy and what a resumed run needs to go on from
+    `step` -- optimizer states, the prompt stream, the evaluations before step's own (which it repeats), the
+    tokens sampled so far, and for a run that stopped early, why (it stays stopped)."""
+    extra = dict(evals=[e for e in evals if e["step"] < step], tokens=tokens, stop_reason=stop_reason)
+    save_training_state(os.path.join(cfg.out_dir, "model.pt"), learner.policy, learner.tok, step, cfg,
+                        learner.optimizers, prompts, learner.rt, metrics, "rlhf", extra)
 
 
 def turning_point(evals):
@@ -499,6 +516,15 @@ class RLHFConfig:
     dtype: str = opt("auto", "autocast dtype for learning: auto (bfloat16 on CUDA), float32, bfloat16")
     memory_gb: float = opt(DEFAULT_MEMORY_GB, "most GB one sampling call's KV cache and logits may take")
     seed: int = opt(1337, "random seed: rankings, attempts and evaluations are the same for the same seed")
+    save_every: int = opt(10, "RL steps between checkpoints, so a killed run can --resume (0 = only at the end)",
+                          low=0)
+    resume: bool = opt(False, "continue from the checkpoint in out_dir, with its reward model (the same flags "
+                              "as the run it continues; not for --hack)")
+
+
+# Flags a resumed run may change (train_gpt.restore refuses any other difference): where the files are, what is
+# watched, and where it runs. (--eval-every, --eval-samples and --max-rows stay: the curves are made of them.)
+RESUME_FREE_FLAGS = ("checkpoint", "out_dir", "device", "dtype", "memory_gb", "save_every", "resume")
 
 
 PRESETS = {"tiny": {}}
@@ -583,15 +609,19 @@ def hacking_config(cfg):
 
 
 def reward_model_for(cfg, learner, rm_path):
-    """Train the reward model, or (for --hack) load the one the main run trained from the same SFT model."""
+    """Train the reward model, or load the one the main run trained from the same SFT model: for --hack,
+    and for --resume (the resumed run must go on against the very reward model it started with)."""
     tok, rt = learner.tok, learner.rt
-    if cfg.hack and os.path.exists(rm_path):
+    if (cfg.hack or cfg.resume) and os.path.exists(rm_path):
         backbone, _, meta = load_checkpoint(rm_path, device=rt.device, tokenizer=tok)
         if meta["config"]["checkpoint"] == cfg.checkpoint:
             rm = RewardModel(backbone)
             rm.head.load_state_dict(meta["reward_head"])
             print(f"reward model: {rm_path} (held-out pairwise accuracy {meta['metrics']['rm_pair_accuracy']:.3f})")
             return rm, meta["metrics"]["rm_pair_accuracy"]
+    if cfg.resume:
+        raise UserError(f"cannot --resume: {rm_path} is missing or was trained from another --checkpoint than "
+                        f"{cfg.checkpoint} (start without --resume)")
     rng = random.Random(cfg.seed)
     t0 = time.time()
     train_groups = collect_rankings(learner.engine, tok, data.verse_prompts(cfg.rank_prompts, cfg.seed, "train"),
@@ -611,15 +641,21 @@ def train(cfg):
     """The whole stage -> its metrics (written to cfg.out_dir/metrics.json, merged with what is there)."""
     check_config(cfg)
     started = time.time()
+    if cfg.hack and cfg.resume:
+        raise UserError("--hack does not --resume (a short demonstration, and it keeps no checkpoint): run it again "
+                        "without --resume")
     if cfg.hack:
         cfg = hacking_config(cfg)
     learner = make_learner(cfg)
     rt = learner.rt
-    if rt.master:
-        os.makedirs(cfg.out_dir, exist_ok=True)
     print(f"policy and reward-model body: {checkpoint_file(cfg.checkpoint)} ({learner.stage} checkpoint, "
           f"{learner.policy.num_params():,} parameters)")
     print_cost(cfg, cfg.num_steps * cfg.prompts_per_step * cfg.samples)
+    prompts = ProblemStream(data.verse_prompts(cfg.num_steps * cfg.prompts_per_step, cfg.seed, "train"),
+                            cfg.prompts_per_step)
+    # --resume: first the policy (a checkpoint that cannot be resumed is refused before anything is computed),
+    # then the reward model it was trained against, from its file (reward_model_for)
+    resumed = resume_if_asked(cfg, rt, learner.policy, learner.optimizers, prompts, "rlhf", RESUME_FREE_FLAGS)
     rm, accuracy = reward_model_for(cfg, learner, os.path.join(cfg.out_dir, "reward_model.pt"))
     rm.requires_grad_(False)
     heldout = data.verse_prompts(cfg.heldout_prompts, cfg.seed + 1, "heldout")
@@ -627,30 +663,34 @@ def train(cfg):
           f"degenerate-reply stop {cfg.max_degenerate or 'off'}; {cfg.num_steps} steps x {cfg.prompts_per_step} "
           f"prompts x {cfg.samples} attempts")
     name = "hack" if cfg.hack else "rl"
-    with open(os.path.join(cfg.out_dir, f"{name}_log.jsonl") if rt.master else os.devnull, "w") as log:
-        t0 = time.time()
-        evals, reason, tokens = run_rl(cfg, learner, rm, heldout, log)
-        rl_seconds = time.time() - t0
+    run_log = StageLog(cfg.out_dir, rt, resumed["step"] if resumed else None, training_key="tokens",
+                       name=f"{name}_log.jsonl")
+    t0 = time.time()
+    evals, early_stop, tokens = run_rl(cfg, learner, rm, heldout, prompts, run_log, resumed)
+    rl_seconds = time.time() - t0
+    run_log.close()
+    reason = early_stop or f"the planned {cfg.num_steps} steps"
+    first, final = evals[0], evals[-1]
+    metrics = dict(rm_pair_accuracy=accuracy, true_reward_sft=first["true"], proxy_reward_sft=first["proxy"],
+                   true_reward_final=final["true"], proxy_reward_final=final["proxy"], stop_step=final["step"],
+                   stop_reason=reason, train_seconds=time.time() - started, rl_seconds=rl_seconds,
+                   orderings=cfg.rank_prompts, rollout_tokens=tokens)
+    if not cfg.hack:
+        save_policy(cfg, learner, prompts, final["step"], evals, tokens, metrics, early_stop)
     if not rt.master:  # one process writes
         return {}
     curves = write_curves(cfg.out_dir, f"{name}_curves", evals,
                           "reward hacking (no KL, no early stop)" if cfg.hack else "RLHF with KL and early stopping")
     print(curves)
     metrics_path = os.path.join(cfg.out_dir, "metrics.json")
-    metrics = {}
+    saved = {}
     if os.path.exists(metrics_path):
         with open(metrics_path) as f:
-            metrics = json.load(f)
+            saved = json.load(f)
     if cfg.hack:
-        metrics.update(report_hacking(evals), hack_seconds=time.time() - started)
+        metrics = {**saved, **report_hacking(evals), "hack_seconds": time.time() - started}
     else:
-        first, final = evals[0], evals[-1]
-        metrics.update(rm_pair_accuracy=accuracy, true_reward_sft=first["true"], proxy_reward_sft=first["proxy"],
-                       true_reward_final=final["true"], proxy_reward_final=final["proxy"], stop_step=final["step"],
-                       stop_reason=reason, train_seconds=time.time() - started, rl_seconds=rl_seconds,
-                       orderings=cfg.rank_prompts, rollout_tokens=tokens)
-        save_checkpoint(os.path.join(cfg.out_dir, "model.pt"), learner.policy, learner.tok, final["step"], cfg,
-                        metrics, stage="rlhf")
+        metrics = {**saved, **metrics}
         print(f"stopped after {final['step']} steps ({reason}): true reward {first['true']:.3f} -> "
               f"{final['true']:.3f}, proxy {first['proxy']:.3f} -> {final['proxy']:.3f} | reward model held-out "
               f"pairwise accuracy {accuracy:.3f} | {fmt_time(time.time() - started)} -> {cfg.out_dir}")

@@ -32,6 +32,7 @@ thousands of GPUs; here a couple of minutes on a laptop CPU.
     python sft.py --preset d12 --base out/d12/base --out-dir out/d12/sft --data-dir out/d12/downloads
                                            # GPU: SmolTalk + GSM8K (downloaded) + the generators
     python sft.py eval                     # evaluate out/sft against out/base on held-out prompts
+    python sft.py --resume                 # continue a killed run from its last checkpoint (same flags)
 """
 import json
 import math
@@ -52,9 +53,9 @@ from chat import (DEFAULT_MEMORY_GB, MAX_TOOL_OUTPUT_TOKENS, SYSTEM_MESSAGE, Eng
 from tokenizer import (SPECIAL_TOKENS, Tokenizer, available_cpus, check_messages, render_conversation,
                        render_for_completion, render_tokens, use_colour)
 from train_gpt import PRESETS as PRETRAINING_PRESETS
-from train_gpt import (UserError, all_reduce_mean, build_optimizers, checkpoint_file, distributed_stage, fmt_time,
-                       load_checkpoint, lr_multiplier, opt, parse_config, run_cli, save_checkpoint, setup_runtime,
-                       write_metrics)
+from train_gpt import (StageLog, UserError, all_reduce_mean, build_optimizers, check_resume, checkpoint_file,
+                       distributed_stage, fmt_time, load_checkpoint, lr_multiplier, on_every_process, opt, parse_config,
+                       resume_if_asked, run_cli, save_training_state, setup_runtime, write_metrics)
 
 
 @dataclass
@@ -102,6 +103,14 @@ class SFTConfig:
     memory_gb: float = opt(DEFAULT_MEMORY_GB, "most GB one sampling call's KV cache and logits may take")
     seed: int = opt(1337, "random seed for the training data and the run")
     eval_seed: int = opt(4242, "seed of the held-out evaluation prompts (different from --seed)")
+    save_every: int = opt(100, "steps between checkpoints, so a killed run can --resume (0 = only at the end)", low=0)
+    resume: bool = opt(False, "continue from the checkpoint in out_dir (the same flags as the run it continues)")
+
+
+# Flags a resumed run may change (train_gpt.restore refuses any other difference): where the files are,
+# what is watched and evaluated after training, and where it runs.
+RESUME_FREE_FLAGS = ("base", "tokenizer", "out_dir", "data", "data_dir", "eval_prompts", "eval_tokens", "eval_every",
+                     "sample_every", "show_data", "device", "dtype", "memory_gb", "eval_seed", "save_every", "resume")
 
 
 # The GPU presets finetune on real conversations (SmolTalk, GSM8K) with the generators as a minority, at a
@@ -465,6 +474,25 @@ def _render_in_worker(messages):
     return render_conversation(_worker_tok, messages)
 
 
+class ConversationSampler:
+    """The training batches: batch_size conversations drawn at random (without repeats within a batch) from
+    the rendered mixture, by a seeded generator whose state goes into every checkpoint, so that a resumed run
+    draws exactly the batches the uninterrupted run would have drawn. Every process draws the same batch and
+    trains on its share of it (train_step)."""
+
+    def __init__(self, rows, batch_size, seed):
+        self.rows, self.batch_size, self.rng = rows, min(batch_size, len(rows)), random.Random(seed)
+
+    def next_batch(self):
+        return self.rng.sample(self.rows, self.batch_size)
+
+    def state_dict(self):
+        return {"rng": self.rng.getstate()}
+
+    def load_state_dict(self, state):
+        self.rng.setstate(state["rng"])
+
+
 def collate(batch, pad_id):
     """[(ids, mask)] -> x, y of shape (B, longest - 1). y is the next token where the mask says the model
     should produce it, and -1 (no loss) everywhere else: prompts, tool outputs and padding."""
@@ -716,6 +744,9 @@ def finetune(cfg):
     log = print if rt.master else (lambda *a, **k: None)
     extra = [row for path in cfg.data for row in data.read_conversations(path)]  # bad input fails first
     model, tok, base_meta = load_model(cfg.base, rt, given_tokenizer(cfg.tokenizer))
+    ckpt_path = os.path.join(cfg.out_dir, "model.pt")
+    if cfg.resume:  # a checkpoint that cannot be resumed is refused now, not after the mixture is built (minutes)
+        on_every_process(lambda: check_resume(ckpt_path, model, cfg, rt, "sft", RESUME_FREE_FLAGS), rt)
     seq_len, pad_id = model.config.seq_len, tok.special_id("<|endoftext|>")
     engine, search = Engine(model, tok, memory_gb=cfg.memory_gb), Search()
     known = broadcast_from_master(rt, lambda: interrogate_base(cfg, engine, tok, log))
@@ -733,37 +764,39 @@ def finetune(cfg):
         f"{cfg.num_steps * cfg.batch_size / max(len(train_rows), 1):.1f} passes over the mixture; base "
         f"checkpoint {checkpoint_file(cfg.base)} (step {base_meta['step']}); device {rt.device}")
     optimizers = build_optimizers(model, cfg, rt.device.type)
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    log_file = open(os.path.join(cfg.out_dir, "log.jsonl"), "w") if rt.master else None
+    sampler = ConversationSampler(train_rows, cfg.batch_size, cfg.seed)
+    # --resume: the mixture above was rebuilt from the *base* model (the interrogation asks it), exactly as
+    # the killed run built it; now the weights, optimizer states and sampler move on to the checkpoint's step.
+    resumed = resume_if_asked(cfg, rt, model, optimizers, sampler, "sft", RESUME_FREE_FLAGS)
+    start = resumed["step"] if resumed else 0
+    run_log = StageLog(cfg.out_dir, rt, start if resumed else None, started)
 
-    def record(row):
-        if log_file:
-            log_file.write(json.dumps({**row, "elapsed": time.time() - started}) + "\n")
-            log_file.flush()
+    def save(step, metrics=None):
+        save_training_state(ckpt_path, model, tok, step, cfg, optimizers, sampler, rt, metrics, "sft")
 
-    order = random.Random(cfg.seed)
     loop_started = time.time()
-    for step in range(cfg.num_steps):
+    for step in range(start, cfg.num_steps):
         if cfg.eval_every and step % cfg.eval_every == 0 and step > 0:
             loss = heldout_loss(model, heldout_rows, cfg.batch_size, rt, pad_id)
             log(f"step {step}/{cfg.num_steps} | held-out loss {loss:.4f}")
-            record(dict(step=step, heldout_loss=loss))
+            run_log.record(dict(step=step, heldout_loss=loss))
         if cfg.sample_every and step % cfg.sample_every == 0 and step > 0 and rt.master:
             print_samples(engine, tok, cfg)
         t0 = time.time()
         mult = lr_multiplier(step, cfg.num_steps, cfg.warmup_steps, cfg.warmdown_frac, cfg.final_lr_frac)
-        batch = order.sample(train_rows, min(cfg.batch_size, len(train_rows)))
-        loss, grad_norm, tokens = train_step(model, optimizers, batch, mult, cfg, rt, pad_id)
+        loss, grad_norm, tokens = train_step(model, optimizers, sampler.next_batch(), mult, cfg, rt, pad_id)
         if not math.isfinite(loss):
             raise UserError(f"loss {loss} at step {step}: training diverged (try lower learning rates)")
         dt = time.time() - t0
-        eta = (time.time() - loop_started) / (step + 1) * (cfg.num_steps - step - 1)
+        eta = (time.time() - loop_started) / (step + 1 - start) * (cfg.num_steps - step - 1)
         log(f"step {step + 1}/{cfg.num_steps} | loss {loss:.4f} | lr {mult:.3f}x | grad norm {grad_norm:.3f} | "
             f"{tokens / dt:,.0f} trained tok/s | mfu - | elapsed {fmt_time(time.time() - started)} | eta {fmt_time(eta)}")
-        record(dict(step=step + 1, loss=loss, lr_mult=mult, grad_norm=grad_norm, dt=dt))
+        run_log.record(dict(step=step + 1, loss=loss, lr_mult=mult, grad_norm=grad_norm, dt=dt))
+        if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.num_steps:
+            save(step + 1)
     train_seconds = time.time() - loop_started
     final_loss = heldout_loss(model, heldout_rows, cfg.batch_size, rt, pad_id)
-    record(dict(step=cfg.num_steps, heldout_loss=final_loss, final=True))
+    run_log.record(dict(step=cfg.num_steps, heldout_loss=final_loss, final=True))
     metrics = {}
     if rt.master:
         log(f"held-out loss {final_loss:.4f}; finetuning took {fmt_time(train_seconds)} "
@@ -771,11 +804,11 @@ def finetune(cfg):
         base_model, _, _ = load_model(cfg.base, rt, tok)
         metrics = run_eval(cfg, Engine(base_model, tok, memory_gb=cfg.memory_gb), engine, tok, known)
         metrics.update(heldout_loss=final_loss, train_seconds=train_seconds, conversations=len(train_rows))
-        save_checkpoint(os.path.join(cfg.out_dir, "model.pt"), model, tok, cfg.num_steps, cfg, metrics,
-                        stage="sft")
+    save(cfg.num_steps, metrics)
+    run_log.close()
+    if rt.master:
         write_sft_results(cfg.out_dir, metrics, known)
-        log_file.close()
-        log(f"-> {os.path.join(cfg.out_dir, 'model.pt')}, metrics.json ({fmt_time(time.time() - started)} wall)")
+        log(f"-> {ckpt_path}, metrics.json ({fmt_time(time.time() - started)} wall)")
     return metrics
 
 

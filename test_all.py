@@ -4148,3 +4148,292 @@ def test_copy_source_is_the_last_user_message(dots_tok):
     prompt = dots_tok.decode_bytes(render_for_completion(dots_tok, messages))
     assert chat.copy_source(prompt) == b"How many r's in strawberry"
     assert chat.copy_source(b"plain text for --base") == b"plain text for --base"
+# ---- issue 20: SFT and RL save checkpoints and --resume like pretraining; every stream ends (resume)
+
+TIMING_KEYS = {"elapsed", "dt", "sample_s", "learn_s", "rollout_tok_s", "seconds", "train_seconds", "wall_seconds",
+               "rl_seconds"}
+# A child process running a stage's CLI with the search index of one small folder (the default index makes
+# building SFT's search conversations take ~40 s on a loaded core; the resume logic does not care what it indexes).
+STAGE_WITH_SMALL_SEARCH = ("import sys, chat, sft, train_gpt; folder = sys.argv[1]; "
+                           "sft.Search = lambda: chat.Search(folder); train_gpt.run_cli(sft.main, sys.argv[2:])")
+
+
+def log_rows(out_dir, name="log.jsonl"):
+    """A stage log's rows without the timings (which differ between any two runs); a row cut short by a kill
+    is left out."""
+    rows = []
+    with open(os.path.join(out_dir, name)) as f:
+        for line in f:
+            with contextlib.suppress(json.JSONDecodeError):
+                rows.append({k: v for k, v in json.loads(line).items() if k not in TIMING_KEYS})
+    return rows
+
+
+def kill_when_logged(command, out_dir, step, training_key, name="log.jsonl"):
+    """Start `command` and kill -9 it once its log shows training step `step`; -> the last step it logged."""
+    proc = subprocess.Popen(command, cwd=HERE, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    log, deadline = os.path.join(out_dir, name), time.monotonic() + 280
+    try:
+        while proc.poll() is None and time.monotonic() < deadline:
+            if os.path.exists(log) and any(r.get("step", 0) >= step and training_key in r
+                                           for r in log_rows(out_dir, name)):
+                proc.kill()  # SIGKILL: no handler runs, no file is closed
+                break
+            time.sleep(0.005)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        stderr = proc.communicate()[1]
+    assert proc.returncode == -9, f"the run ended by itself ({proc.returncode}) before the kill:\n{stderr[-2000:]}"
+    return max(r["step"] for r in log_rows(out_dir, name) if training_key in r)
+
+
+def assert_same_weights(a, b):
+    wa, wb = train_gpt.load_checkpoint(str(a))[0].state_dict(), train_gpt.load_checkpoint(str(b))[0].state_dict()
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def without_timings(metrics):
+    return {k: v for k, v in metrics.items() if k not in TIMING_KEYS}
+
+
+@pytest.fixture(scope="module")
+def sft_resume_inputs(tmp_path_factory):
+    """A tiny base checkpoint (byte tokens: prompts need room) and a two-file search folder."""
+    root = tmp_path_factory.mktemp("sft_resume")
+    tok, base, search = byte_tok(), root / "base.pt", root / "search"
+    train_gpt.save_checkpoint(str(base), small_model(tok, seq_len=512), tok, 0, {})
+    search.mkdir()
+    (search / "a.txt").write_text("First line of the first poem here\nSecond line of it follows now\n")
+    (search / "b.txt").write_text("Another document with other words in it\nand a closing line for it\n")
+    return str(base), str(search)
+
+
+def sft_flags(base, out_dir, *more):
+    return ["--base", base, "--out-dir", str(out_dir), "--num-steps", "30", "--save-every", "10", "--batch-size", "16",
+            "--conversations", "60", "--eval-every", "7", "--sample-every", "0", "--eval-prompts", "1",
+            "--eval-tokens", "4", "--interrogate-samples", "1", "--device", "cpu", *more]
+
+
+def run_sft_in_process(flags, search, monkeypatch):
+    monkeypatch.setattr(sft, "Search", lambda: chat.Search(search))
+    return sft.finetune(train_gpt.parse_config(sft.SFTConfig, flags, sft.PRESETS))
+
+
+@pytest.mark.slow  # three small SFT runs: ~45 s on a loaded core, most of it building the mixture three times
+def test_sft_killed_mid_run_and_resumed_ends_bit_identical_to_an_uninterrupted_run(sft_resume_inputs, tmp_path,
+                                                                                   monkeypatch):
+    base, search = sft_resume_inputs
+    straight = run_sft_in_process(sft_flags(base, tmp_path / "straight"), search, monkeypatch)
+    killed = tmp_path / "killed"
+    killed_at = kill_when_logged([sys.executable, "-c", STAGE_WITH_SMALL_SEARCH, search, *sft_flags(base, killed)],
+                                 killed, 13, "loss")
+    checkpoint_step = train_gpt.load_checkpoint(str(killed))[2]["step"]
+    assert checkpoint_step in (10, 20) and killed_at >= 13 and not (killed / "metrics.json").exists()
+    (killed / ".tmp-abc123.pt").write_bytes(b"half a checkpoint")  # as a kill during a checkpoint write leaves it
+    resumed = run_sft_in_process(sft_flags(base, killed, "--resume"), search, monkeypatch)
+    assert without_timings(resumed) == without_timings(straight)
+    assert log_rows(killed) == log_rows(tmp_path / "straight")  # every loss equal, every step once
+    assert [r["step"] for r in log_rows(killed) if "loss" in r] == list(range(1, 31))
+    assert_same_weights(killed, tmp_path / "straight")
+    assert not glob.glob(str(killed / ".tmp-*"))
+
+
+def rl_resume_flags(checkpoint, out_dir, *more):
+    return ["--checkpoint", checkpoint, "--out-dir", str(out_dir), "--num-steps", "16", "--save-every", "5",
+            "--samples", "2", "--problems-per-step", "2", "--micro-batch", "4", "--max-tokens", "6",
+            "--eval-problems", "2", "--pass-k", "2", "--eval-every", "4", "--show-every", "0", "--device", "cpu", *more]
+
+
+def test_rl_killed_mid_run_and_resumed_ends_bit_identical_to_an_uninterrupted_run(rl_checkpoint, tmp_path):
+    """The problem stream's position and the policy's optimizer states come back from the checkpoint, the
+    attempts' sampling generator is seeded by the step: the resumed run samples the very same attempts."""
+    straight = rl.train(train_gpt.parse_config(rl.RLConfig, rl_resume_flags(rl_checkpoint, tmp_path / "straight")))
+    killed = tmp_path / "killed"
+    killed_at = kill_when_logged([sys.executable, "rl.py", *rl_resume_flags(rl_checkpoint, killed)], killed, 7, "reward")
+    meta = train_gpt.load_checkpoint(str(killed))[2]
+    assert meta["step"] in (5, 10, 15) and killed_at >= 7 and not (killed / "metrics.json").exists()
+    (killed / ".tmp-abc123.pt").write_bytes(b"half a checkpoint")
+    resumed = rl.train(train_gpt.parse_config(rl.RLConfig, rl_resume_flags(rl_checkpoint, killed, "--resume")))
+    assert without_timings(resumed) == without_timings(straight)
+    rows = log_rows(killed)
+    assert rows == log_rows(tmp_path / "straight")
+    assert [r["step"] for r in rows if "reward" in r] == list(range(1, 17))
+    assert [r["step"] for r in rows if "pass1" in r] == [0, 4, 8, 12, 16]
+    assert_same_weights(killed, tmp_path / "straight")
+    assert (killed / "curves.txt").read_text() == (tmp_path / "straight" / "curves.txt").read_text()
+    assert not glob.glob(str(killed / ".tmp-*"))
+
+
+def run_stage_main(module, argv, capsys):
+    """A stage's CLI in-process -> (exit code, stdout, stderr)."""
+    capsys.readouterr()
+    try:
+        train_gpt.run_cli(module.main, argv)
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def resumable_checkpoint(path, model, tok, step, cfg, stage, processes=1):
+    """What the refusals look at (stage, model shape, flags, processes); no optimizer state."""
+    train_gpt.save_checkpoint(str(path), model, tok, step, cfg, optimizers=(), loader_states=[{}] * processes,
+                              stage=stage)
+
+
+@pytest.mark.parametrize("case, problem", [
+    ("none", "cannot --resume: no checkpoint at"),
+    ("other flags", "it was trained with --batch-size 16, this run asks for --batch-size 8 (resume with the flags"),
+    ("other shape", "it holds a model with n_embd 64, but this run asks for n_embd 32"),
+    ("other stage", "it is a 'rl' checkpoint, this run trains 'sft'"),
+])
+def test_sft_resume_refuses_a_missing_or_foreign_checkpoint_in_one_line_before_building_the_mixture(
+        case, problem, sft_resume_inputs, tmp_path, capsys):
+    base, _ = sft_resume_inputs
+    tok, out = byte_tok(), tmp_path / "sft"
+    out.mkdir()
+    cfg = train_gpt.parse_config(sft.SFTConfig, sft_flags(base, out))
+    model = small_model(tok, seq_len=512)
+    if case == "other shape":
+        model = train_gpt.GPT(dataclasses.replace(model.config, n_embd=64))
+    if case != "none":
+        resumable_checkpoint(out / "model.pt", model, tok, 10, cfg, "rl" if case == "other stage" else "sft")
+    flags = sft_flags(base, out, "--resume", *(["--batch-size", "8"] if case == "other flags" else []))
+    code, out, err = run_stage_main(sft, flags, capsys)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and problem in lines[0], err
+    assert "interrogation" not in out  # refused before the interrogation and the mixture (minutes at scale)
+
+
+@pytest.mark.parametrize("case, problem", [
+    ("none", "cannot --resume: no checkpoint at"),
+    ("other flags", "it was trained with --samples 2, this run asks for --samples 4"),
+    ("other processes", "it was saved by 2 process(es), this run has 1"),
+])
+def test_rl_resume_refuses_a_missing_or_foreign_checkpoint_in_one_line(case, problem, rl_checkpoint, tmp_path, capsys):
+    out = tmp_path / "rl"
+    out.mkdir()
+    model, tok, _ = train_gpt.load_checkpoint(rl_checkpoint)
+    cfg = train_gpt.parse_config(rl.RLConfig, rl_resume_flags(rl_checkpoint, out))
+    if case != "none":
+        resumable_checkpoint(out / "model.pt", model, tok, 5, cfg, "rl", 2 if case == "other processes" else 1)
+    code, _, err = run_stage_main(rl, rl_resume_flags(rl_checkpoint, out, "--resume",
+                                                   *(["--samples", "4"] if case == "other flags" else [])), capsys)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and problem in lines[0], err
+
+
+@pytest.fixture
+def paced_server():
+    """The web server (default bounds) over a scripted model slowed to 5 ms a token: (URL, its ChatService)."""
+    tok = byte_tok()
+
+    class PacedModel(ScriptedModel):
+        def forward(self, idx, targets=None, kv_cache=None):
+            time.sleep(0.005)
+            return super().forward(idx, targets, kv_cache)
+
+    engine = Engine(PacedModel(tok, "Hi! 2+2 = 4<|im_end|>", seq_len=256), tok)
+    server = chat.make_server(engine, chat.ChatConfig(host="127.0.0.1", port=0))
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_port}", server.RequestHandlerClass.service
+    server.shutdown()
+    server.server_close()
+
+
+def stream_end(base, hang_up=False):
+    """One streaming request -> how it ended: "done" (content, then [DONE]), "error" (an error event, then
+    [DONE]), "503" (refused with Retry-After), "hung up" (we closed it after the first chunk), or
+    "dropped: ..." (anything else: a stream cut short, a reset)."""
+    request = urllib.request.Request(base + "/v1/chat/completions", data=(HI % ', "stream": true').encode(),
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            if hang_up:
+                response.readline()
+                return "hung up"
+            events = [e[6:] for e in response.read().decode().split("\n\n") if e.startswith("data: ")]
+    except urllib.error.HTTPError as e:
+        return "503" if e.code == 503 and e.headers["Retry-After"] else f"dropped: status {e.code}"
+    except OSError as e:
+        return f"dropped: {type(e).__name__}"
+    if not events or events[-1] != "[DONE]":
+        return f"dropped: ends with {events[-1:]}"
+    if any("error" in json.loads(e) for e in events[:-1]):
+        return "error"
+    text = "".join(json.loads(e)["choices"][0]["delta"].get("content", "") for e in events[:-1])
+    return "done" if text == "Hi! 2+2 = 4" else f"dropped: text {text!r}"
+
+
+def test_sixteen_streaming_clients_hanging_up_and_reconnecting_never_get_a_stream_without_its_end(paced_server):
+    """16 clients x 4 streaming requests, every second one closed by its client after the first chunk
+    and the next sent at once: every other stream ends with [DONE] (or an error event, or a 503 with
+    Retry-After: an answer, never a cut); the hung-up requests leave the line, so afterwards 16 clients at
+    once are all served again."""
+    import concurrent.futures
+    base, service = paced_server
+
+    def client(k):
+        return [stream_end(base, hang_up=(k + i) % 2 == 0) for i in range(4)]
+
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        ends = [end for run in pool.map(client, range(16)) for end in run]
+        assert ends.count("hung up") == 32 and set(ends) <= {"hung up", "done", "error", "503"}, ends
+        assert list(pool.map(lambda _: stream_end(base), range(16))) == ["done"] * 16
+    assert not service.turns.line and not service.turns.busy
+
+
+def test_a_request_whose_client_hangs_up_while_it_waits_leaves_the_line_at_once(paced_server):
+    import concurrent.futures
+    base, service = paced_server
+    slow = threading.Event()
+    original = service.engine.stream
+
+    def held_stream(*args, **kwargs):  # the first request keeps the model until the test lets it go
+        slow.wait(30)
+        yield from original(*args, **kwargs)
+
+    service.engine.stream = held_stream
+    first = concurrent.futures.ThreadPoolExecutor(1).submit(stream_end, base)
+    for _ in range(200):  # wait until the first request holds the model
+        if service.turns.busy:
+            break
+        time.sleep(0.01)
+    assert stream_end(base, hang_up=True) == "hung up"  # it got its first chunk, then waited for its turn
+    for _ in range(500):
+        if not service.turns.line:
+            break
+        time.sleep(0.01)
+    assert not service.turns.line and service.turns.busy  # gone from the line while the first still runs
+    del service.engine.stream  # the class's method again
+    slow.set()
+    assert first.result(timeout=30) == "done"
+
+
+def rlhf_resume_flags(checkpoint, out_dir, *more):
+    return ["--checkpoint", checkpoint, "--out-dir", str(out_dir), "--rank-prompts", "4", "--rank-k", "3",
+            "--heldout-prompts", "2", "--rm-epochs", "1", "--rm-batch", "2", "--num-steps", "16", "--save-every", "5",
+            "--prompts-per-step", "2", "--samples", "2", "--max-tokens", "6", "--eval-every", "4", "--eval-samples",
+            "2", "--kl-budget", "0", "--max-degenerate", "0", "--device", "cpu", *more]
+
+
+def test_rlhf_killed_mid_run_and_resumed_goes_on_against_the_same_reward_model_bit_identically(rl_checkpoint,
+                                                                                               tmp_path):
+    straight = rlhf.train(train_gpt.parse_config(rlhf.RLHFConfig, rlhf_resume_flags(rl_checkpoint, tmp_path / "a")))
+    killed = tmp_path / "killed"
+    kill_when_logged([sys.executable, "rlhf.py", *rlhf_resume_flags(rl_checkpoint, killed)], killed, 7, "tokens",
+                     "rl_log.jsonl")
+    assert train_gpt.load_checkpoint(str(killed))[2]["step"] in (5, 10, 15) and not (killed / "metrics.json").exists()
+    resumed = rlhf.train(train_gpt.parse_config(rlhf.RLHFConfig, rlhf_resume_flags(rl_checkpoint, killed, "--resume")))
+    assert without_timings(resumed) == without_timings(straight)
+    rows = log_rows(killed, "rl_log.jsonl")
+    assert rows == log_rows(tmp_path / "a", "rl_log.jsonl")
+    assert [r["step"] for r in rows if "tokens" in r] == list(range(1, 17))
+    assert [r["step"] for r in rows if r.get("eval")] == [4, 8, 12, 16]
+    assert_same_weights(killed, tmp_path / "a")
+    hack = rlhf_resume_flags(rl_checkpoint, killed, "--hack", "--resume")
+    with pytest.raises(train_gpt.UserError, match="--hack does not --resume"):
+        rlhf.train(train_gpt.parse_config(rlhf.RLHFConfig, hack))

@@ -1095,20 +1095,52 @@ def print_plan(cfg, model, accum, rt, train_tokens):
     print(f"for scale: {GPT2_FACTS}; its batch was ~1M tokens/step (ours {cfg.total_batch_tokens:,})")
 
 
-def restore(path, model, optimizers, loader, cfg, rt):
-    """Resume: load weights, optimizer and loader states and RNG from a checkpoint -> the step to continue
-    from. Refuses a checkpoint whose model shape differs from the config."""
+# Flags a resumed pretraining run may change: where the files are (they may differ from node to node), what is
+# watched, and where it runs. Every other flag decides what the run computes and must be the checkpoint's.
+RESUME_FREE_FLAGS = ("shards", "input", "val_input", "tokenizer", "out_dir", "eval_every", "eval_tokens",
+                     "sample_every", "sample_tokens", "save_every", "device", "dtype", "compile", "resume", "dry_run",
+                     "plan_gpus", "plan_vocab", "tokens_per_file")
+
+
+def flag_values(config, names):
+    return ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in ((k, config[k]) for k in names))
+
+
+def check_resume(path, model, cfg, rt, stage="base", free_flags=RESUME_FREE_FLAGS):
+    """-> (the checkpoint's model, its meta) if this run can continue from it. Refuses, in one line each: no
+    checkpoint, another stage's checkpoint, a model of another shape than this run's, a run whose flags (all
+    but `free_flags`) differ from the checkpoint's -- a continuation with another learning rate or seed
+    would be another run, not the same one finished -- and another number of processes."""
+    path = checkpoint_file(path)
+    if not os.path.exists(path):
+        raise UserError(f"cannot --resume: no checkpoint at {path} (start without --resume)")
     loaded, _, meta = load_checkpoint(path, device=rt.device)
+    if meta.get("stage") != stage:
+        raise UserError(f"cannot --resume from {path}: it is a {meta.get('stage')!r} checkpoint, this run trains "
+                        f"{stage!r} (another stage's --out-dir?)")
     if loaded.config != model.config:
         theirs, ours = dataclasses.asdict(loaded.config), dataclasses.asdict(model.config)
         differ = [k for k in ours if theirs[k] != ours[k]]
-        raise UserError(f"cannot --resume from {checkpoint_file(path)}: it holds a model with "
+        raise UserError(f"cannot --resume from {path}: it holds a model with "
                         f"{', '.join(f'{k} {theirs[k]}' for k in differ)}, but this run asks for "
                         f"{', '.join(f'{k} {ours[k]}' for k in differ)} (another preset's checkpoint? use its "
                         "--out-dir, or delete it)")
+    ours = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()}
+    theirs = {k: list(v) if isinstance(v, tuple) else v for k, v in meta["config"].items()}
+    differ = [k for k in ours if k in theirs and k not in free_flags and theirs[k] != ours[k]]
+    if differ:
+        raise UserError(f"cannot --resume from {path}: it was trained with {flag_values(theirs, differ)}, this run "
+                        f"asks for {flag_values(ours, differ)} (resume with the flags it was started with)")
     if not meta["loaders"] or len(meta["loaders"]) != rt.world:
-        raise UserError(f"cannot resume from {checkpoint_file(path)}: it was saved by "
+        raise UserError(f"cannot resume from {path}: it was saved by "
                         f"{len(meta['loaders'] or [])} process(es), this run has {rt.world}")
+    return loaded, meta
+
+
+def restore(path, model, optimizers, loader, cfg, rt, stage="base", free_flags=RESUME_FREE_FLAGS):
+    """Resume: load weights, optimizer and loader states and RNG from a checkpoint (checked by check_resume)
+    -> its meta: meta["step"] is the step to continue from, and the stage's own saved state is there too."""
+    loaded, meta = check_resume(path, model, cfg, rt, stage, free_flags)
     model.load_state_dict(loaded.state_dict())
     for opt_, state in zip(optimizers, meta["optimizers"]):
         opt_.load_state_dict(state)
@@ -1118,7 +1150,34 @@ def restore(path, model, optimizers, loader, cfg, rt):
     torch.set_rng_state(meta["rng"]["cpu"].cpu())
     if meta["rng"]["cuda"]:
         torch.cuda.set_rng_state_all([s.cpu() for s in meta["rng"]["cuda"]])
-    return meta["step"]
+    return meta
+
+
+def resume_if_asked(cfg, rt, model, optimizers, loader, stage="base", free_flags=RESUME_FREE_FLAGS):
+    """The start of every stage's training loop: -> the checkpoint's meta on --resume (every process reads
+    cfg.out_dir/model.pt, so with several nodes the folder must be shared: checked first), else None."""
+    check_shared_out_dir(cfg.out_dir, rt)
+    if not cfg.resume:
+        return None
+    path = os.path.join(cfg.out_dir, "model.pt")
+    meta = on_every_process(lambda: restore(path, model, optimizers, loader, cfg, rt, stage, free_flags), rt)
+    if rt.master:
+        print(f"resuming from {path} at step {meta['step']}")
+    return meta
+
+
+def save_training_state(path, model, tokenizer, step, cfg, optimizers, loader, rt, metrics=None, stage="base",
+                        extra=None):
+    """A resumable checkpoint, written by rank 0; every process calls it (the loader positions and Muon's
+    momenta are spread over the processes and gathered first)."""
+    states = gather_loader_states(loader, rt)
+    muons = [o for o in optimizers if isinstance(o, Muon)]
+    for muon in muons:
+        muon.gather_state()
+    if rt.master:
+        save_checkpoint(path, model, tokenizer, step, cfg, metrics, optimizers, states, stage, extra)
+    for muon in muons:
+        muon.drop_foreign_state()
 
 
 def gather_loader_states(loader, rt):
@@ -1137,18 +1196,46 @@ def remove_stale_temp_files(folder):
         os.unlink(tmp)
 
 
-def truncate_log(path, step):
+def truncate_log(path, step, training_key="loss"):
     """On --resume from a checkpoint at `step`: drop the log rows the killed run wrote after it (training
     steps past `step`, and evaluations at or past it, which the resumed run repeats), so that every step
-    appears once."""
+    appears once. Training rows are those holding `training_key`."""
     if not os.path.exists(path):
         return
     with open(path) as f:
         rows = [json.loads(line) for line in f if line.strip()]
-    kept = [r for r in rows if r["step"] < step or (r["step"] == step and "loss" in r)]
+    kept = [r for r in rows if r["step"] < step or (r["step"] == step and training_key in r)]
     with open(path + ".tmp", "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in kept)
     os.replace(path + ".tmp", path)
+
+
+class StageLog:
+    """A stage's log.jsonl: one JSON row per training step and per evaluation, written by rank 0 (the other
+    processes' record() does nothing). Opening it tidies up after a kill: temp files of an interrupted
+    checkpoint write are removed, and on a resume from step N (resume_step) the rows the killed run wrote
+    after N are dropped before appending. `started`: a time.time() to add each row's "elapsed" seconds."""
+
+    def __init__(self, out_dir, rt, resume_step=None, started=None, training_key="loss", name="log.jsonl"):
+        self.started, self.file = started, None
+        if rt.master:
+            os.makedirs(out_dir, exist_ok=True)
+            remove_stale_temp_files(out_dir)
+            path = os.path.join(out_dir, name)
+            if resume_step is not None:
+                truncate_log(path, resume_step, training_key)
+            self.file = open(path, "w" if resume_step is None else "a")
+
+    def record(self, row):
+        if self.file:
+            if self.started is not None:
+                row = {**row, "elapsed": time.time() - self.started}
+            self.file.write(json.dumps(row) + "\n")
+            self.file.flush()
+
+    def close(self):
+        if self.file:
+            self.file.close()
 
 
 def build_model(cfg, vocab_size):
@@ -1358,34 +1445,19 @@ def train(cfg):
     on_every_process(lambda: data.DataLoader(val_pattern, cfg.batch_size, cfg.seq_len, rt.rank, rt.world), rt)
     model = build_model(cfg, tokenizer.vocab_size).to(rt.device)
     optimizers = build_optimizers(model, cfg, rt.device.type, rt.rank, rt.world)
-    muon = next(o for o in optimizers if isinstance(o, Muon))
     ckpt_path = os.path.join(cfg.out_dir, "model.pt")
-    check_shared_out_dir(cfg.out_dir, rt)
-    step = on_every_process(lambda: restore(ckpt_path, model, optimizers, loader, cfg, rt), rt) if cfg.resume else 0
+    if rt.master:
+        print_plan(cfg, model, accum, rt, loader.stream.total)
+    resumed = resume_if_asked(cfg, rt, model, optimizers, loader)
+    step = resumed["step"] if resumed else 0
     train_model, ddp = wrap_for_training(model, cfg, rt)
     token_bytes = token_byte_counts(tokenizer)
     flops_per_step, peak = model.flops_per_token() * cfg.total_batch_tokens, peak_flops(rt.device)
-    log_path = os.path.join(cfg.out_dir, "log.jsonl")
-    if rt.master:
-        os.makedirs(cfg.out_dir, exist_ok=True)
-        remove_stale_temp_files(cfg.out_dir)
-        print_plan(cfg, model, accum, rt, loader.stream.total)
-        if cfg.resume:
-            print(f"resuming from {ckpt_path} at step {step}")
-            truncate_log(log_path, step)
-    log_file = open(log_path, "a" if cfg.resume else "w") if rt.master else None
-
-    def record(row):
-        if log_file:
-            log_file.write(json.dumps({**row, "elapsed": time.time() - started}) + "\n")
-            log_file.flush()
+    run_log = StageLog(cfg.out_dir, rt, step if resumed else None, started)
+    record = run_log.record
 
     def save(metrics=None):
-        states = gather_loader_states(loader, rt)
-        muon.gather_state()
-        if rt.master:
-            save_checkpoint(ckpt_path, model, tokenizer, step, cfg, metrics, optimizers, states)
-        muon.drop_foreign_state()
+        save_training_state(ckpt_path, model, tokenizer, step, cfg, optimizers, loader, rt, metrics)
 
     losses, timed_seconds, steps_timed, loop_started = [], 0.0, 0, time.time()
     bos = tokenizer.special_id("<|endoftext|>")
@@ -1433,8 +1505,8 @@ def train(cfg):
                                                                  seed=cfg.seed)))
     record(dict(step=step, val_loss=res["loss"], val_bpb=res["bpb"], final=True))
     save(metrics)
+    run_log.close()
     if rt.master:
-        log_file.close()
         write_results(cfg, metrics, losses)
     return metrics
 
