@@ -4148,6 +4148,8 @@ def test_copy_source_is_the_last_user_message(dots_tok):
     prompt = dots_tok.decode_bytes(render_for_completion(dots_tok, messages))
     assert chat.copy_source(prompt) == b"How many r's in strawberry"
     assert chat.copy_source(b"plain text for --base") == b"plain text for --base"
+
+
 # ---- issue 20: SFT and RL save checkpoints and --resume like pretraining; every stream ends (resume)
 
 TIMING_KEYS = {"elapsed", "dt", "sample_s", "learn_s", "rollout_tok_s", "seconds", "train_seconds", "wall_seconds",
