@@ -11,8 +11,8 @@
 #
 # Where things go: the tiny preset writes out/tokenizer, out/shards, out/base, out/sft, out/rl, out/rlhf and
 # out/report.md; every other preset P writes the same under out/P/, so presets never skip, resume or overwrite
-# each other's stages. A stage that finished (its metrics.json exists) is skipped; pretraining that was
-# interrupted resumes from its last checkpoint. Extra flags per stage come from the environment (BASE_ARGS,
+# each other's stages. A stage that finished (its metrics.json exists) is skipped; a training stage that was
+# interrupted (base, sft, rl, rlhf) resumes from its last checkpoint. Extra flags per stage come from the environment (BASE_ARGS,
 # SFT_ARGS, RL_ARGS, RLHF_ARGS, HACK_ARGS, EVALS_ARGS), e.g. a smoke run:
 #   BASE_ARGS="--num-steps 20" SFT_ARGS="--num-steps 10" RL_ARGS="--num-steps 2" RLHF_ARGS="--num-steps 2" \
 #   HACK_ARGS="--hack-steps 2" bash run.sh --fresh
@@ -109,19 +109,21 @@ exam() {
         "${evals_args[@]}" ${EVALS_ARGS:-}
 }
 
-resume=""
-if [ -f "$root/base/model.pt" ] && [ ! -f "$root/base/metrics.json" ]; then resume="--resume"; fi
+# a stage with a checkpoint but no metrics.json was interrupted: it resumes from its last checkpoint
+resume_if_killed() { if [ -f "$root/$1/model.pt" ] && [ ! -f "$root/$1/metrics.json" ]; then echo --resume; fi; }
 # shellcheck disable=SC2086  # the *_ARGS variables are lists of flags
-stage base $launch train_gpt.py --preset "$preset" $resume ${BASE_ARGS:-}
+stage base $launch train_gpt.py --preset "$preset" $(resume_if_killed base) ${BASE_ARGS:-}
 exam base
 # shellcheck disable=SC2086
-stage sft $launch sft.py --preset "$sft_preset" --base "$root/base/model.pt" --out-dir "$root/sft" $post_args ${SFT_ARGS:-}
+stage sft $launch sft.py --preset "$sft_preset" --base "$root/base/model.pt" --out-dir "$root/sft" $post_args \
+    $(resume_if_killed sft) ${SFT_ARGS:-}
 exam sft
 # shellcheck disable=SC2086
-stage rl $launch rl.py --preset "$rl_preset" --checkpoint "$root/sft" --out-dir "$root/rl" $post_args ${RL_ARGS:-}
+stage rl $launch rl.py --preset "$rl_preset" --checkpoint "$root/sft" --out-dir "$root/rl" $post_args \
+    $(resume_if_killed rl) ${RL_ARGS:-}
 exam rl
 # shellcheck disable=SC2086
-stage rlhf $launch rlhf.py --checkpoint "$root/rl" --out-dir "$root/rlhf" ${RLHF_ARGS:-}
+stage rlhf $launch rlhf.py --checkpoint "$root/rl" --out-dir "$root/rlhf" $(resume_if_killed rlhf) ${RLHF_ARGS:-}
 if ! grep -q '"hack_true_final"' "$root/rlhf/metrics.json"; then  # the demonstration adds its figures to the stage's
     echo "=== rlhf --hack: the same reward model, no KL penalty, no early stopping"
     # shellcheck disable=SC2086
