@@ -12,8 +12,8 @@
 # Where things go: the tiny preset writes out/tokenizer, out/shards, out/base, out/sft, out/rl, out/rlhf and
 # out/report.md; every other preset P writes the same under out/P/, so presets never skip, resume or overwrite
 # each other's stages. A stage that finished (its metrics.json exists) is skipped; a training stage that was
-# interrupted (base, sft, rl, rlhf) resumes from its last checkpoint. Extra flags per stage come from the environment (BASE_ARGS,
-# SFT_ARGS, RL_ARGS, RLHF_ARGS, HACK_ARGS, EVALS_ARGS), e.g. a smoke run:
+# interrupted (base, sft, rl, rlhf) resumes from its last checkpoint. Extra flags per stage come from the
+# environment (BASE_ARGS, SFT_ARGS, RL_ARGS, RLHF_ARGS, HACK_ARGS, EVALS_ARGS), e.g. a smoke run:
 #   BASE_ARGS="--num-steps 20" SFT_ARGS="--num-steps 10" RL_ARGS="--num-steps 2" RLHF_ARGS="--num-steps 2" \
 #   HACK_ARGS="--hack-steps 2" bash run.sh --fresh
 # GPU presets also read VOCAB (tokenizer size, default 32768; 65536 is the other choice), VAL_TOKENS (size of
