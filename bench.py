@@ -636,7 +636,7 @@ def bench_infer(args):
     print(f"model: {config} ({model.num_params():,} parameters); machine: {machine()}")
     header = ["batch", "generated", "prefill tok/s", "decode tok/s, KV cache", "decode tok/s, recompute", "speed-up"]
     rows, figures = [], {}
-    with torch.no_grad():
+    with torch.inference_mode():  # as the engine samples; the recompute loop runs under it too
         decode_with_cache(model, 1, args.prompt, 8)  # warm-up: first calls pay for allocation
         for batch, tokens in ((1, args.tokens), (32, args.batch_tokens)):
             prefill_s, cached_s = min((decode_with_cache(model, batch, args.prompt, tokens) for _ in range(2)),
