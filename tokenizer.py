@@ -459,13 +459,14 @@ class Tokenizer:
             self._pairs_inside_tokens = inside
         codes = np.frombuffer(data, dtype=np.uint8).astype(np.int32)
         cuts = (np.flatnonzero(~self._pairs_inside_tokens[codes[:-1] << 8 | codes[1:]]) + 1).tolist()
-        pieces = [data[start:end] for start, end in zip([0, *cuts], [*cuts, len(data)])]
-        merged = _ChunkCache(self._merge_piece)  # each distinct piece merged once
-        return tuple(chain.from_iterable(map(merged.__getitem__, pieces)))
-
-    def _merge_piece(self, piece):
-        short = len(piece) <= LONG_CHUNK_BYTES or piece in self.ranks
-        return self._merge(piece) if short else self._merge_with_heap(piece)
+        pieces, ids = {}, []
+        for start, end in zip([0, *cuts], [*cuts, len(data)]):
+            piece = data[start:end]
+            if piece not in pieces:
+                short = len(piece) <= LONG_CHUNK_BYTES or piece in self.ranks
+                pieces[piece] = self._merge(piece) if short else self._merge_with_heap(piece)
+            ids.extend(pieces[piece])
+        return tuple(ids)
 
     def _merge_with_heap(self, data):
         """The same merges as _merge, in O(n log n) for n bytes, rank by rank. The plain scan finds the
