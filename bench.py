@@ -154,6 +154,7 @@ def bench_tokenizer(args):
     print(f"machine: {machine()}\n")
 
     rows, figures = [], {"corpus_mb": round(corpus_mb, 2), "machine": machine()}
+    load_before = os.getloadavg()[0]
     for vocab in (4096, 8192):
         n_regular = vocab - len(SPECIAL_TOKENS)  # peers get the same number of merges, no specials
         ours_s, ours = best_time(lambda: Tokenizer.train(iter(documents), vocab), args.repeats)
@@ -190,6 +191,7 @@ def bench_tokenizer(args):
     if gpt4 is not None:
         figures["gpt4_bytes_per_token"] = round(len(heldout.encode()) / len(gpt4.encode_ordinary(heldout)), 4)
         print(f"GPT-4 (cl100k_base, vocab 100,277) on the held-out text: {figures['gpt4_bytes_per_token']:.3f} bytes/token")
+    figures["load_1min"] = [round(load_before, 1), round(os.getloadavg()[0], 1)]
     print(json.dumps({"bench": "tokenizer", **figures}))
 
     command = f"python bench.py tokenizer --corpus {os.path.relpath(corpus_path, HERE)} --repeats {args.repeats}"
@@ -200,6 +202,8 @@ def bench_tokenizer(args):
 {len(documents):,} documents; held-out: `{os.path.basename(args.heldout)}` ({heldout_mb:.1f} MB). Best of
 {args.repeats} runs each. Every trainer gets the same documents, the same split regex and the same number of
 merges; ours splits the chunk counting over {available_cpus()} processes, rustbpe and HF use all cores.
+Load average {figures['load_1min'][0]} at the start, {figures['load_1min'][1]} at the end (other work on the
+machine slows every column; the ratio of columns measured in the same run is the figure to compare).
 
 {markdown_table(train_header, rows)}
 
@@ -637,7 +641,7 @@ def bench_infer(args):
     print(f"model: {config} ({model.num_params():,} parameters); machine: {machine()}")
     header = ["batch", "generated", "prefill tok/s", "decode tok/s, KV cache", "decode tok/s, recompute", "speed-up"]
     rows, figures = [], {}
-    with torch.no_grad():
+    with torch.inference_mode():  # as the engine samples; the recompute loop runs under it too
         decode_with_cache(model, 1, args.prompt, 8)  # warm-up: first calls pay for allocation
         for batch, tokens in ((1, args.tokens), (32, args.batch_tokens)):
             prefill_s, cached_s = min((decode_with_cache(model, batch, args.prompt, tokens) for _ in range(2)),
@@ -649,13 +653,15 @@ def bench_infer(args):
             figures[f"batch_{batch}"] = {"prefill_tok_s": round(batch * args.prompt / prefill_s),
                                          "cached_tok_s": round(cached), "recompute_tok_s": round(recomputed)}
     print_table(header, rows)
-    print(json.dumps({"bench": "infer", **figures}))
+    load = os.getloadavg()[0]
+    print(json.dumps({"bench": "infer", "load_1min": load, "threads": torch.get_num_threads(), **figures}))
     write_section("infer", f"""
 ## Inference: KV cache vs recompute
 
 `python bench.py infer --prompt {args.prompt} --tokens {args.tokens} --batch-tokens {args.batch_tokens}` —
 {machine()}, float32, torch threads:
-{torch.get_num_threads()}. Model: the `tiny` shape ({config.n_layer} layers × {config.n_embd}, vocab
+{torch.get_num_threads()}, load average {load:.1f} at the end (both loops suffer from it; their ratio is the
+figure). Both loops run under `torch.inference_mode()`, as the engine samples. Model: the `tiny` shape ({config.n_layer} layers × {config.n_embd}, vocab
 {config.vocab_size}, {model.num_params():,} parameters, random weights: speed does not depend on them) with a
 {config.seq_len}-token context. Greedy decoding after a {args.prompt}-token prompt ({args.tokens} tokens at batch 1,
 {args.batch_tokens} at batch 32, where recomputing is slow to measure); "recompute" runs the whole sequence

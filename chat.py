@@ -724,7 +724,7 @@ class Engine:
 
     # -- the decoding loop -------------------------------------------------------------------------
 
-    @torch.no_grad()
+    @torch.inference_mode()  # like no_grad, and cheaper per operation (no autograd bookkeeping at all)
     def steps(self, prompts, n=1, max_tokens=256, temperature=1.0, top_k=None, top_p=None, seed=None,
               generator=None):
         """Decode n samples of every prompt at once; row r belongs to prompt r // n. The prompts are
