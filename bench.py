@@ -1112,8 +1112,8 @@ and without: {same} (compiled kernels fuse and reorder floating-point operations
 # bench.py pipeline: the README's first command, timed, quiet and beside a busy process
 
 def clean_copy(dest):
-    """The repository's committed and staged files (what a fresh clone has, plus work not yet committed)
-    copied to dest: run.sh writes under its own folder's out/, so a copy keeps this checkout's out/ untouched."""
+    """The files git tracks (what a fresh clone has), as they are in this working tree, copied to dest: run.sh
+    writes under its own folder's out/, so running it in a copy leaves this checkout's out/ untouched."""
     files = subprocess.run(["git", "ls-files", "-z"], cwd=HERE, capture_output=True, text=True, check=True).stdout
     for name in filter(None, files.split("\0")):
         if os.path.isfile(os.path.join(HERE, name)):
@@ -1143,7 +1143,17 @@ def run_pipeline(folder, load):
     seconds = {}
     for (name, begun), end in zip(sections, ends):  # a stage name can repeat (data): add its sections up
         seconds[name] = seconds.get(name, 0.0) + end - begun
-    return dict(wall=wall, stages=seconds, load_1min=os.getloadavg()[0])
+    figures = {}
+    for stage, keys in PIPELINE_FIGURES.items():
+        with open(os.path.join(folder, "out", stage, "metrics.json")) as f:
+            metrics = json.load(f)
+        figures.update({f"{stage} {key}": metrics[key] for key in keys})
+    return dict(wall=wall, stages=seconds, figures=figures, load_1min=os.getloadavg()[0])
+
+
+# what each stage achieved, beside the times (a faster pipeline must still reach its bars)
+PIPELINE_FIGURES = {"base": ("val_bpb",), "sft": ("format_rate",), "rl": ("pass1_before", "pass1_after"),
+                    "rlhf": ("rm_pair_accuracy", "true_reward_final", "hack_true_final")}
 
 
 SMOKE_VARIABLES = ("BASE_ARGS", "SFT_ARGS", "RL_ARGS", "RLHF_ARGS", "HACK_ARGS", "EVALS_ARGS")
@@ -1165,6 +1175,9 @@ def bench_pipeline(args):
     rows = [[load, train_gpt.fmt_time(r["wall"]), *(f"{r['stages'].get(name, 0):.0f}" for name in stages)]
             for load, r in results.items()]
     print_table(header, rows)
+    figure_names = list(next(iter(results.values()))["figures"])
+    figure_rows = [[load, *(f"{r['figures'][name]:.4g}" for name in figure_names)] for load, r in results.items()]
+    print_table(["run", *figure_names], figure_rows)
     flags = {name: os.environ[name] for name in SMOKE_VARIABLES if os.environ.get(name)}
     print(json.dumps({"bench": "pipeline", **results, "stage_flags": flags}))
     sized = ("at smoke size, with " + ", ".join(f"{k}=\"{v}\"" for k, v in flags.items())) if flags else "in full"
@@ -1175,9 +1188,11 @@ def bench_pipeline(args):
 tokenizer and shards built afresh, as in a new clone), once per row: "quiet" with nothing added by the bench,
 "busy" beside one process burning a core (`bench.busy_process`). Load average at the end of each:
 {", ".join(f"{load} {r['load_1min']:.1f}" for load, r in results.items())}. Seconds per section of run.sh's output
-(each `=== name` line to the next).
+(each `=== name` line to the next), then what each stage reached (its metrics.json).
 
 {markdown_table(header, rows)}
+
+{markdown_table(["run", *figure_names], figure_rows)}
 """)
 
 

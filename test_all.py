@@ -4210,4 +4210,5 @@ def test_bench_pipeline_times_run_sh_at_smoke_size_quiet_and_busy(tmp_path, monk
         assert (out / load / "out" / "report.md").is_file()  # in the copies: this checkout's out/ is untouched
     text = (tmp_path / "BENCHMARKS.md").read_text()
     assert "| run | wall | data | base | evals/base | sft |" in text and "| busy | " in text
+    assert "| run | base val_bpb | sft format_rate | rl pass1_before | rl pass1_after |" in text
     assert 'BASE_ARGS="--num-steps 2' in text

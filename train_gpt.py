@@ -504,12 +504,12 @@ def require_positive(cfg, names):
 # glibc's malloc gives every block above 32 MiB its own fresh mapping from the kernel and hands it back on
 # free(). A training step allocates and frees the same big tensors every time (at the tiny preset the float32
 # logits of one micro-batch alone are 32 x 256 x 4,096 x 4 bytes = 134 MB, and their gradient as much again), so
-# each step the kernel maps new pages and zero-fills each one at its first touch: ~400,000 page faults a step
+# each step the kernel maps new pages and zero-fills each one at its first touch: ~350,000 page faults a step
 # and kernel ("sys") time of a third of the computing ("user") time. With M_MMAP_MAX = 0 malloc takes every
 # block from its heap, and with a high M_TRIM_THRESHOLD it keeps freed memory there for the next step instead
 # of returning it: the same idea as PyTorch's caching allocator on GPUs. The cost: the process keeps its peak
 # memory until it exits (and a little more, as free gaps in the heap are not always reused). BENCHMARKS.md
-# ("Issue 19") has the figures: losses identical, sys time and page faults ~7x lower. It is set here, in code,
+# ("Issue 19") has the figures: losses identical, sys time ~5x and page faults ~8x lower. It is set here, in code,
 # rather than with GLIBC_TUNABLES in the environment, so that a plain `python train_gpt.py` gets it too.
 M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # mallopt's parameter numbers (glibc's malloc.h)
 KEEP_FREED_MEMORY = True  # bench.py turns it off to measure the difference
