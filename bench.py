@@ -21,7 +21,8 @@ bench.py -- measured speed and quality, side by side with the peers, in one run 
     python bench.py pipeline    # `bash run.sh --fresh` in a clean copy, quiet and beside a busy process
 
 Each benchmark prints a table and one JSON line, and rewrites its own section of BENCHMARKS.md (with the
-command, the machine and the machine's yardstick), leaving the other sections alone. Peers are benchmark-only dependencies: the
+command, the machine and the machine's yardstick), leaving the other sections alone. Peers are benchmark-only
+dependencies: the
 bench installs them (pinned) when they are missing; users never need them.
 """
 import argparse
@@ -1011,8 +1012,8 @@ def bench_threads(args):
 while measuring (other jobs shared this machine: "quiet" is only what the bench itself adds — nothing; "busy" adds
 one process burning a core, `bench.busy_process`). Short runs of each stage's own step (`bench.short_stage_commands`),
 each in its own process with `--threads N`, the combinations interleaved round by round; median seconds per step
-over {args.repeats} rounds (min–max), the first step of each run left out. The ratio columns are speed-ups
-(above 1x: the first configuration is slower; "2 vs 1" above 1x means 2 threads are faster).
+over {args.repeats} rounds (min–max), the first step of each run left out. The ratio columns compare speeds:
+"2 vs 1 thread" above 1x means 2 threads are faster; "busy vs quiet" below 1x means the busy process slowed 1 thread.
 
 {markdown_table(header, rows)}
 """)
@@ -1038,15 +1039,16 @@ def bench_kernel(args):
               "s/step", "wall s"]
     rows, figures = [], {}
     for stage in stages:
-        trajectories = {tuple(map(tuple, run["trajectory"])) for policy in ("off", "on") for run in results[stage, policy]}
+        trajectories = {tuple(map(tuple, run["trajectory"]))
+                        for policy in ("off", "on") for run in results[stage, policy]}
         if len(trajectories) != 1:
             raise AssertionError(f"{stage}: the allocator policy changed the logged losses")
         for policy in ("off", "on"):
             runs = results[stage, policy]
-            rows.append([stage, policy, spread([r["user"] for r in runs], "{:.1f}"), spread([r["sys"] for r in runs], "{:.1f}"),
-                         spread([r["sys"] / r["user"] for r in runs], "{:.0%}"),
-                         spread([r["minflt"] for r in runs], "{:,.0f}"), spread([r["maxrss_mb"] for r in runs], "{:.0f}"),
-                         spread([r["step_s"] for r in runs], "{:.3f}"), spread([r["wall"] for r in runs], "{:.1f}")])
+            column = lambda key, template: spread([r[key] for r in runs], template)
+            rows.append([stage, policy, column("user", "{:.1f}"), column("sys", "{:.1f}"),
+                         spread([r["sys"] / r["user"] for r in runs], "{:.0%}"), column("minflt", "{:,.0f}"),
+                         column("maxrss_mb", "{:.0f}"), column("step_s", "{:.3f}"), column("wall", "{:.1f}")])
             figures[f"{stage}_{policy}"] = {key: [round(r[key], 3) for r in runs]
                                             for key in ("user", "sys", "minflt", "maxrss_mb", "step_s", "wall")}
     print_table(header, rows)
@@ -1083,12 +1085,13 @@ def bench_compile(args):
     saving, extra = steady["off"] - steady["on"], first["on"] - first["off"]
     full_steps = train_gpt.TrainConfig().num_steps
     payback = extra / saving if saving > 0 else None
-    same = [r["trajectory"] for r in runs["on"]][0] == [r["trajectory"] for r in runs["off"]][0]
+    same = runs["on"][0]["trajectory"] == runs["off"][0]["trajectory"]
     header = ["compile", "first step s", "later steps s/step", "wall s"]
-    rows = [[mode, spread([r["steps"][0] for r in runs[mode]], "{:.1f}"), spread([r["step_s"] for r in runs[mode]], "{:.3f}"),
-             spread([r["wall"] for r in runs[mode]], "{:.1f}")] for mode in ("off", "on")]
+    rows = [[mode, spread([r["steps"][0] for r in runs[mode]], "{:.1f}"),
+             spread([r["step_s"] for r in runs[mode]], "{:.3f}"), spread([r["wall"] for r in runs[mode]], "{:.1f}")]
+            for mode in ("off", "on")]
     print_table(header, rows)
-    verdict = (f"pays back after {payback:.0f} steps" if payback is not None else "never pays back (no faster per step)")
+    verdict = f"pays back after {payback:.0f} steps" if payback is not None else "never pays back (no faster per step)"
     net = saving * (full_steps - 1) - extra
     print(f"compile: +{extra:.1f} s once, {saving:+.3f} s per later step: {verdict}; over a full tiny run "
           f"({full_steps} steps) {net:+.0f} s saved; losses identical: {same}")

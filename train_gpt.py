@@ -528,9 +528,9 @@ def cpu_threads():
     """How many threads torch computes with on the CPU. torch's own default is one per core, and every
     operation is split between them: when another program (a browser, an editor, a second job) takes a
     core for a moment, each operation waits for the thread that lost its core. On 2 cores, 2 threads beside
-    one busy process made training several times slower than 1 thread, while on a quiet machine the second
-    thread gained much less than 2x (BENCHMARKS.md, "Issue 19"). So by default one core is left to the rest of
-    the machine: 1 thread on 2 cores. OMP_NUM_THREADS (which torchrun sets to 1 when it starts several
+    other work made the stages 1.2-4.5x slower than 1 thread, while on an idle machine the second thread gained
+    1.5-1.8x (BENCHMARKS.md, "Issue 19"). A learner's laptop is rarely idle, so by default one core is left to the
+    rest of the machine: 1 thread on 2 cores. OMP_NUM_THREADS (which torchrun sets to 1 when it starts several
     processes on one machine) takes precedence, and a stage's --threads flag over both (see parse_config)."""
     if os.environ.get("OMP_NUM_THREADS", "").isdigit() and int(os.environ["OMP_NUM_THREADS"]) > 0:
         return int(os.environ["OMP_NUM_THREADS"])
