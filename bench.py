@@ -12,18 +12,29 @@ bench.py -- measured speed and quality, side by side with the peers, in one run 
     python bench.py codetool    # the code tool's worker process: per-call cost against in-process
     python bench.py longword    # encoding one long word: heap BPE against the quadratic scan
     python bench.py serve       # 16 concurrent streaming clients × 10 requests against chat.py --web
+    python bench.py yardstick   # a fixed small torch workload: how fast this machine is today
+    python bench.py threads     # short runs of pretraining, SFT and RL at 1 and 2 threads, quiet and beside
+                                # a busy process
+    python bench.py kernel      # user/sys time and page faults of those runs, with and without the allocator
+                                # policy (train_gpt.keep_freed_memory)
+    python bench.py compile     # torch.compile on the CPU at the tiny preset: compile time vs per-step saving
+    python bench.py pipeline    # `bash run.sh --fresh` in a clean copy, quiet and beside a busy process
 
 Each benchmark prints a table and one JSON line, and rewrites its own section of BENCHMARKS.md (with the
-command and the machine), leaving the other sections alone. Peers are benchmark-only dependencies: the
+command, the machine and the machine's yardstick), leaving the other sections alone. Peers are benchmark-only
+dependencies: the
 bench installs them (pinned) when they are missing; users never need them.
 """
 import argparse
+import contextlib
 import json
 import os
 import platform
 import random
 import re
 import resource
+import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -99,7 +110,7 @@ def write_section(name, body):
     """Replace the section between `<!-- bench:name -->` markers in BENCHMARKS.md (append if new)."""
     start, end = f"<!-- bench:{name} -->", f"<!-- /bench:{name} -->"
     text = open(BENCHMARKS_MD).read() if os.path.exists(BENCHMARKS_MD) else "# Benchmarks\n"
-    block = f"{start}\n{body.strip()}\n{end}"
+    block = f"{start}\n{body.strip()}\n\n{yardstick_line()}\n{end}"
     if start in text and end in text:
         text = text[:text.index(start)] + block + text[text.index(end) + len(end):]
     else:
@@ -117,6 +128,93 @@ def read_documents(path):
     with open(path, encoding="utf-8") as f:
         text = f.read()
     return text, regex.split(r"(?<=\n\n)(?=\S)", text)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The machine yardstick: a fixed torch workload whose time says how fast this machine is today. Timings from
+# different days or machines compare as ratios to it (a run 1.3x slower on a machine whose yardstick is 1.3x
+# slower is no slower at all). It uses plain torch operations of fixed shapes, not the project's model, so
+# that changing the model never changes the yardstick.
+
+YARDSTICK_ROUNDS = 5
+_yardstick = None  # (median seconds, spread, load average), measured once per bench.py process
+
+
+def yardstick_round():
+    """One round: forward and backward of a two-layer ReLU² MLP with a softmax cross-entropy head, on one
+    thread, in float32: matrix multiplies, elementwise work and a reduction, like a training step."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(2048, 256, generator=generator)
+    w1 = torch.randn(256, 1024, generator=generator).div_(16).requires_grad_()
+    w2 = torch.randn(1024, 2048, generator=generator).div_(32).requires_grad_()
+    targets = torch.randint(0, 2048, (2048,), generator=generator)
+    started = time.perf_counter()
+    for _ in range(2):
+        loss = torch.nn.functional.cross_entropy(torch.relu(x @ w1).square() @ w2, targets)
+        loss.backward()
+    return time.perf_counter() - started
+
+
+def yardstick():
+    """-> (median seconds of YARDSTICK_ROUNDS rounds, (fastest, slowest), 1-minute load average). The median, not
+    the best: the point is how fast the machine is now, load included; the spread and the load say how steady."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yardstick_round()  # warm-up: the first round pays for allocation and library start-up
+        times = [yardstick_round() for _ in range(YARDSTICK_ROUNDS)]
+    finally:
+        torch.set_num_threads(threads)
+    return statistics.median(times), (min(times), max(times)), os.getloadavg()[0]
+
+
+def measured_yardstick():
+    global _yardstick
+    if _yardstick is None:
+        _yardstick = yardstick()
+    return _yardstick
+
+
+def yardstick_line():
+    seconds, (low, high), load = measured_yardstick()
+    return (f"Machine yardstick (`python bench.py yardstick`): {seconds:.3f} s (rounds {low:.3f}–{high:.3f} s, "
+            f"load average {load:.1f}) on {machine()}; lower is faster.")
+
+
+def bench_yardstick(args):
+    seconds, (low, high), load = measured_yardstick()
+    print(yardstick_line())
+    print(json.dumps({"bench": "yardstick", "seconds": round(seconds, 4), "fastest": round(low, 4),
+                      "slowest": round(high, 4), "load_1min": load, "machine": machine()}))
+
+
+# A learner's laptop is never idle: a browser or an editor takes a core now and then. The busy process is
+# that, reproducibly: one Python loop burning a whole core. It stops by itself after max_seconds, or when
+# its parent has gone (so a bench killed hard leaves nothing behind), and busy_process() kills it when the
+# block ends, exceptions included.
+BUSY_LOOP = """
+import os, sys, time
+parent, end = os.getppid(), time.monotonic() + float(sys.argv[1])
+while time.monotonic() < end and os.getppid() == parent:
+    for _ in range(100_000):
+        pass
+"""
+
+
+@contextlib.contextmanager
+def busy_process(max_seconds=3600):
+    """`with busy_process():` runs the block beside one CPU-burning process; yields its Popen."""
+    proc = subprocess.Popen([sys.executable, "-c", BUSY_LOOP, str(max_seconds)])
+    try:
+        yield proc
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def beside(load):
+    """The context a run is measured in: "quiet" (nothing started by the bench) or "busy" (busy_process)."""
+    return busy_process() if load == "busy" else contextlib.nullcontext()
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -862,6 +960,291 @@ after a warm-up round of one request per client (first calls allocate caches and
 """)
 
 
+# ----------------------------------------------------------------------------------------------------
+# bench.py threads / kernel / compile: short runs of the stages, each in its own process, measured from outside
+
+def short_stage_commands(sft_checkpoint):
+    """Each stage's script with flags for a short run of its own step: the step is the one the tiny pipeline
+    runs (same batch, same model); only the number of steps and the evaluations around them are cut."""
+    return {
+        "pretraining": ["train_gpt.py", "--num-steps", "8", "--eval-every", "0", "--eval-tokens", "4096",
+                        "--sample-every", "0", "--save-every", "0"],
+        "sft": ["sft.py", "--base", os.path.join("out", "base", "model.pt"), "--num-steps", "6", "--conversations",
+                "200", "--eval-prompts", "4", "--interrogate-samples", "1"],
+        "rl": ["rl.py", "--checkpoint", sft_checkpoint, "--num-steps", "3", "--eval-problems", "8", "--pass-k", "2"],
+    }
+
+
+# The stage runs in a child process that first sets train_gpt.KEEP_FREED_MEMORY, then does what the script's
+# `if __name__ == "__main__": run_cli(main)` does (run_cli applies the policy).
+STAGE_RUNNER = ("import importlib, sys, train_gpt; train_gpt.KEEP_FREED_MEMORY = sys.argv.pop(1) == 'on'; "
+                "sys.argv.pop(0); train_gpt.run_cli(importlib.import_module(sys.argv[0].removesuffix('.py')).main)")
+
+
+def step_seconds(row):
+    """A log row's step time: pretraining and SFT log dt, RL its sampling and learning separately."""
+    return row["dt"] if "dt" in row else row["sample_s"] + row["learn_s"]
+
+
+def run_stage(command, out_dir, threads=1, load="quiet", keep_freed=True, extra=()):
+    """One short stage run in its own process -> its figures: wall, CPU user/sys seconds, minor page faults,
+    peak memory (from wait4's rusage: the child alone), the median step time (the first step left out: it
+    pays for warm-up) and the logged training trajectory (losses; RL: rewards and KL) to compare runs by."""
+    os.makedirs(out_dir, exist_ok=True)
+    argv = [sys.executable, "-c", STAGE_RUNNER, "on" if keep_freed else "off", *command, "--out-dir", out_dir,
+            "--threads", str(threads), *extra]
+    with beside(load), open(os.path.join(out_dir, "stdout.txt"), "w") as stdout:
+        started = time.perf_counter()
+        proc = subprocess.Popen(argv, cwd=HERE, stdout=stdout, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - started
+    if status != 0:
+        raise SystemExit(f"error: {' '.join(command)} failed (exit status {status}); see {out_dir}/stdout.txt")
+    with open(os.path.join(out_dir, "log.jsonl")) as f:
+        rows = [row for row in map(json.loads, f) if "dt" in row or "sample_s" in row]
+    trajectory = [(row.get("loss"), row.get("reward"), row.get("kl")) for row in rows]
+    return dict(wall=wall, user=usage.ru_utime, sys=usage.ru_stime, minflt=usage.ru_minflt,
+                maxrss_mb=usage.ru_maxrss / 1024, step_s=statistics.median(map(step_seconds, rows[1:] or rows)),
+                steps=[step_seconds(row) for row in rows], trajectory=trajectory, load_1min=os.getloadavg()[0])
+
+
+def spread(values, template="{:.2f}"):
+    """median (min–max) of repeated measurements."""
+    values = sorted(values)
+    text = template.format(statistics.median(values))
+    return text if len(values) == 1 else f"{text} ({template.format(values[0])}–{template.format(values[-1])})"
+
+
+def available_stages(args):
+    commands = short_stage_commands(args.sft_checkpoint)
+    missing = {"pretraining": None, "sft": os.path.join("out", "base", "model.pt"), "rl": args.sft_checkpoint}
+    stages = [s for s in args.stages if missing[s] is None or os.path.exists(os.path.join(HERE, missing[s]))]
+    for stage in set(args.stages) - set(stages):
+        print(f"skipping {stage}: no checkpoint at {missing[stage]}")
+    return stages, commands
+
+
+def bench_threads(args):
+    """Every (stage, threads, load) combination, interleaved round by round so that all of them see the same
+    changes in the machine's other work; the figure is the median step time over the rounds."""
+    stages, commands = available_stages(args)
+    combos = [(threads, load) for load in ("quiet", "busy") for threads in (1, 2)]
+    results = {(stage, *combo): [] for stage in stages for combo in combos}
+    loads = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for round_ in range(args.repeats):
+            for stage in stages:
+                for threads, load in combos:
+                    run = run_stage(commands[stage], os.path.join(tmp, stage), threads, load)
+                    results[stage, threads, load].append(run["step_s"])
+                    loads.append(run["load_1min"])
+                    print(f"round {round_ + 1}: {stage}, {threads} thread(s), {load}: {run['step_s']:.3f} s/step "
+                          f"(load average {run['load_1min']:.1f})", flush=True)
+    header = ["stage", "1 thread quiet s/step", "2 threads quiet s/step", "1 thread busy s/step",
+              "2 threads busy s/step", "2 vs 1 thread, quiet", "2 vs 1 thread, busy", "1 thread: busy vs quiet"]
+    rows, figures = [], {}
+    for stage in stages:
+        med = {combo: statistics.median(results[(stage, *combo)]) for combo in combos}
+        rows.append([stage, *(spread(results[(stage, *combo)], "{:.3f}") for combo in combos),
+                     f"{med[1, 'quiet'] / med[2, 'quiet']:.2f}x", f"{med[1, 'busy'] / med[2, 'busy']:.2f}x",
+                     f"{med[1, 'quiet'] / med[1, 'busy']:.2f}x"])
+        figures[stage] = {f"{t}t_{load}": [round(x, 4) for x in results[(stage, t, load)]] for t, load in combos}
+    print_table(header, rows)
+    print(json.dumps({"bench": "threads", "repeats": args.repeats, "load_1min": loads, **figures}))
+    write_section("threads", f"""
+## Threads: 1 or 2, quiet and beside a busy process
+
+`python bench.py threads --repeats {args.repeats}` — {machine()}; load average {min(loads):.1f}–{max(loads):.1f}
+while measuring (other jobs shared this machine: "quiet" is only what the bench itself adds — nothing; "busy" adds
+one process burning a core, `bench.busy_process`). Short runs of each stage's own step (`bench.short_stage_commands`),
+each in its own process with `--threads N`, the combinations interleaved round by round; median seconds per step
+over {args.repeats} rounds (min–max), the first step of each run left out. The ratio columns compare speeds:
+"2 vs 1 thread" above 1x means 2 threads are faster; "busy vs quiet" below 1x means the busy process slowed 1 thread.
+
+{markdown_table(header, rows)}
+""")
+
+
+def bench_kernel(args):
+    """Each stage with and without the allocator policy (train_gpt.keep_freed_memory), one thread, alternated
+    round by round: user and sys CPU seconds, minor page faults and peak memory of the child process, and a
+    check that the trajectories (losses) are identical: the policy changes where memory comes from, never a
+    number."""
+    stages, commands = available_stages(args)
+    results = {(stage, policy): [] for stage in stages for policy in ("off", "on")}
+    with tempfile.TemporaryDirectory() as tmp:
+        for round_ in range(args.repeats):
+            for stage in stages:
+                for policy in ("off", "on"):
+                    run = run_stage(commands[stage], os.path.join(tmp, stage), keep_freed=policy == "on")
+                    results[stage, policy].append(run)
+                    print(f"round {round_ + 1}: {stage}, policy {policy}: user {run['user']:.1f} s, sys "
+                          f"{run['sys']:.1f} s, {run['minflt']:,} minor faults, {run['maxrss_mb']:.0f} MB",
+                          flush=True)
+    header = ["stage", "allocator policy", "user s", "sys s", "sys / user", "minor page faults", "peak RSS MB",
+              "s/step", "wall s"]
+    rows, figures = [], {}
+    for stage in stages:
+        trajectories = {tuple(map(tuple, run["trajectory"]))
+                        for policy in ("off", "on") for run in results[stage, policy]}
+        if len(trajectories) != 1:
+            raise AssertionError(f"{stage}: the allocator policy changed the logged losses")
+        for policy in ("off", "on"):
+            runs = results[stage, policy]
+            column = lambda key, template: spread([r[key] for r in runs], template)
+            rows.append([stage, policy, column("user", "{:.1f}"), column("sys", "{:.1f}"),
+                         spread([r["sys"] / r["user"] for r in runs], "{:.0%}"), column("minflt", "{:,.0f}"),
+                         column("maxrss_mb", "{:.0f}"), column("step_s", "{:.3f}"), column("wall", "{:.1f}")])
+            figures[f"{stage}_{policy}"] = {key: [round(r[key], 3) for r in runs]
+                                            for key in ("user", "sys", "minflt", "maxrss_mb", "step_s", "wall")}
+    print_table(header, rows)
+    print(json.dumps({"bench": "kernel", "repeats": args.repeats, **figures}))
+    write_section("kernel", f"""
+## Kernel time: the allocator policy
+
+`python bench.py kernel --repeats {args.repeats}` — {machine()}; load average {os.getloadavg()[0]:.1f} at the end
+(other jobs shared the machine: wall and step times suffer from it, CPU seconds and page faults much less). The
+short runs of `bench.py threads`, one thread, with `train_gpt.KEEP_FREED_MEMORY` off (glibc's default: blocks above
+32 MiB mapped fresh from the kernel and returned on free) and on (`train_gpt.keep_freed_memory`: M_MMAP_MAX = 0,
+M_TRIM_THRESHOLD = 2 GiB), alternated round by round; median (min–max) over {args.repeats} rounds, of the child
+process alone (wait4). The logged losses (RL: rewards and KL) are identical with and without (checked by the bench).
+
+{markdown_table(header, rows)}
+""")
+
+
+def bench_compile(args):
+    """Pretraining at the tiny preset with --compile on and off, same seed, alternated: the first step's extra
+    time (compilation) against the saving per later step, and how many steps it takes to pay back."""
+    runs = {"off": [], "on": []}
+    command = ["train_gpt.py", "--num-steps", str(args.steps), "--eval-every", "0", "--eval-tokens", "4096",
+               "--sample-every", "0", "--save-every", "0"]
+    with tempfile.TemporaryDirectory() as tmp:
+        for round_ in range(args.repeats):
+            for mode in ("off", "on"):
+                run = run_stage(command, os.path.join(tmp, mode), extra=("--compile", mode))
+                runs[mode].append(run)
+                print(f"round {round_ + 1}: compile {mode}: first step {run['steps'][0]:.1f} s, then "
+                      f"{run['step_s']:.3f} s/step, wall {run['wall']:.1f} s", flush=True)
+    steady = {mode: statistics.median(r["step_s"] for r in runs[mode]) for mode in runs}
+    first = {mode: statistics.median(r["steps"][0] for r in runs[mode]) for mode in runs}
+    saving, extra = steady["off"] - steady["on"], first["on"] - first["off"]
+    full_steps = train_gpt.TrainConfig().num_steps
+    payback = extra / saving if saving > 0 else None
+    same = runs["on"][0]["trajectory"] == runs["off"][0]["trajectory"]
+    header = ["compile", "first step s", "later steps s/step", "wall s"]
+    rows = [[mode, spread([r["steps"][0] for r in runs[mode]], "{:.1f}"),
+             spread([r["step_s"] for r in runs[mode]], "{:.3f}"), spread([r["wall"] for r in runs[mode]], "{:.1f}")]
+            for mode in ("off", "on")]
+    print_table(header, rows)
+    verdict = f"pays back after {payback:.0f} steps" if payback is not None else "never pays back (no faster per step)"
+    net = saving * (full_steps - 1) - extra
+    print(f"compile: +{extra:.1f} s once, {saving:+.3f} s per later step: {verdict}; over a full tiny run "
+          f"({full_steps} steps) {net:+.0f} s saved; losses identical: {same}")
+    print(json.dumps({"bench": "compile", "steps": args.steps, "repeats": args.repeats, "first_step_s": first,
+                      "step_s": steady, "payback_steps": payback, "full_run_saving_s": net, "identical_losses": same}))
+    write_section("compile", f"""
+## torch.compile on the CPU, tiny preset
+
+`python bench.py compile --steps {args.steps} --repeats {args.repeats}` — {machine()}, one thread, load average
+{os.getloadavg()[0]:.1f} at the end (other jobs shared the machine). Short pretraining runs with `--compile on` and
+`--compile off`, same seed, alternated; medians (min–max) over {args.repeats} rounds. The first step includes the
+compilation. Compiling costs {extra:.1f} s once and changes a later step by {-saving:+.3f} s: it {verdict};
+over a full tiny run ({full_steps} steps) that is {net:+.0f} s saved (negative: lost). Losses identical with
+and without: {same} (compiled kernels fuse and reorder floating-point operations, so small differences are expected).
+
+{markdown_table(header, rows)}
+""")
+
+
+# ----------------------------------------------------------------------------------------------------
+# bench.py pipeline: the README's first command, timed, quiet and beside a busy process
+
+def clean_copy(dest):
+    """The files git tracks (what a fresh clone has), as they are in this working tree, copied to dest: run.sh
+    writes under its own folder's out/, so running it in a copy leaves this checkout's out/ untouched."""
+    files = subprocess.run(["git", "ls-files", "-z"], cwd=HERE, capture_output=True, text=True, check=True).stdout
+    for name in filter(None, files.split("\0")):
+        if os.path.isfile(os.path.join(HERE, name)):
+            os.makedirs(os.path.dirname(os.path.join(dest, name)), exist_ok=True)
+            shutil.copy2(os.path.join(HERE, name), os.path.join(dest, name))
+
+
+def run_pipeline(folder, load):
+    """`bash run.sh --fresh` in a clean copy at folder -> wall seconds, each `=== stage` section's seconds
+    (timed from the lines run.sh prints as each begins), and the output's tail. Stage flags come from the
+    environment (BASE_ARGS, SFT_ARGS, ...), as for run.sh itself."""
+    clean_copy(folder)
+    sections, lines = [], []
+    with beside(load):
+        started = time.perf_counter()
+        proc = subprocess.Popen(["bash", "run.sh", "--fresh"], cwd=folder, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith("=== "):
+                sections.append([line[4:].split(":")[0], time.perf_counter()])
+        proc.wait()
+        wall = time.perf_counter() - started
+    if proc.returncode != 0:
+        raise SystemExit(f"error: run.sh ({load}) failed with exit status {proc.returncode}:\n{''.join(lines[-20:])}")
+    ends = [t for _, t in sections[1:]] + [started + wall]
+    seconds = {}
+    for (name, begun), end in zip(sections, ends):  # a stage name can repeat (data): add its sections up
+        seconds[name] = seconds.get(name, 0.0) + end - begun
+    figures = {}
+    for stage, keys in PIPELINE_FIGURES.items():
+        with open(os.path.join(folder, "out", stage, "metrics.json")) as f:
+            metrics = json.load(f)
+        figures.update({f"{stage} {key}": metrics[key] for key in keys})
+    return dict(wall=wall, stages=seconds, figures=figures, load_1min=os.getloadavg()[0])
+
+
+# what each stage achieved, beside the times (a faster pipeline must still reach its bars)
+PIPELINE_FIGURES = {"base": ("val_bpb",), "sft": ("format_rate",), "rl": ("pass1_before", "pass1_after"),
+                    "rlhf": ("rm_pair_accuracy", "true_reward_final", "hack_true_final")}
+
+
+SMOKE_VARIABLES = ("BASE_ARGS", "SFT_ARGS", "RL_ARGS", "RLHF_ARGS", "HACK_ARGS", "EVALS_ARGS")
+
+
+def bench_pipeline(args):
+    results = {}
+    work = args.work_dir or tempfile.mkdtemp(prefix="scratchgpt-pipeline-")
+    for load in args.runs:
+        folder = os.path.join(work, load)
+        shutil.rmtree(folder, ignore_errors=True)
+        print(f"run.sh --fresh ({load}) in {folder} ...", flush=True)
+        results[load] = run_pipeline(folder, load)
+        print(f"  {results[load]['wall']:.0f} s", flush=True)
+    if not args.work_dir:
+        shutil.rmtree(work, ignore_errors=True)
+    stages = list(dict.fromkeys(name for r in results.values() for name in r["stages"]))
+    header = ["run", "wall", *stages]
+    rows = [[load, train_gpt.fmt_time(r["wall"]), *(f"{r['stages'].get(name, 0):.0f}" for name in stages)]
+            for load, r in results.items()]
+    print_table(header, rows)
+    figure_names = list(next(iter(results.values()))["figures"])
+    figure_rows = [[load, *(f"{r['figures'][name]:.4g}" for name in figure_names)] for load, r in results.items()]
+    print_table(["run", *figure_names], figure_rows)
+    flags = {name: os.environ[name] for name in SMOKE_VARIABLES if os.environ.get(name)}
+    print(json.dumps({"bench": "pipeline", **results, "stage_flags": flags}))
+    sized = ("at smoke size, with " + ", ".join(f"{k}=\"{v}\"" for k, v in flags.items())) if flags else "in full"
+    write_section("pipeline", f"""
+## The whole tiny pipeline: `bash run.sh --fresh`, quiet and beside a busy process
+
+`python bench.py pipeline` — {machine()}; the pipeline {sized}, in a clean copy of the repository (its
+tokenizer and shards built afresh, as in a new clone), once per row: "quiet" with nothing added by the bench,
+"busy" beside one process burning a core (`bench.busy_process`). Load average at the end of each:
+{", ".join(f"{load} {r['load_1min']:.1f}" for load, r in results.items())}. Seconds per section of run.sh's output
+(each `=== name` line to the next), then what each stage reached (its metrics.json).
+
+{markdown_table(header, rows)}
+
+{markdown_table(["run", *figure_names], figure_rows)}
+""")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -912,12 +1295,34 @@ def main():
     serve.add_argument("--max-tokens", type=int, default=32)
     serve.add_argument("--soak-rounds", type=int, default=3, help="rounds of 16 x 10 streams after the scenarios")
     serve.set_defaults(run=bench_serve)
+    yard = sub.add_parser("yardstick", help="a fixed small torch workload: how fast this machine is today")
+    yard.set_defaults(run=bench_yardstick)
+    for name, run, help_text in (
+            ("threads", bench_threads, "stages at 1 and 2 threads, quiet and beside a busy process"),
+            ("kernel", bench_kernel, "user/sys time and page faults with and without the allocator policy")):
+        stage_bench = sub.add_parser(name, help=help_text)
+        stage_bench.add_argument("--repeats", type=int, default=3)
+        stage_bench.add_argument("--stages", nargs="+", choices=["pretraining", "sft", "rl"],
+                                 default=["pretraining", "sft", "rl"])
+        stage_bench.add_argument("--sft-checkpoint", default=os.path.join("out", "sft"), help="RL starts from it")
+        stage_bench.set_defaults(run=run)
+    compile_bench = sub.add_parser("compile", help="torch.compile on the CPU: compile time vs per-step saving")
+    compile_bench.add_argument("--steps", type=int, default=20)
+    compile_bench.add_argument("--repeats", type=int, default=2)
+    compile_bench.set_defaults(run=bench_compile)
+    pipeline = sub.add_parser("pipeline", help="bash run.sh --fresh in a clean copy, quiet and beside a busy process")
+    pipeline.add_argument("--runs", nargs="+", choices=["quiet", "busy"], default=["quiet", "busy"])
+    pipeline.add_argument("--work-dir", default="", help="where the clean copies go (kept); default: a temporary "
+                                                         "folder, removed afterwards")
+    pipeline.set_defaults(run=bench_pipeline)
     args = parser.parse_args()
     for name in ("corpus", "heldout"):
         path = getattr(args, name, None)
         if path is not None and not os.path.isfile(path):
             print(f"error: --{name} {path}: no such file", file=sys.stderr)
             sys.exit(2)
+    if args.command != "yardstick":  # every timing is printed beside how fast the machine is today
+        print(yardstick_line(), flush=True)
     args.run(args)
 
 

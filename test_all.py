@@ -7,6 +7,7 @@ test_all.py -- properties and end-to-end checks of every stage (pytest + hypothe
 Tests never touch the network (a download test talks to a server it starts on 127.0.0.1) and never read
 outside the repository.
 """
+import argparse
 import collections
 import contextlib
 import dataclasses
@@ -18,6 +19,7 @@ import importlib.util
 import json
 import math
 import os
+import platform
 import random
 import re
 import shutil
@@ -4535,3 +4537,121 @@ def test_decoding_one_token_without_a_mask_equals_the_full_forward():
         cache = train_gpt.KVCache(model.config, 2, "cpu")
         steps = [model(ids[:, :8], kv_cache=cache)[0]] + [model(ids[:, t:t + 1], kv_cache=cache)[0] for t in range(8, 20)]
     torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-5, atol=1e-5)
+
+
+# ---- issue 19: threads, kernel time, compile, yardstick (sys)
+
+def test_cpu_threads_leave_one_core_and_yield_to_omp_num_threads_and_the_flag(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    for cores, threads in ((1, 1), (2, 1), (8, 7)):
+        monkeypatch.setattr(train_gpt, "available_cpus", lambda: cores)
+        assert train_gpt.cpu_threads() == threads
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert train_gpt.cpu_threads() == 3
+    before = torch.get_num_threads()
+    try:
+        train_gpt.parse_config(train_gpt.TrainConfig, ["--threads", "2"])
+        assert torch.get_num_threads() == 2
+        with pytest.raises(train_gpt.UserError, match="--threads must be at least 0"):
+            train_gpt.parse_config(train_gpt.TrainConfig, ["--threads", "-1"])
+    finally:
+        torch.set_num_threads(before)
+
+
+FAULTS_SCRIPT = """
+import resource, sys, torch, train_gpt
+train_gpt.KEEP_FREED_MEMORY = sys.argv[1] == "on"
+applied = train_gpt.keep_freed_memory()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(12):
+    x = torch.ones(2 ** 25)  # 128 MiB, every page touched, then freed: a training step's logits
+    del x
+print(applied, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="the allocator policy is glibc's mallopt")
+def test_keep_freed_memory_stops_the_page_faults_of_big_tensors_freed_and_allocated_again():
+    faults = {}
+    for policy in ("off", "on"):
+        r = run_cli("-c", FAULTS_SCRIPT, policy)
+        assert r.returncode == 0, r.stderr
+        applied, faults[policy] = r.stdout.split()
+        assert applied == str(policy == "on")
+    # without the policy every allocation maps 32,768 fresh pages; with it, only the first does
+    assert int(faults["off"]) > 12 * 2 ** 15 * 0.9 and int(faults["on"]) < int(faults["off"]) / 3, faults
+
+
+def test_the_allocator_policy_changes_no_loss(tmp_path):
+    import bench
+    command = ["train_gpt.py", "--num-steps", "3", "--batch-size", "8", "--total-batch-tokens", "2048",
+               "--eval-every", "0", "--eval-tokens", "2048", "--sample-every", "0", "--save-every", "0"]
+    runs = {policy: bench.run_stage(command, str(tmp_path / policy), keep_freed=policy == "on")
+            for policy in ("off", "on")}
+    assert len(runs["on"]["trajectory"]) == 3 and runs["on"]["trajectory"] == runs["off"]["trajectory"]
+    assert runs["on"]["user"] > 0 and runs["on"]["minflt"] < runs["off"]["minflt"]
+
+
+def test_busy_process_is_killed_when_its_block_ends_even_on_an_exception():
+    import bench
+    with pytest.raises(RuntimeError):
+        with bench.busy_process() as proc:
+            assert proc.poll() is None
+            raise RuntimeError("the bench failed")
+    assert proc.poll() is not None
+    with bench.busy_process(max_seconds=0.1) as proc:
+        assert proc.wait(timeout=60) == 0  # bounded: it stops by itself
+
+
+def test_busy_process_stops_when_the_bench_that_started_it_is_killed():
+    parent = subprocess.Popen([sys.executable, "-c", "import bench, time\nwith bench.busy_process() as p:\n"
+                               "    print(p.pid, flush=True)\n    time.sleep(600)"], cwd=HERE, stdout=subprocess.PIPE,
+                              text=True)
+    busy = int(parent.stdout.readline())
+    parent.kill()
+    parent.wait()
+
+    def running(pid):  # gone, or a zombie waiting for its new parent to collect it: stopped either way
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+        except FileNotFoundError:
+            return False
+    deadline = time.time() + 60
+    while running(busy) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not running(busy)
+
+
+def test_yardstick_is_measured_once_and_written_beside_every_section(tmp_path, monkeypatch):
+    import bench
+    seconds, (low, high), load = bench.yardstick()
+    assert 0 < low <= seconds <= high and load >= 0
+    monkeypatch.setattr(bench, "_yardstick", (1.25, (1.0, 2.0), 0.5))
+    monkeypatch.setattr(bench, "BENCHMARKS_MD", str(tmp_path / "BENCHMARKS.md"))
+    bench.write_section("example", "## Example\n\n| a |\n|---|\n| 1 |")
+    text = (tmp_path / "BENCHMARKS.md").read_text()
+    assert "| 1 |\n\nMachine yardstick (`python bench.py yardstick`): 1.250 s (rounds 1.000–2.000 s, load average 0.5)" in text
+    assert text.rstrip().endswith("<!-- /bench:example -->")
+
+
+@pytest.mark.slow
+def test_bench_pipeline_times_run_sh_at_smoke_size_quiet_and_busy(tmp_path, monkeypatch):
+    import bench
+    for name, value in (("BASE_ARGS", "--num-steps 2 --eval-tokens 4096 --sample-every 0"),
+                        ("SFT_ARGS", "--num-steps 2 --conversations 200 --eval-prompts 4 --interrogate-samples 1"),
+                        ("RL_ARGS", "--num-steps 1 --problems-per-step 2 --samples 2 --eval-problems 4 --pass-k 2"),
+                        ("RLHF_ARGS", "--rank-prompts 40 --heldout-prompts 8 --rm-epochs 1 --num-steps 1 "
+                                      "--prompts-per-step 4 --eval-every 1"),
+                        ("HACK_ARGS", "--hack-steps 1"), ("EVALS_ARGS", "--limit 8")):
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(bench, "BENCHMARKS_MD", str(tmp_path / "BENCHMARKS.md"))
+    monkeypatch.setattr(bench, "_yardstick", (1.0, (1.0, 1.0), 0.0))
+    out = tmp_path / "runs"
+    bench.bench_pipeline(argparse.Namespace(runs=["quiet", "busy"], work_dir=str(out)))
+    for load in ("quiet", "busy"):
+        assert (out / load / "out" / "report.md").is_file()  # in the copies: this checkout's out/ is untouched
+    text = (tmp_path / "BENCHMARKS.md").read_text()
+    assert "| run | wall | data | base | evals/base | sft |" in text and "| busy | " in text
+    assert "| run | base val_bpb | sft format_rate | rl pass1_before | rl pass1_after |" in text
+    assert 'BASE_ARGS="--num-steps 2' in text

@@ -23,12 +23,14 @@ This file, top to bottom:
 """
 import argparse
 import contextlib
+import ctypes
 import dataclasses
 import gc
 import glob
 import json
 import math
 import os
+import platform
 import socket
 import sys
 import tempfile
@@ -45,7 +47,7 @@ import torch.utils.checkpoint
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
-from tokenizer import Tokenizer
+from tokenizer import Tokenizer, available_cpus
 
 # ====================================================================================================
 # 1. The model
@@ -502,8 +504,51 @@ def require_positive(cfg, names):
             raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
 
 
+# ----------------------------------------------------------------------------------------------------
+# The process on a CPU: how many threads, and what the memory allocator does with freed tensors.
+# Every stage's CLI goes through run_cli and parse_config, so every stage gets the same policy.
+
+# glibc's malloc gives every block above 32 MiB its own fresh mapping from the kernel and hands it back on
+# free(). A training step allocates and frees the same big tensors every time (at the tiny preset the float32
+# logits of one micro-batch alone are 32 x 256 x 4,096 x 4 bytes = 134 MB, and their gradient as much again), so
+# each step the kernel maps new pages and zero-fills each one at its first touch: ~350,000 page faults a step
+# and kernel ("sys") time of a third of the computing ("user") time. With M_MMAP_MAX = 0 malloc takes every
+# block from its heap, and with a high M_TRIM_THRESHOLD it keeps freed memory there for the next step instead
+# of returning it: the same idea as PyTorch's caching allocator on GPUs. The cost: the process keeps its peak
+# memory until it exits (and a little more, as free gaps in the heap are not always reused). BENCHMARKS.md
+# ("Issue 19") has the figures: losses identical, sys time ~5x and page faults ~8x lower. It is set here, in code,
+# rather than with GLIBC_TUNABLES in the environment, so that a plain `python train_gpt.py` gets it too.
+M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # mallopt's parameter numbers (glibc's malloc.h)
+KEEP_FREED_MEMORY = True  # bench.py turns it off to measure the difference
+
+
+def keep_freed_memory():
+    """Apply the allocator policy above; True when it was applied (only glibc has mallopt; elsewhere -- macOS,
+    Windows, musl -- nothing changes)."""
+    if not KEEP_FREED_MEMORY or platform.libc_ver()[0] != "glibc":
+        return False
+    mallopt = ctypes.CDLL(None).mallopt
+    return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, 2 ** 31 - 1))
+
+
+def cpu_threads():
+    """How many threads torch computes with on the CPU. torch's own default is one per core, and every
+    operation is split between them: when another program (a browser, an editor, a second job) takes a
+    core for a moment, each operation waits for the thread that lost its core. On 2 cores, 2 threads beside
+    other work made the stages 1.2-4.5x slower than 1 thread, while on an idle machine the second thread gained
+    1.5-1.8x (BENCHMARKS.md, "Issue 19"). A learner's laptop is rarely idle, so by default one core is left to the
+    rest of the machine: 1 thread on 2 cores. OMP_NUM_THREADS (which torchrun sets to 1 when it starts several
+    processes on one machine) takes precedence, and a stage's --threads flag over both (see parse_config)."""
+    if os.environ.get("OMP_NUM_THREADS", "").isdigit() and int(os.environ["OMP_NUM_THREADS"]) > 0:
+        return int(os.environ["OMP_NUM_THREADS"])
+    return max(1, available_cpus() - 1)
+
+
 def run_cli(main_fn, argv=None):
-    """Run a stage's main; turn UserError into one clear line on stderr and exit code 2."""
+    """Run a stage's main with the process policy above (allocator, default threads); turn UserError into
+    one clear line on stderr and exit code 2."""
+    keep_freed_memory()
+    torch.set_num_threads(cpu_threads())
     try:
         main_fn(sys.argv[1:] if argv is None else argv)
     except (UserError, data.DataError) as e:
@@ -554,6 +599,9 @@ def parse_config(cls, argv, presets=None, prog=None, description=None, aliases=N
     parser = _Parser(prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     if presets:
         parser.add_argument("--preset", help=f"named configuration: {', '.join(presets)}")
+    parser.add_argument("--threads", type=int, default=0, metavar="INT",
+                        help=f"torch threads on the CPU (default: 0 = automatic: {cpu_threads()} on this machine, "
+                             "see train_gpt.cpu_threads)")
     for f in fields(cls):
         flags = ["--" + f.name.replace("_", "-")] + ([aliases[f.name]] if aliases and f.name in aliases else [])
         help = f"{f.metadata.get('help', '')} (default: {f.default})"
@@ -566,6 +614,11 @@ def parse_config(cls, argv, presets=None, prog=None, description=None, aliases=N
             parser.add_argument(*flags, type=kind, default=argparse.SUPPRESS, metavar=kind.__name__.upper(),
                                 help=help)
     args = vars(parser.parse_args(argv))
+    threads = args.pop("threads")
+    if threads < 0:
+        raise UserError(f"--threads must be at least 0, got {threads}")
+    if threads:
+        torch.set_num_threads(threads)  # a process-wide setting, not part of the stage's config
     preset = args.pop("preset", None)
     if preset is not None and preset not in presets:
         raise UserError(f"unknown preset {preset!r}; choose one of: {', '.join(presets)}")
