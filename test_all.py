@@ -4636,7 +4636,7 @@ def test_yardstick_is_measured_once_and_written_beside_every_section(tmp_path, m
 
 
 @pytest.mark.slow
-def test_bench_pipeline_times_run_sh_at_smoke_size_quiet_and_busy(tmp_path, monkeypatch):
+def test_bench_pipeline_times_run_sh_at_smoke_size_beside_a_busy_process(tmp_path, monkeypatch):
     import bench
     for name, value in (("BASE_ARGS", "--num-steps 2 --eval-tokens 4096 --sample-every 0"),
                         ("SFT_ARGS", "--num-steps 2 --conversations 200 --eval-prompts 4 --interrogate-samples 1"),
@@ -4648,9 +4648,9 @@ def test_bench_pipeline_times_run_sh_at_smoke_size_quiet_and_busy(tmp_path, monk
     monkeypatch.setattr(bench, "BENCHMARKS_MD", str(tmp_path / "BENCHMARKS.md"))
     monkeypatch.setattr(bench, "_yardstick", (1.0, (1.0, 1.0), 0.0))
     out = tmp_path / "runs"
-    bench.bench_pipeline(argparse.Namespace(runs=["quiet", "busy"], work_dir=str(out)))
-    for load in ("quiet", "busy"):
-        assert (out / load / "out" / "report.md").is_file()  # in the copies: this checkout's out/ is untouched
+    # the busy run alone (the quiet one is the same code without the busy process): one smoke chain in CI
+    bench.bench_pipeline(argparse.Namespace(runs=["busy"], work_dir=str(out)))
+    assert (out / "busy" / "out" / "report.md").is_file()  # in the copy: this checkout's out/ is untouched
     text = (tmp_path / "BENCHMARKS.md").read_text()
     assert "| run | wall | data | base | evals/base | sft |" in text and "| busy | " in text
     assert "| run | base val_bpb | sft format_rate | rl pass1_before | rl pass1_after |" in text
