@@ -4488,6 +4488,8 @@ def test_training_merges_equal_the_textbook_algorithm(workers):
 
 
 def test_chunk_counting_in_workers_equals_one_process(tmp_path):
+    import multiprocessing
+    others = set(multiprocessing.active_children())  # e.g. the code tool's worker, started by earlier tests
     texts = [f"Line {i}: the cat sat on the mat,  again!\n\n" * (i % 7 + 1) for i in range(3000)]
     expected = collections.Counter(c for text in texts for c in regex.findall(tokenizer.SPLIT_PATTERN, text))
     assert tokenizer.count_chunks(iter(texts), tokenizer.SPLIT_PATTERN, workers=1) == expected
@@ -4496,8 +4498,7 @@ def test_chunk_counting_in_workers_equals_one_process(tmp_path):
     good.write_text("".join(texts))
     with pytest.raises(ValueError, match="cannot read training text"):  # the workers are stopped, not left waiting
         tokenizer.count_chunks([str(good), str(tmp_path / "missing.txt")], tokenizer.SPLIT_PATTERN, workers=2)
-    import multiprocessing
-    assert multiprocessing.active_children() == []
+    assert set(multiprocessing.active_children()) <= others
 
 
 def test_long_piece_buckets_merge_as_the_plain_scan_for_odd_vocabularies():
