@@ -694,6 +694,8 @@ class Engine:
                 if close > 0 and whole(grown[:close]):
                     allowed.add(token)
         allowed.discard(None)
+        if not allowed:  # a copy the guard did not start (a sampled space after a quote it judged ordinary):
+            return torch.zeros_like(ban)  # nothing of it is in the message, so there is nothing to keep to
         ban[list(allowed)] = False
         return ban
 

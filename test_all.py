@@ -4144,6 +4144,20 @@ def test_copy_guard_stops_a_run_of_dots_at_the_users_count(dots_tok):
         assert (len(copied) == expected) if guard else len(copied) > 37
 
 
+def test_copy_guard_never_bans_every_token(dots_tok):
+    """A copy literal the guard did not start (sampling wrote a space after a quote whose likeliest next
+    token was not one) may hold text the message lacks: the guard then stands aside instead of leaving no
+    token to sample (softmax of all -inf is NaN: RLHF's sampling crashed on it)."""
+    engine = Engine(tiny_model(dots_tok.vocab_size), dots_tok)
+    for state in (b"zzz", b"zz ", b"a", b"cat s"):
+        assert not engine.copy_ban(state, b"How many dots are here? ....").all()
+    prompt = render_for_completion(dots_tok, [{"role": "user", "content": "Say something."}])
+    engine = Engine(ScriptedModel(dots_tok, "<|code_start|>' zebra", seq_len=400), dots_tok)
+    engine.model.script = dots_tok.encode("<|code_start|>'", allowed_special="all") + dots_tok.encode_ordinary(" zebra")
+    for completion in engine.generate([prompt] * 3, max_tokens=12, temperature=1.0, seed=1):
+        assert completion.tokens  # sampled to the end, no NaN
+
+
 def test_copy_source_is_the_last_user_message(dots_tok):
     messages = [{"role": "system", "content": "You are nice."}, {"role": "user", "content": "first"},
                 {"role": "assistant", "content": "ok"}, {"role": "user", "content": "How many r's in strawberry"}]
