@@ -495,12 +495,13 @@ MAX_TOOL_OUTPUT_TOKENS = 128  # a tool's answer is cut to this many tokens befor
 # model does worst (attention finds "the token after this one" by content, and every dot looks the same).
 # The training data marks a copy: a string literal that opens with a quote and a space, `' strawberry '`
 # (data.quoted); the model's likeliest token after a quote says whether it means one (a space) or an
-# ordinary literal like `'e'`. Inside a copy, the engine lets the model write only text that its prompt's
-# last user message holds, the way
-# grammar-constrained decoding keeps JSON valid: the model still decides to call the tool, where the copy
-# starts and where it closes; the engine only rules out text it never saw. Engine(copy_guard=False) turns
-# this off, so that what the model does alone can be measured (sft.py reports both).
-COPY_CLOSE = b" '"  # a copy literal ends with a space and the quote
+# ordinary literal like `'e'`. Inside a copy, the engine lets the model write only whole words (or a whole
+# run of dots) of the prompt's last user message, the way grammar-constrained decoding keeps JSON valid:
+# the model still decides to call the tool, which words it copies and where the copy closes; the engine
+# only rules out text the message does not hold. Engine(copy_guard=False) turns this off, so that what the
+# model does alone can be measured (sft.py reports both).
+COPY_CLOSE = data.COPY_CLOSE.encode()
+QUOTE = ord("'")
 
 
 def copy_source(prompt):
@@ -531,7 +532,7 @@ def copy_literal_state(call):
     `' ...`, without the quote and space that open it)."""
     inside, start = False, 0
     for i, byte in enumerate(call):
-        if byte == 39:  # ord("'"): a quote opens or closes a literal
+        if byte == QUOTE:  # a quote opens or closes a literal
             inside, start = not inside, i + 1
     if not inside:
         return None
@@ -604,12 +605,11 @@ class Engine:
             self.ban_table[state, tokens] = True
         self.state_of_call = {end: state for state, end in enumerate(ends, start=1)}
         # The copy guard's tables: every ordinary token's bytes, and the reverse lookup.
-        self.token_bytes = list(tokenizer.vocab)
-        self.id_of_bytes = {b: i for i, b in enumerate(self.token_bytes)}
-        self.longest_token = max(map(len, self.token_bytes))
-        self.quote_tokens = [(i, b) for i, b in enumerate(self.token_bytes) if b"'" in b]
+        self.id_of_bytes = {b: i for i, b in enumerate(tokenizer.vocab)}
+        self.longest_token = max(map(len, tokenizer.vocab))
+        self.quote_tokens = [(i, b) for i, b in enumerate(tokenizer.vocab) if QUOTE in b]
         self.space_tokens = torch.zeros(model.config.vocab_size, dtype=torch.bool)
-        self.space_tokens[[i for i, b in enumerate(self.token_bytes) if b[:1] == b" "]] = True
+        self.space_tokens[[i for i, b in enumerate(tokenizer.vocab) if b[:1] == b" "]] = True
 
     # -- tools -------------------------------------------------------------------------------------
 

@@ -1671,9 +1671,12 @@ def spelling_words(split="train"):
     return sorted(words | (set(LECTURE_WORDS) if split == "heldout" else set()))
 
 
+COPY_CLOSE = " '"  # how a copy literal ends (chat.py's copy guard and sft.py's judges look for it)
+
+
 def quoted(span):
     """The code tool's string literal holding a span copied from the message (see above)."""
-    return f"' {span} '"
+    return f"' {span}{COPY_CLOSE}"
 
 
 def counting_item(rng, kind, wordings="train"):

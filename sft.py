@@ -637,7 +637,7 @@ def eval_sets(cfg, known):
 
     def question_and_copy(item):  # -> (question, (the quoted text the call must copy, value))
         question, code, value = item
-        return question, (code[:code.index(" '", 1) + 2], value)
+        return question, (code[:code.index(data.COPY_CLOSE, 1) + len(data.COPY_CLOSE)], value)
 
     copying = {kind: heldout_items(lambda kind=kind: question_and_copy(data.counting_item(rng, kind, "heldout")), n)
                for kind in data.COUNTING_WORDINGS}

@@ -4133,11 +4133,10 @@ def test_copy_guard_lets_a_copy_literal_hold_only_text_of_the_message(dots_tok, 
 def test_copy_guard_stops_a_run_of_dots_at_the_users_count(dots_tok):
     """A model that would write dots forever (the tiny model's failure on the lecture's prompt) copies
     exactly the user's 37 with the guard on, and runs away with it off."""
-    reply = "<|code_start|>' " + "." * 120
     prompt = render_for_completion(dots_tok, [{"role": "user", "content": "How many dots are here? " + "." * 37}])
     for guard, expected in ((True, 37), (False, None)):
-        engine = Engine(ScriptedModel(dots_tok, reply, seq_len=400), dots_tok, copy_guard=guard)
-        engine.model.script = dots_tok.encode("<|code_start|>'", allowed_special="all") + [
+        engine = Engine(ScriptedModel(dots_tok, "", seq_len=400), dots_tok, copy_guard=guard)
+        engine.model.script = dots_tok.encode("<|code_start|>'", allowed_special="all") + [  # one dot at a time
             dots_tok.encode_ordinary(" .")[0]] + [dots_tok.encode_ordinary(".")[0]] * 200
         text = dots_tok.decode(engine.generate(prompt, max_tokens=150, temperature=0)[0].tokens)
         copied = re.match(r"<\|code_start\|>' (\.*)", text).group(1)
@@ -4153,7 +4152,6 @@ def test_copy_guard_never_bans_every_token(dots_tok):
         assert not engine.copy_ban(state, b"How many dots are here? ....").all()
     prompt = render_for_completion(dots_tok, [{"role": "user", "content": "Say something."}])
     engine = Engine(ScriptedModel(dots_tok, "<|code_start|>' zebra", seq_len=400), dots_tok)
-    engine.model.script = dots_tok.encode("<|code_start|>'", allowed_special="all") + dots_tok.encode_ordinary(" zebra")
     for completion in engine.generate([prompt] * 3, max_tokens=12, temperature=1.0, seed=1):
         assert completion.tokens  # sampled to the end, no NaN
 
