@@ -194,7 +194,8 @@ def bench_yardstick(args):
 # block ends, exceptions included.
 BUSY_LOOP = """
 import os, sys, time
-parent, end = os.getppid(), time.monotonic() + float(sys.argv[1])
+parent, end = int(sys.argv[2]), time.monotonic() + float(sys.argv[1])  # the bench's pid, given: were the
+# bench killed before this line ran, os.getppid() would already name the process that adopted us
 while time.monotonic() < end and os.getppid() == parent:
     for _ in range(100_000):
         pass
@@ -204,7 +205,7 @@ while time.monotonic() < end and os.getppid() == parent:
 @contextlib.contextmanager
 def busy_process(max_seconds=3600):
     """`with busy_process():` runs the block beside one CPU-burning process; yields its Popen."""
-    proc = subprocess.Popen([sys.executable, "-c", BUSY_LOOP, str(max_seconds)])
+    proc = subprocess.Popen([sys.executable, "-c", BUSY_LOOP, str(max_seconds), str(os.getpid())])
     try:
         yield proc
     finally:
