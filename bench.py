@@ -1025,11 +1025,20 @@ def available_stages(args):
     return stages, commands
 
 
+THREAD_CHOICES = (1, 2, 0)  # --threads N; 0 = the stage's automatic choice (train_gpt.cpu_threads)
+
+
+def thread_label(threads):
+    return "auto" if threads == 0 else f"{threads}t"
+
+
 def bench_threads(args):
     """Every (stage, threads, load) combination, interleaved round by round so that all of them see the same
-    changes in the machine's other work; the figure is the median step time over the rounds."""
+    changes in the machine's other work; the figure is the median step time over the rounds. "auto" is the
+    default policy (as many threads as idle cores when the stage starts): it should be as fast as the faster
+    fixed count in both loads."""
     stages, commands = available_stages(args)
-    combos = [(threads, load) for load in ("quiet", "busy") for threads in (1, 2)]
+    combos = [(threads, load) for load in ("quiet", "busy") for threads in THREAD_CHOICES]
     results = {(stage, *combo): [] for stage in stages for combo in combos}
     loads = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -1039,28 +1048,29 @@ def bench_threads(args):
                     run = run_stage(commands[stage], os.path.join(tmp, stage), threads, load)
                     results[stage, threads, load].append(run["step_s"])
                     loads.append(run["load_1min"])
-                    print(f"round {round_ + 1}: {stage}, {threads} thread(s), {load}: {run['step_s']:.3f} s/step "
+                    print(f"round {round_ + 1}: {stage}, {thread_label(threads)}, {load}: {run['step_s']:.3f} s/step "
                           f"(load average {run['load_1min']:.1f})", flush=True)
-    header = ["stage", "1 thread quiet s/step", "2 threads quiet s/step", "1 thread busy s/step",
-              "2 threads busy s/step", "2 vs 1 thread, quiet", "2 vs 1 thread, busy", "1 thread: busy vs quiet"]
+    header = ["stage", *(f"{thread_label(t)} {load} s/step" for t, load in combos),
+              "auto vs best fixed, quiet", "auto vs best fixed, busy"]
     rows, figures = [], {}
     for stage in stages:
         med = {combo: statistics.median(results[(stage, *combo)]) for combo in combos}
-        rows.append([stage, *(spread(results[(stage, *combo)], "{:.3f}") for combo in combos),
-                     f"{med[1, 'quiet'] / med[2, 'quiet']:.2f}x", f"{med[1, 'busy'] / med[2, 'busy']:.2f}x",
-                     f"{med[1, 'quiet'] / med[1, 'busy']:.2f}x"])
-        figures[stage] = {f"{t}t_{load}": [round(x, 4) for x in results[(stage, t, load)]] for t, load in combos}
+        versus = [f"{min(med[1, load], med[2, load]) / med[0, load]:.2f}x" for load in ("quiet", "busy")]
+        rows.append([stage, *(spread(results[(stage, *combo)], "{:.3f}") for combo in combos), *versus])
+        figures[stage] = {f"{thread_label(t)}_{load}": [round(x, 4) for x in results[(stage, t, load)]]
+                          for t, load in combos}
     print_table(header, rows)
     print(json.dumps({"bench": "threads", "repeats": args.repeats, "load_1min": loads, **figures}))
     write_section("threads", f"""
-## Threads: 1 or 2, quiet and beside a busy process
+## Threads: 1, 2 or automatic, quiet and beside a busy process
 
 `python bench.py threads --repeats {args.repeats}` — {machine()}; load average {min(loads):.1f}–{max(loads):.1f}
-while measuring (other jobs shared this machine: "quiet" is only what the bench itself adds — nothing; "busy" adds
-one process burning a core, `bench.busy_process`). Short runs of each stage's own step (`bench.short_stage_commands`),
-each in its own process with `--threads N`, the combinations interleaved round by round; median seconds per step
-over {args.repeats} rounds (min–max), the first step of each run left out. The ratio columns compare speeds:
-"2 vs 1 thread" above 1x means 2 threads are faster; "busy vs quiet" below 1x means the busy process slowed 1 thread.
+while measuring ("quiet" is only what the bench itself adds — nothing; "busy" adds one process burning a core,
+`bench.busy_process`). Short runs of each stage's own step (`bench.short_stage_commands`), each in its own process
+with `--threads N` (auto: `--threads 0`, the default, `train_gpt.cpu_threads`), the combinations interleaved round
+by round; median seconds per step over {args.repeats} rounds (min–max), the first step of each run left out. "auto vs
+best fixed" is the faster fixed count's step time over auto's: 1.00x means auto chose as well as the better of 1 and
+2 threads; below 1x, auto was slower.
 
 {markdown_table(header, rows)}
 """)
@@ -1299,7 +1309,7 @@ def main():
     yard = sub.add_parser("yardstick", help="a fixed small torch workload: how fast this machine is today")
     yard.set_defaults(run=bench_yardstick)
     for name, run, help_text in (
-            ("threads", bench_threads, "stages at 1 and 2 threads, quiet and beside a busy process"),
+            ("threads", bench_threads, "stages at 1, 2 and automatic threads, quiet and beside a busy process"),
             ("kernel", bench_kernel, "user/sys time and page faults with and without the allocator policy")):
         stage_bench = sub.add_parser(name, help=help_text)
         stage_bench.add_argument("--repeats", type=int, default=3)

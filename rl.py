@@ -487,7 +487,7 @@ def train(cfg):
     ckpt_path = os.path.join(cfg.out_dir, "model.pt")
     colour = use_colour()
     print(f"policy: {cfg.checkpoint} ({learner.stage} checkpoint, {learner.policy.num_params():,} parameters), "
-          f"device {learner.rt.device}")
+          f"device {learner.rt.where}")
     print(describe_terms(cfg))
     print(f"plan: {cfg.num_steps} steps x {cfg.problems_per_step} {cfg.task} problems (difficulty {cfg.difficulty}) "
           f"x {cfg.samples} attempts; held-out: {len(heldout)} problems, pass@1 greedy and pass@{cfg.pass_k}")

@@ -763,7 +763,7 @@ def finetune(cfg):
         ", ".join(f"{k} {len(v)}" for k, v in mixture.items()) + (f", --data {len(extra)}" if extra else ""))
     log(f"plan: {cfg.num_steps} steps x {cfg.batch_size} conversations = "
         f"{cfg.num_steps * cfg.batch_size / max(len(train_rows), 1):.1f} passes over the mixture; base "
-        f"checkpoint {checkpoint_file(cfg.base)} (step {base_meta['step']}); device {rt.device}")
+        f"checkpoint {checkpoint_file(cfg.base)} (step {base_meta['step']}); device {rt.where}")
     optimizers = build_optimizers(model, cfg, rt.device.type)
     sampler = ConversationSampler(train_rows, cfg.batch_size, cfg.seed)
     # --resume: the mixture above was rebuilt from the *base* model (the interrogation asks it), exactly as

@@ -932,6 +932,7 @@ def tiny_gpt(seed=0, **over):
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
+        model.smear_scale.fill_(0.8)  # smear on (it starts at 0), so the cache tests cover its carried state
     return model
 
 
@@ -1377,7 +1378,7 @@ def test_code_tool_refuses_any_expression_with_a_forbidden_part(safe, forbidden,
     assert isinstance(result, str) and result.startswith("Error:"), (src, result)
 
 
-def tiny_model(vocab_size, seq_len=64, seed=0):
+def tiny_model(vocab_size, seq_len=64, seed=0, smear=True):
     """A random small GPT whose weights are scaled up so that its greedy choices are well separated."""
     torch.manual_seed(seed)
     config = train_gpt.GPTConfig(vocab_size=vocab_size, seq_len=seq_len, n_layer=2, n_embd=32, n_head=4, n_kv_head=2)
@@ -1386,6 +1387,10 @@ def tiny_model(vocab_size, seq_len=64, seed=0):
     for block in model.blocks:
         torch.nn.init.normal_(block.attn.proj.weight, std=0.2)
         torch.nn.init.normal_(block.mlp.proj.weight, std=0.2)
+    if smear:  # smear on (it starts at 0): batched, padded and cached runs must still agree
+        with torch.no_grad():
+            model.smear_scale.fill_(0.8)
+            torch.nn.init.normal_(model.smear_gate, std=1.0)
     return model.eval()
 
 
@@ -2267,8 +2272,8 @@ def test_system_message_is_spread_over_every_source_not_only_identity():
 
 
 def seeded_engine_model(seq_len=48):
-    """The tiny model the old engine's outputs below were recorded with (seed 5)."""
-    return tiny_model(byte_tok().vocab_size, seq_len, seed=5)
+    """The tiny model the old engine's outputs below were recorded with (seed 5; no smear then)."""
+    return tiny_model(byte_tok().vocab_size, seq_len, seed=5, smear=False)
 
 
 @pytest.fixture
@@ -4554,10 +4559,13 @@ def test_decoding_one_token_without_a_mask_equals_the_full_forward():
 
 # ---- issue 19: threads, kernel time, compile, yardstick (sys)
 
-def test_cpu_threads_leave_one_core_and_yield_to_omp_num_threads_and_the_flag(monkeypatch):
+def test_cpu_threads_follow_the_idle_cores_and_yield_to_omp_num_threads_and_the_flag(monkeypatch):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    for cores, threads in ((1, 1), (2, 1), (8, 7)):
+    # (cores, idle cores measured, threads): quiet, beside one busy process, a busy machine, light activity,
+    # and no /proc/stat (one core left free)
+    for cores, idle, threads in ((2, 1.97, 2), (2, 1.02, 1), (2, 0.1, 1), (8, 6.8, 7), (2, None, 1), (8, None, 7)):
         monkeypatch.setattr(train_gpt, "available_cpus", lambda: cores)
+        monkeypatch.setattr(train_gpt, "idle_cores", lambda: idle)
         assert train_gpt.cpu_threads() == threads
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
     assert train_gpt.cpu_threads() == 3
@@ -4669,3 +4677,15 @@ def test_bench_pipeline_times_run_sh_at_smoke_size_beside_a_busy_process(tmp_pat
     assert "| run | wall | data | base | evals/base | sft |" in text and "| busy | " in text
     assert "| run | base val_bpb | sft format_rate | rl pass1_before | rl pass1_after |" in text
     assert 'BASE_ARGS="--num-steps 2' in text
+
+
+
+def test_idle_cores_reads_the_share_of_idle_time_between_two_samples_of_proc_stat(tmp_path, monkeypatch):
+    stat = tmp_path / "stat"
+    # two cores; over the sample 100 ticks pass per core: 150 of the 200 idle (100 + 30 idle, 20 iowait)
+    stat.write_text("cpu  1000 0 500 4000 100 0 0 0 0 0\ncpu0 500 0 250 2000 50 0 0 0\ncpu1 500 0 250 2000 50 0 0 0\n")
+    after = "cpu  1040 0 510 4130 120 0 0 0 0 0\ncpu0 540 0 260 2030 70 0 0 0\ncpu1 500 0 250 2100 50 0 0 0\n"
+    monkeypatch.setattr(train_gpt.time, "sleep", lambda seconds: stat.write_text(after))
+    assert train_gpt.idle_cores(stat=str(stat)) == pytest.approx(1.5)
+    assert train_gpt.idle_cores(stat=str(tmp_path / "missing")) is None
+

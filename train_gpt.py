@@ -109,6 +109,7 @@ class KVCache:
         # tokens that nothing attends to and that take no position, so each row computes exactly what it
         # would alone. None = no padding.
         self.pad = None if pad is None else torch.as_tensor(pad, dtype=torch.long, device=device)
+        self.last_embedding = None  # (B, 1, n_embd): the newest token's embedding, which smear mixes forward
 
     @property
     def length(self):
@@ -129,6 +130,8 @@ class KVCache:
             setattr(self, name, new)
         if self.pad is not None:
             self.pad = self.pad.repeat_interleave(n)
+        if self.last_embedding is not None:
+            self.last_embedding = self.last_embedding.repeat_interleave(n, dim=0)
 
     def store(self, layer, k, v):
         """Append this step's keys/values (B, kv_heads, T, head_dim) for one layer; return everything
@@ -235,6 +238,18 @@ class Block(nn.Module):
         return x + self.mlp(rms_norm(x))
 
 
+# Smear: before the first block, each token's vector takes in a gated share of the previous token's.
+# Copying from the context ("the word after 'in' goes into the call") needs every position to know which
+# token came before it. A transformer can learn that with a previous-token attention head, but the tiny
+# model trained for minutes does not (its loss on a passage repeated in the same window is no lower the
+# second time: 6.03 vs 5.94 nats). With smear that knowledge is in the vectors from the start. Measured on
+# the tiny pipeline (BENCHMARKS.md, "Smear"): val 2.1800 -> 2.1626 bits per byte, and SFT on nothing but
+# copy tasks put the user's word into the call in 25 of 40 held-out prompts instead of 9.
+# The gate (one weight per leading channel, sigmoid) decides per token how much of its predecessor to
+# take; the scale starts at 0, so training begins with no smear at all (modded-nanogpt's "smear" trick).
+SMEAR_GATE_CHANNELS = 16
+
+
 LOSS_CHUNK_TOKENS = 8192  # rows of the output head computed at once in the loss (the tiny preset's micro-batch)
 
 
@@ -248,6 +263,10 @@ class GPT(nn.Module):
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)  # token id -> vector (a lookup table)
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)  # vector -> logits; untied
+        # plain zero tensors, not nn.Linear: building them draws no random numbers, so a seed builds the
+        # same blocks and embedding as it did before smear existed
+        self.smear_gate = nn.Parameter(torch.zeros(SMEAR_GATE_CHANNELS))
+        self.smear_scale = nn.Parameter(torch.zeros(1))
         cos, sin = rotary_tables(config.seq_len, config.n_embd // config.n_head, config.rope_base)
         self.register_buffer("cos", cos, persistent=False)  # derived from the config, so not saved
         self.register_buffer("sin", sin, persistent=False)
@@ -266,6 +285,8 @@ class GPT(nn.Module):
             nn.init.zeros_(block.attn.proj.weight)
             nn.init.zeros_(block.mlp.proj.weight)
         nn.init.normal_(self.lm_head.weight, std=0.001)  # near-uniform first guesses: loss starts ~ln(vocab)
+        nn.init.zeros_(self.smear_gate)
+        nn.init.zeros_(self.smear_scale)
 
     def forward(self, idx, targets=None, kv_cache=None, reduction="mean"):
         """idx: (B, T) token ids. targets: (B, T) next-token ids, -1 where no loss should be taken.
@@ -319,12 +340,27 @@ class GPT(nn.Module):
             cos, sin = self.cos[positions], self.sin[positions]
         else:
             cos, sin = self.cos[start:start + T], self.sin[start:start + T]
-        x = rms_norm(self.wte(idx))
+        padded = kv_cache is not None and kv_cache.pad is not None
+        x = self.smear(rms_norm(self.wte(idx)), kv_cache, positions if padded else None)
         for block in self.blocks:
             x = block(x, cos, sin, kv_cache)
         if kv_cache is not None:
             kv_cache.pos += T
         return rms_norm(x)
+
+    def smear(self, x, kv_cache, positions):
+        """x (B, T, n_embd) embeddings -> each plus gate x its predecessor's (see SMEAR_GATE_CHANNELS). The
+        first token of a sequence has no predecessor; in decoding, the cache remembers the newest token's
+        embedding for the next step; a left-padded row's first real token (position 0) ignores the filler."""
+        before = x.new_zeros(x[:, :1].shape) if kv_cache is None or kv_cache.last_embedding is None \
+            else kv_cache.last_embedding
+        previous = torch.cat([before, x[:, :-1]], dim=1)
+        if positions is not None:
+            previous = previous * (positions > 0)[..., None]
+        if kv_cache is not None:
+            kv_cache.last_embedding = x[:, -1:]
+        gate = torch.sigmoid(x[..., :SMEAR_GATE_CHANNELS] @ self.smear_gate)[..., None]
+        return x + self.smear_scale * gate * previous
 
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
@@ -461,10 +497,11 @@ class Muon(torch.optim.Optimizer):
 def build_optimizers(model, cfg, device_type, rank=0, world=1):
     """Muon for the matrices inside the blocks; AdamW for the embedding table and the output head, whose
     rows belong to individual tokens and see very uneven gradients (Muon's whole-matrix view suits them
-    badly). Each group remembers its base learning rate, which the schedule scales every step."""
+    badly), and for smear's few weights. Each group remembers its base learning rate, which the schedule scales every step."""
     matrices = [p for p in model.blocks.parameters()]
     adam_groups = [dict(params=[model.wte.weight], lr=cfg.embed_lr),
-                   dict(params=[model.lm_head.weight], lr=cfg.head_lr)]
+                   dict(params=[model.lm_head.weight], lr=cfg.head_lr),
+                   dict(params=[model.smear_gate, model.smear_scale], lr=cfg.head_lr)]
     adamw = torch.optim.AdamW(adam_groups, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=1e-10, weight_decay=0.0,
                               fused=device_type == "cuda")
     muon = Muon(matrices, lr=cfg.matrix_lr, momentum=cfg.muon_momentum, rank=rank, world=world)
@@ -531,17 +568,44 @@ def keep_freed_memory():
     return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, 2 ** 31 - 1))
 
 
+def idle_cores(seconds=0.2, stat="/proc/stat"):
+    """How many cores nothing else is using right now, from the kernel's per-state CPU time counters in
+    /proc/stat sampled `seconds` apart (the idle + iowait share of all the time that passed, times the
+    cores) -> a float, or None where there is no /proc/stat (macOS, Windows). Instantaneous on purpose: the
+    load average lags by a minute and would still count the pipeline's previous stage."""
+    def idle_and_total():
+        with open(stat) as f:
+            lines = f.read().splitlines()
+        cpu = [float(v) for v in lines[0].split()[1:9]]  # user nice system idle iowait irq softirq steal
+        cores = sum(1 for line in lines if line.startswith("cpu") and line[3:4].isdigit())
+        return cpu[3] + cpu[4], sum(cpu), cores
+    try:
+        idle0, total0, cores = idle_and_total()
+        time.sleep(seconds)
+        idle1, total1, _ = idle_and_total()
+    except (OSError, ValueError, IndexError):
+        return None
+    return cores * (idle1 - idle0) / max(total1 - total0, 1e-9)
+
+
+IDLE_CORE_SHARE = 0.75  # a core counts as free when it was idle at least this much of the sample
+
+
 def cpu_threads():
-    """How many threads torch computes with on the CPU. torch's own default is one per core, and every
-    operation is split between them: when another program (a browser, an editor, a second job) takes a
-    core for a moment, each operation waits for the thread that lost its core. On 2 cores, 2 threads beside
-    other work made the stages 1.2-4.5x slower than 1 thread, while on an idle machine the second thread gained
-    1.5-1.8x (BENCHMARKS.md, "Issue 19"). A learner's laptop is rarely idle, so by default one core is left to the
-    rest of the machine: 1 thread on 2 cores. OMP_NUM_THREADS (which torchrun sets to 1 when it starts several
-    processes on one machine) takes precedence, and a stage's --threads flag over both (see parse_config)."""
+    """How many threads torch computes with on the CPU: as many as there are idle cores when the stage
+    starts. torch's own default is one per core, and every operation is split between them: when another
+    program (a browser, an editor, a second job) holds a core, each operation waits for the thread that
+    lost its core. On 2 cores, 2 threads beside one busy process made the stages 1.2-4.5x slower than 1
+    thread, while on an idle machine the second thread gained 1.5-1.8x (BENCHMARKS.md, "Issue 19"): no fixed
+    count is fast in both, a measured one is. Without /proc/stat, one core is left to the rest of the
+    machine. OMP_NUM_THREADS (which torchrun sets to 1 when it starts several processes on one machine)
+    takes precedence, and a stage's --threads flag over both (see parse_config)."""
     if os.environ.get("OMP_NUM_THREADS", "").isdigit() and int(os.environ["OMP_NUM_THREADS"]) > 0:
         return int(os.environ["OMP_NUM_THREADS"])
-    return max(1, available_cpus() - 1)
+    cores, idle = available_cpus(), idle_cores()
+    if idle is None:
+        return max(1, cores - 1)
+    return max(1, min(cores, int(idle + 1 - IDLE_CORE_SHARE)))
 
 
 def run_cli(main_fn, argv=None):
@@ -600,8 +664,8 @@ def parse_config(cls, argv, presets=None, prog=None, description=None, aliases=N
     if presets:
         parser.add_argument("--preset", help=f"named configuration: {', '.join(presets)}")
     parser.add_argument("--threads", type=int, default=0, metavar="INT",
-                        help=f"torch threads on the CPU (default: 0 = automatic: {cpu_threads()} on this machine, "
-                             "see train_gpt.cpu_threads)")
+                        help="torch threads on the CPU (default: 0 = automatic: as many as there are idle cores "
+                             "when the stage starts, see train_gpt.cpu_threads)")
     for f in fields(cls):
         flags = ["--" + f.name.replace("_", "-")] + ([aliases[f.name]] if aliases and f.name in aliases else [])
         help = f"{f.metadata.get('help', '')} (default: {f.default})"
@@ -639,6 +703,11 @@ class Runtime:
     @property
     def master(self):
         return self.rank == 0  # only one process prints and writes files
+
+    @property
+    def where(self):
+        """The device as the stages print it: on a CPU with its thread count (see cpu_threads)."""
+        return f"cpu ({torch.get_num_threads()} threads)" if self.device.type == "cpu" else str(self.device)
 
     def autocast(self):
         """Matrix multiplies in bfloat16 (2-16x faster on GPUs, half the memory traffic) while the weights
@@ -824,7 +893,11 @@ def load_checkpoint(path, device="cpu", tokenizer=None):
         raise UserError(f"{path}: tokenizer vocab {tokenizer.vocab_size} differs from the model's "
                         f"{model_config.vocab_size}")
     model = GPT(model_config).to(device)
-    model.load_state_dict(model_state)
+    # A checkpoint from before smear existed holds no smear weights: it loads with the scale left at 0,
+    # which is that model exactly (its vectors get nothing of their predecessors').
+    missing, unexpected = model.load_state_dict(model_state, strict=False)
+    if unexpected or set(missing) - {"smear_gate", "smear_scale"}:
+        model.load_state_dict(model_state)  # the strict load, for its own error message
     return model, tokenizer, meta
 
 
@@ -905,8 +978,8 @@ def _gpu_preset(name, depth, batch_size, tokens_per_param=20):
     return dict(depth=depth, n_embd=64 * depth, n_head=depth // 2, n_kv_head=depth // 2, seq_len=2048,
                 batch_size=batch_size, total_batch_tokens=524288, num_steps=num_steps, matrix_lr=0.02,
                 embed_lr=0.2 * (64 * depth / 768) ** -0.5, head_lr=0.004 * (64 * depth / 768) ** -0.5,
-                warmup_steps=0, warmdown_frac=0.2, eval_every=250, eval_tokens=10 * 524288, sample_every=1000,
-                save_every=500, shards=os.path.join(root, "shards", "fineweb"),
+                warmup_steps=0, warmdown_frac=0.2, eval_every=250, eval_tokens=10 * 524288,
+                sample_every=1000, save_every=500, shards=os.path.join(root, "shards", "fineweb"),
                 tokenizer=os.path.join(root, "tokenizer", "tokenizer.json"), out_dir=os.path.join(root, "base"))
 
 
@@ -1150,7 +1223,7 @@ def print_plan(cfg, model, accum, rt, train_tokens):
     print(f"plan: {cfg.num_steps:,} steps x {cfg.total_batch_tokens:,} tokens/step = {tokens:,} tokens "
           f"({tokens / n:.1f} per parameter, {tokens / train_tokens:.1f} passes over the {train_tokens:,}-token "
           f"training split); {rt.world} process(es) x {cfg.batch_size} x {cfg.seq_len} tokens "
-          f"x {accum} accumulation step(s); device {rt.device}, "
+          f"x {accum} accumulation step(s); device {rt.where}, "
           f"{'bf16 autocast' if rt.autocast_dtype else 'float32'}")
     print(f"for scale: {GPT2_FACTS}; its batch was ~1M tokens/step (ours {cfg.total_batch_tokens:,})")
 
