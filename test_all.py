@@ -4559,6 +4559,16 @@ def test_decoding_one_token_without_a_mask_equals_the_full_forward():
 
 # ---- issue 19: threads, kernel time, compile, yardstick (sys)
 
+def test_idle_cores_reads_the_share_of_idle_time_between_two_samples_of_proc_stat(tmp_path, monkeypatch):
+    stat = tmp_path / "stat"
+    # two cores; over the sample 100 ticks pass per core: 150 of the 200 idle (130 idle + 20 iowait)
+    stat.write_text("cpu  1000 0 500 4000 100 0 0 0 0 0\ncpu0 500 0 250 2000 50 0 0 0\ncpu1 500 0 250 2000 50 0 0 0\n")
+    after = "cpu  1040 0 510 4130 120 0 0 0 0 0\ncpu0 540 0 260 2030 70 0 0 0\ncpu1 500 0 250 2100 50 0 0 0\n"
+    monkeypatch.setattr(train_gpt.time, "sleep", lambda seconds: stat.write_text(after))
+    assert train_gpt.idle_cores(stat=str(stat)) == pytest.approx(1.5)
+    assert train_gpt.idle_cores(stat=str(tmp_path / "missing")) is None
+
+
 def test_cpu_threads_follow_the_idle_cores_and_yield_to_omp_num_threads_and_the_flag(monkeypatch):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     # (cores, idle cores measured, threads): quiet, beside one busy process, a busy machine, light activity,
@@ -4677,15 +4687,3 @@ def test_bench_pipeline_times_run_sh_at_smoke_size_beside_a_busy_process(tmp_pat
     assert "| run | wall | data | base | evals/base | sft |" in text and "| busy | " in text
     assert "| run | base val_bpb | sft format_rate | rl pass1_before | rl pass1_after |" in text
     assert 'BASE_ARGS="--num-steps 2' in text
-
-
-
-def test_idle_cores_reads_the_share_of_idle_time_between_two_samples_of_proc_stat(tmp_path, monkeypatch):
-    stat = tmp_path / "stat"
-    # two cores; over the sample 100 ticks pass per core: 150 of the 200 idle (100 + 30 idle, 20 iowait)
-    stat.write_text("cpu  1000 0 500 4000 100 0 0 0 0 0\ncpu0 500 0 250 2000 50 0 0 0\ncpu1 500 0 250 2000 50 0 0 0\n")
-    after = "cpu  1040 0 510 4130 120 0 0 0 0 0\ncpu0 540 0 260 2030 70 0 0 0\ncpu1 500 0 250 2100 50 0 0 0\n"
-    monkeypatch.setattr(train_gpt.time, "sleep", lambda seconds: stat.write_text(after))
-    assert train_gpt.idle_cores(stat=str(stat)) == pytest.approx(1.5)
-    assert train_gpt.idle_cores(stat=str(tmp_path / "missing")) is None
-

@@ -263,8 +263,8 @@ class GPT(nn.Module):
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)  # token id -> vector (a lookup table)
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)  # vector -> logits; untied
-        # plain zero tensors, not nn.Linear: building them draws no random numbers, so a seed builds the
-        # same blocks and embedding as it did before smear existed
+        # smear's weights (see SMEAR_GATE_CHANNELS) are plain zero tensors, not an nn.Linear: building them
+        # draws no random numbers, so they leave the random start of every other layer as it was
         self.smear_gate = nn.Parameter(torch.zeros(SMEAR_GATE_CHANNELS))
         self.smear_scale = nn.Parameter(torch.zeros(1))
         cos, sin = rotary_tables(config.seq_len, config.n_embd // config.n_head, config.rope_base)
@@ -352,8 +352,8 @@ class GPT(nn.Module):
         """x (B, T, n_embd) embeddings -> each plus gate x its predecessor's (see SMEAR_GATE_CHANNELS). The
         first token of a sequence has no predecessor; in decoding, the cache remembers the newest token's
         embedding for the next step; a left-padded row's first real token (position 0) ignores the filler."""
-        before = x.new_zeros(x[:, :1].shape) if kv_cache is None or kv_cache.last_embedding is None \
-            else kv_cache.last_embedding
+        carried = kv_cache.last_embedding if kv_cache is not None else None
+        before = carried if carried is not None else torch.zeros_like(x[:, :1])
         previous = torch.cat([before, x[:, :-1]], dim=1)
         if positions is not None:
             previous = previous * (positions > 0)[..., None]
@@ -497,7 +497,8 @@ class Muon(torch.optim.Optimizer):
 def build_optimizers(model, cfg, device_type, rank=0, world=1):
     """Muon for the matrices inside the blocks; AdamW for the embedding table and the output head, whose
     rows belong to individual tokens and see very uneven gradients (Muon's whole-matrix view suits them
-    badly), and for smear's few weights. Each group remembers its base learning rate, which the schedule scales every step."""
+    badly), and for smear's few weights. Each group remembers its base learning rate, which the schedule
+    scales every step."""
     matrices = [p for p in model.blocks.parameters()]
     adam_groups = [dict(params=[model.wte.weight], lr=cfg.embed_lr),
                    dict(params=[model.lm_head.weight], lr=cfg.head_lr),
@@ -605,7 +606,7 @@ def cpu_threads():
     cores, idle = available_cpus(), idle_cores()
     if idle is None:
         return max(1, cores - 1)
-    return max(1, min(cores, int(idle + 1 - IDLE_CORE_SHARE)))
+    return max(1, min(cores, int(idle + 1 - IDLE_CORE_SHARE)))  # 1.8 idle cores -> 2 threads; 1.6 -> 1
 
 
 def run_cli(main_fn, argv=None):
@@ -978,8 +979,8 @@ def _gpu_preset(name, depth, batch_size, tokens_per_param=20):
     return dict(depth=depth, n_embd=64 * depth, n_head=depth // 2, n_kv_head=depth // 2, seq_len=2048,
                 batch_size=batch_size, total_batch_tokens=524288, num_steps=num_steps, matrix_lr=0.02,
                 embed_lr=0.2 * (64 * depth / 768) ** -0.5, head_lr=0.004 * (64 * depth / 768) ** -0.5,
-                warmup_steps=0, warmdown_frac=0.2, eval_every=250, eval_tokens=10 * 524288,
-                sample_every=1000, save_every=500, shards=os.path.join(root, "shards", "fineweb"),
+                warmup_steps=0, warmdown_frac=0.2, eval_every=250, eval_tokens=10 * 524288, sample_every=1000,
+                save_every=500, shards=os.path.join(root, "shards", "fineweb"),
                 tokenizer=os.path.join(root, "tokenizer", "tokenizer.json"), out_dir=os.path.join(root, "base"))
 
 
