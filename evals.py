@@ -50,7 +50,7 @@ import torch.nn.functional as F
 import data
 from chat import Engine, assistant_content
 from tokenizer import render_for_completion
-from train_gpt import UserError, load_checkpoint, opt, parse_config, run_cli, setup_runtime
+from train_gpt import UserError, distributed_stage, load_checkpoint, opt, parse_config, run_cli, setup_runtime
 
 # ====================================================================================================
 # The tasks: where each test split lives on the Hub, and how its rows become exam items
@@ -778,7 +778,9 @@ def main(argv):
         for path in write_eval_fixtures(argv[1], *map(int, argv[2:])):
             print(path)
         return
-    run(parse_config(EvalConfig, argv, prog="evals.py", description=__doc__))
+    cfg = parse_config(EvalConfig, argv, prog="evals.py", description=__doc__)
+    with distributed_stage():  # under torchrun, rank 1 must not exit while rank 0 still writes the results
+        run(cfg)
 
 
 if __name__ == "__main__":

@@ -4073,6 +4073,25 @@ def test_evals_cli_partial_run_is_marked_deterministic_and_feeds_the_report_tabl
     assert table[3].startswith("| sft |") and table[3].endswith("| 12* |") and "not benchmark scores" in table[-1]
 
 
+def test_evals_main_leaves_the_process_group_that_torchrun_started(served_exams, tmp_path):
+    """Like every stage, evals.py leaves the process group on its way out: a process that exits with gloo's
+    group still up can abort while its peer still writes (CI saw rank 1 die with SIGABRT after the exams).
+    One in-process member stands in for torchrun's group; without the teardown it would still be there."""
+    data_dir, _ = served_exams
+    tok = byte_tok()
+    train_gpt.save_checkpoint(str(tmp_path / "sft" / "model.pt"), tiny_model(tok.vocab_size, seq_len=512), tok, 0, {},
+                              stage="sft")
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        evals.main(["--checkpoint", str(tmp_path / "sft"), "--data-dir", data_dir, "--limit", "2", "--tasks", "arc_easy",
+                    "--out-dir", str(tmp_path / "evals")])
+        assert not torch.distributed.is_initialized()
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    assert json.loads((tmp_path / "evals" / "metrics.json").read_text())["arc_easy_acc_n"] == 2
+
+
 def test_evals_cli_user_mistakes_are_one_clear_line(tmp_path):
     for args, problem in ((["--tasks", "squad"], "--tasks: unknown squad"),
                           (["--checkpoint", str(tmp_path / "none")], "no checkpoint at"),
