@@ -237,20 +237,24 @@ def sample_in_chunks(engine, prompts, n, max_rows, **sampling):
     return out
 
 
-def heldout_scores(engine, tok, problems, cfg, rt):
+def heldout_scores(engine, tok, problems, cfg, rt, with_passk=True):
     """pass@1: the greedy answer (temperature 0) is right. pass@k: at least one of k sampled attempts is
-    right -- what RL can turn into pass@1 by making the good attempts the likely ones. Under torchrun each
-    process answers its share of the problems (rank r: problems r, r + world, ...)."""
+    right -- what RL can turn into pass@1 by making the good attempts the likely ones. pass@k costs k times
+    the samples of pass@1, so the evaluations between the first and the last leave it out (with_passk=False:
+    passk is None). Under torchrun each process answers its share of the problems (rank r: r, r + world, ...)."""
     mine = problems[rt.rank::rt.world]
     prompts = [prompt_ids(tok, p["question"], cfg.use_tool) for p in mine]
     greedy = sample_in_chunks(engine, prompts, 1, cfg.eval_rows, max_tokens=cfg.max_tokens, temperature=0.0)
-    sampled = sample_in_chunks(engine, prompts, cfg.pass_k, cfg.eval_rows, max_tokens=cfg.max_tokens,
-                               temperature=cfg.temperature, top_k=cfg.top_k or None, seed=cfg.seed + rt.rank)
     pass1 = gather_lists(rewards_of(tok, greedy, mine, 1).tolist(), rt)
-    passk = gather_lists(rewards_of(tok, sampled, mine, cfg.pass_k).view(-1, cfg.pass_k).amax(dim=1).tolist(), rt)
+    passk = None
+    if with_passk:
+        sampled = sample_in_chunks(engine, prompts, cfg.pass_k, cfg.eval_rows, max_tokens=cfg.max_tokens,
+                                   temperature=cfg.temperature, top_k=cfg.top_k or None, seed=cfg.seed + rt.rank)
+        hits = gather_lists(rewards_of(tok, sampled, mine, cfg.pass_k).view(-1, cfg.pass_k).amax(dim=1).tolist(), rt)
+        passk = torch.tensor(hits).mean().item()
     lengths = gather_lists([len(c.tokens) for c in greedy], rt)
-    return dict(pass1=torch.tensor(pass1).mean().item(), passk=torch.tensor(passk).mean().item(),
-                length=sum(lengths) / len(lengths), example=assistant_content(tok, greedy[0]))
+    return dict(pass1=torch.tensor(pass1).mean().item(), passk=passk, length=sum(lengths) / len(lengths),
+                example=assistant_content(tok, greedy[0]))
 
 
 # ====================================================================================================
@@ -494,9 +498,10 @@ def train(cfg):
 
     def evaluate(step):
         t = time.time()
-        scores = heldout_scores(learner.engine, tok, heldout, cfg, rt)
-        print(f"step {step}/{cfg.num_steps} | held-out pass@1 {scores['pass1']:.3f} | pass@{cfg.pass_k} "
-              f"{scores['passk']:.3f} | greedy length {scores['length']:.1f} | {time.time() - t:.1f}s")
+        scores = heldout_scores(learner.engine, tok, heldout, cfg, rt, with_passk=step in (0, cfg.num_steps))
+        passk = "" if scores["passk"] is None else f" | pass@{cfg.pass_k} {scores['passk']:.3f}"
+        print(f"step {step}/{cfg.num_steps} | held-out pass@1 {scores['pass1']:.3f}{passk} | greedy length "
+              f"{scores['length']:.1f} | {time.time() - t:.1f}s")
         scores = dict(step=step, **scores)
         run_log.record(scores)
         return scores

@@ -2094,6 +2094,18 @@ def test_one_rl_step_runs_end_to_end_and_writes_checkpoint_metrics_curves(rl_che
     assert "attempts got the right answer" in printed
 
 
+def test_rl_samples_pass_at_k_only_in_its_first_and_last_evaluation(rl_checkpoint, tmp_path):
+    """pass@k costs k times pass@1's samples; the evaluations in between (the learning curve) take pass@1 alone."""
+    out = str(tmp_path / "rl")
+    rl.train(rl_cfg(checkpoint=rl_checkpoint, out_dir=out, num_steps=2, eval_every=1, max_tokens=6, eval_problems=2,
+                    pass_k=2, show_every=0))
+    with open(os.path.join(out, "log.jsonl")) as f:
+        evaluations = {r["step"]: r for r in map(json.loads, f) if "pass1" in r}
+    assert sorted(evaluations) == [0, 1, 2]
+    assert evaluations[1]["passk"] is None and 0 <= evaluations[1]["pass1"] <= 1
+    assert all(0 <= evaluations[step]["passk"] <= 1 for step in (0, 2))
+
+
 def test_same_seed_same_run(rl_checkpoint, tmp_path):
     def run(name):
         cfg = rl_cfg(checkpoint=rl_checkpoint, out_dir=str(tmp_path / name), num_steps=1, max_tokens=6,
