@@ -1787,11 +1787,20 @@ FIRST_SYLLABLES = ("Or", "Kel", "Mar", "Ti", "Bra", "Zel", "Qua", "Dre", "Lun", 
 LAST_SYLLABLES = ("son", "vac", "drin", "mo", "tek", "wyn", "rosz", "bel", "quist", "dott", "zan", "lis")
 
 
+@functools.lru_cache(maxsize=4)
+def unseen_name_parts(known_text):
+    """The syllable pairs that occur nowhere in known_text: worked out once per text (there are only
+    len(FIRST_SYLLABLES) x len(LAST_SYLLABLES) of them), since each look reads the whole corpus."""
+    return frozenset(first + last for first in FIRST_SYLLABLES for last in LAST_SYLLABLES
+                     if (first + last).lower() not in known_text)
+
+
 def invented_name(rng, known_text):
     """A two-part made-up name whose parts occur nowhere in known_text (the corpus, lower-cased)."""
+    unseen = unseen_name_parts(known_text)
     while True:
         parts = [rng.choice(FIRST_SYLLABLES) + rng.choice(LAST_SYLLABLES) for _ in range(2)]
-        if not any(p.lower() in known_text for p in parts):
+        if all(p in unseen for p in parts):
             return " ".join(parts)
 
 
@@ -1825,7 +1834,8 @@ def verse_lines():
     """{topic: sorted lines of 6-12 words from the embedded training text that mention the topic word}."""
     lines = {line.strip() for doc in embedded_documents("train") for line in doc.splitlines()}
     lines = sorted(l for l in lines if 6 <= len(l.split()) <= 12 and VERSE_LINE.match(l))
-    return {t: [l for l in lines if re.search(rf"\b{t}\b", l, re.I)] for t in VERSE_TOPICS}
+    words = [set(re.findall(r"\w+", l.lower())) for l in lines]  # a topic is mentioned: one of its words
+    return {t: [l for l, w in zip(lines, words) if t in w] for t in VERSE_TOPICS}
 
 
 def verse_request(rng):

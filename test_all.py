@@ -26,6 +26,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.error
@@ -1489,6 +1490,37 @@ def test_search_tool_finds_the_passage_and_the_engine_pastes_it(tmp_path):
     prompt = render_for_completion(tok, [{"role": "user", "content": "What stands in Paris?"}])
     results = [e for e in engine.stream(prompt, max_tokens=400, temperature=0) if e["type"] == "tool_result"]
     assert results and "[other.md] Paris is the capital" in results[0]["text"]
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.lists(st.sampled_from(["zebra", "horse", "plain", "the", "of", "Africa"]), min_size=1, max_size=12),
+                min_size=1, max_size=6),
+       st.lists(st.sampled_from(["zebra", "the", "plain", "lion", "of"]), min_size=1, max_size=4))
+def test_search_scores_are_bm25_worked_out_passage_by_passage(documents, query):
+    """Search keeps each word's postings as arrays; its scores and order must be the textbook formula, summed
+    word by word over every passage that holds a query word, best first and ties in passage order."""
+    with tempfile.TemporaryDirectory() as folder:
+        for n, words in enumerate(documents):
+            with open(os.path.join(folder, f"{n:02d}.txt"), "w") as f:
+                f.write(" ".join(words))
+        search = chat.Search(folder)
+    k1, b = search.k1, search.b
+    texts = [chat.words_of(" ".join(words)) for words in documents]
+    mean = sum(map(len, texts)) / len(texts)
+    expected = []
+    for i, words in enumerate(texts):
+        held = [w for w in set(chat.words_of(" ".join(query))) if w in words]
+        if held:
+            score = 0.0
+            for w in held:
+                df = sum(w in other for other in texts)
+                idf = math.log(1 + (len(texts) - df + 0.5) / (df + 0.5))
+                tf = words.count(w)
+                score += idf * tf * (k1 + 1) / (tf + k1 * (1 - b + b * len(words) / mean))
+            expected.append((-score, i))
+    got = search.query(" ".join(query), k=len(texts))
+    assert [r["source"] for r in got] == [f"{i:02d}.txt" for _, i in sorted(expected)]
+    assert [r["score"] for r in got] == pytest.approx([-s for s, _ in sorted(expected)])
 
 
 def test_split_valid_utf8_waits_for_the_rest_of_a_character():
