@@ -2334,16 +2334,27 @@ def recorded_caches(monkeypatch):
     return caches
 
 
-def test_engine_greedy_and_seeded_outputs_equal_the_previous_engine():
-    # recorded with the engine before issue 15 (full-length float32 cache, copied for every n, per-row bans)
+def test_engine_greedy_outputs_equal_the_previous_engine_and_seeded_ones_a_plain_recompute():
+    # greedy: recorded with the engine before issue 15 (full-length float32 cache, copied for every n, per-row bans)
     tok, model = byte_tok(), seeded_engine_model()
     engine = Engine(model, tok)
     prompts = [list(b"Hello"), list(b"To be or not")]
     greedy = [[39, 244, 205, 80, 239, 75, 59, 230]] * 2 + [[80, 21, 182, 168, 75, 80, 239, 75]] * 2
-    sampled = [[177, 255, 134, 16, 242, 70, 182, 66], [39, 107, 124, 244, 134, 120, 182, 181],
-               [80, 239, 186, 244, 205, 114, 95, 117], [75, 142, 207, 75, 68, 70, 182, 168]]
     assert [c.tokens for c in engine.generate(prompts, n=2, max_tokens=8, temperature=0)] == greedy
+    # seeded sampling: the same draws as a loop that runs every row's whole text through the model at each
+    # step (no cache, no padding) and samples the four rows together from one generator seeded alike
+    rows = [list(p) for p in prompts for _ in range(2)]
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for _ in range(8):
+            logits = torch.cat([model(torch.tensor([row]))[0][:, -1].float() for row in rows])
+            logits = logits.masked_fill(engine.ban_table[0], float("-inf"))  # outside a tool call
+            for row, token in zip(rows, train_gpt.sample_next(logits, 1.0, None, None, generator)[:, 0].tolist()):
+                row.append(token)
+    sampled = [row[-8:] for row in rows]
+    assert all(t < 256 for row in sampled for t in row)  # plain bytes: no tool call changed the engine's bans
     assert [c.tokens for c in engine.generate(prompts, n=2, max_tokens=8, temperature=1.0, seed=3)] == sampled
+    assert sampled[0] != sampled[1]  # two samples of one prompt differ
 
 
 def test_engine_cache_is_as_long_as_the_call_needs_and_not_copied_for_one_sample(recorded_caches):
@@ -4618,6 +4629,19 @@ def test_decoding_one_token_without_a_mask_equals_the_full_forward():
         cache = train_gpt.KVCache(model.config, 2, "cpu")
         steps = [model(ids[:, :8], kv_cache=cache)[0]] + [model(ids[:, t:t + 1], kv_cache=cache)[0] for t in range(8, 20)]
     torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-5, atol=1e-5)
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.sampled_from([0.0, 0.0, 1.0, 2.0, 5.0]), min_size=2, max_size=12).filter(any), st.integers(0, 99))
+def test_sampling_by_the_running_sum_follows_the_probabilities_and_never_picks_a_banned_token(weights, seed):
+    """sample_from replaced torch.multinomial: each token comes up as often as its probability says (within
+    5 standard errors over 4,000 draws), and a token of probability 0 never comes up."""
+    probs = torch.tensor(weights) / sum(weights)
+    draws = train_gpt.sample_from(probs.repeat(4000, 1), torch.Generator().manual_seed(seed))[:, 0]
+    share = torch.bincount(draws, minlength=len(weights)).double() / 4000
+    assert all(share[i] == 0 for i, w in enumerate(weights) if w == 0)
+    tolerance = 5 * torch.sqrt(probs * (1 - probs) / 4000) + 1e-9
+    assert torch.all((share - probs.double()).abs() <= tolerance), (share, probs)
 
 
 # ---- issue 19: threads, kernel time, compile, yardstick (sys)

@@ -417,7 +417,20 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None)
         cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
         drop = cumulative - sorted_logits.softmax(dim=-1) >= top_p  # mass before this token already >= p
         logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
-    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator)
+    return sample_from(logits.float().softmax(dim=-1), generator)
+
+
+def sample_from(probs, generator=None):
+    """One token per row of probs (B, vocab) -> ids (B, 1), by inverting the running sum: token i owns the
+    slice [c[i-1], c[i]) of [0, total), and a uniform draw u in it picks i. (torch.multinomial does the
+    same job about 10x slower on a CPU at a 4,096-token vocabulary: it was a quarter of RL's sampling
+    time.) A banned token's slice has zero width, so no u lands in it; the one draw that can miss every
+    slice, u rounded up to the very end, takes the row's likeliest token instead."""
+    cumulative = probs.cumsum(dim=-1)
+    u = torch.rand(probs.size(0), 1, generator=generator, device=probs.device) * cumulative[:, -1:]
+    ids = torch.searchsorted(cumulative, u, right=True).clamp_(max=probs.size(-1) - 1)
+    missed = probs.gather(-1, ids) == 0
+    return torch.where(missed, probs.argmax(dim=-1, keepdim=True), ids)
 
 
 # ====================================================================================================
