@@ -937,6 +937,35 @@ def tiny_gpt(seed=0, **over):
     return model
 
 
+def test_copy_path_scores_each_token_by_its_own_embedding():
+    """With the head's own weights at zero, the copy path alone turns a token's (normalised) input vector
+    back into that token: what copying a word from the context needs of the head."""
+    model = train_gpt.GPT(train_gpt.GPTConfig(vocab_size=300, seq_len=8, n_layer=1, n_embd=128, n_head=4))
+    with torch.no_grad():
+        model.lm_head.weight.zero_()
+        model.copy_scale.fill_(0.05)
+        logits = model.head(train_gpt.rms_norm(model.wte.weight))
+    assert torch.equal(logits.argmax(-1), torch.arange(300))
+    with torch.no_grad():
+        model.copy_scale.zero_()  # at its starting value the path adds nothing
+        assert torch.count_nonzero(model.head(train_gpt.rms_norm(model.wte.weight))) == 0
+
+
+def test_a_checkpoint_from_before_smear_and_the_copy_path_loads_as_that_model(tmp_path):
+    tok = byte_tok()
+    model = tiny_model(tok.vocab_size, smear=False)  # both scales at 0: the model as it was before them
+    path = str(tmp_path / "old.pt")
+    train_gpt.save_checkpoint(path, model, tok, 0, {})
+    saved = torch.load(path, weights_only=False)
+    for key in ("smear_gate", "smear_scale", "copy_scale"):
+        del saved["model"][key]
+    torch.save(saved, path)
+    loaded, _, _ = train_gpt.load_checkpoint(path)
+    ids = torch.randint(0, tok.vocab_size, (2, 16))
+    assert loaded.copy_scale.item() == loaded.smear_scale.item() == 0
+    assert torch.equal(loaded.eval()(ids)[0], model(ids)[0])
+
+
 def test_logits_shape_and_probabilities_sum_to_one():
     model = tiny_gpt()
     logits, loss = model(torch.randint(0, 97, (3, 11)))

@@ -249,6 +249,14 @@ class Block(nn.Module):
 # take; the scale starts at 0, so training begins with no smear at all (modded-nanogpt's "smear" trick).
 SMEAR_GATE_CHANNELS = 16
 
+# The copy path: the output head also scores every token by how much the final vector looks like that
+# token's own (normalised) input embedding, times a learned scale that starts at 0. Copying a word from the
+# context means attention moves the word's vector forward and the head turns it back into the same word;
+# with an untied head that needs head row i to match embedding row i for every token, which a short
+# training never arranges (on the tiny base, the best linear map from embeddings through the head recovers
+# the token itself for 18% of the vocabulary). GPT-2 tied the two tables, which gives copying for free but
+# makes one table serve both jobs; the copy path adds the tied scores to the untied ones instead.
+
 
 LOSS_CHUNK_TOKENS = 8192  # rows of the output head computed at once in the loss (the tiny preset's micro-batch)
 
@@ -267,6 +275,7 @@ class GPT(nn.Module):
         # draws no random numbers, so they leave the random start of every other layer as it was
         self.smear_gate = nn.Parameter(torch.zeros(SMEAR_GATE_CHANNELS))
         self.smear_scale = nn.Parameter(torch.zeros(1))
+        self.copy_scale = nn.Parameter(torch.zeros(1))  # see "The copy path" above
         cos, sin = rotary_tables(config.seq_len, config.n_embd // config.n_head, config.rope_base)
         self.register_buffer("cos", cos, persistent=False)  # derived from the config, so not saved
         self.register_buffer("sin", sin, persistent=False)
@@ -287,6 +296,7 @@ class GPT(nn.Module):
         nn.init.normal_(self.lm_head.weight, std=0.001)  # near-uniform first guesses: loss starts ~ln(vocab)
         nn.init.zeros_(self.smear_gate)
         nn.init.zeros_(self.smear_scale)
+        nn.init.zeros_(self.copy_scale)
 
     def forward(self, idx, targets=None, kv_cache=None, reduction="mean"):
         """idx: (B, T) token ids. targets: (B, T) next-token ids, -1 where no loss should be taken.
@@ -307,9 +317,11 @@ class GPT(nn.Module):
         """Vectors -> float32 logits. Soft-cap: logits = softcap * tanh(head(x) / softcap) squashes them into
         (-softcap, softcap) smoothly; the model cannot become infinitely sure of anything, which keeps the
         loss and its gradients tame. (The head is linear, so dividing its n_embd-wide input instead of its
-        vocab-wide output gives the same numbers with far less memory traffic: ~5% faster steps on a CPU.)"""
+        vocab-wide output gives the same numbers with far less memory traffic: ~5% faster steps on a CPU.)
+        The head's weights are its own plus the copy path's share of the normalised embedding table."""
         c = self.config.softcap
-        return c * torch.tanh(self.lm_head(x / c).float())
+        weight = self.lm_head.weight + self.copy_scale * rms_norm(self.wte.weight)
+        return c * torch.tanh(F.linear(x / c, weight.to(x.dtype)).float())
 
     def head_loss(self, x, targets):
         """Cross-entropy = -log(probability given to the true next token), for each of the N rows of x (N,
@@ -510,12 +522,12 @@ class Muon(torch.optim.Optimizer):
 def build_optimizers(model, cfg, device_type, rank=0, world=1):
     """Muon for the matrices inside the blocks; AdamW for the embedding table and the output head, whose
     rows belong to individual tokens and see very uneven gradients (Muon's whole-matrix view suits them
-    badly), and for smear's few weights. Each group remembers its base learning rate, which the schedule
+    badly), and for the few weights of smear and the copy path. Each group remembers its base learning rate, which the schedule
     scales every step."""
     matrices = [p for p in model.blocks.parameters()]
     adam_groups = [dict(params=[model.wte.weight], lr=cfg.embed_lr),
                    dict(params=[model.lm_head.weight], lr=cfg.head_lr),
-                   dict(params=[model.smear_gate, model.smear_scale], lr=cfg.head_lr)]
+                   dict(params=[model.smear_gate, model.smear_scale, model.copy_scale], lr=cfg.head_lr)]
     adamw = torch.optim.AdamW(adam_groups, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=1e-10, weight_decay=0.0,
                               fused=device_type == "cuda")
     muon = Muon(matrices, lr=cfg.matrix_lr, momentum=cfg.muon_momentum, rank=rank, world=world)
@@ -907,10 +919,11 @@ def load_checkpoint(path, device="cpu", tokenizer=None):
         raise UserError(f"{path}: tokenizer vocab {tokenizer.vocab_size} differs from the model's "
                         f"{model_config.vocab_size}")
     model = GPT(model_config).to(device)
-    # A checkpoint from before smear existed holds no smear weights: it loads with the scale left at 0,
-    # which is that model exactly (its vectors get nothing of their predecessors').
+    # A checkpoint from before smear (or the copy path) existed holds none of its weights: it loads with the
+    # scale left at 0, which is that model exactly (its vectors get nothing of their predecessors', its head
+    # nothing of the embedding table).
     missing, unexpected = model.load_state_dict(model_state, strict=False)
-    if unexpected or set(missing) - {"smear_gate", "smear_scale"}:
+    if unexpected or set(missing) - {"smear_gate", "smear_scale", "copy_scale"}:
         model.load_state_dict(model_state)  # the strict load, for its own error message
     return model, tokenizer, meta
 
