@@ -313,15 +313,19 @@ class GPT(nn.Module):
             return None, losses.view_as(targets)
         return None, losses.sum() / (targets >= 0).sum()  # 0/0 = nan when nothing is scored, as F.cross_entropy
 
-    def head(self, x):
+    def head(self, x, weight=None):
         """Vectors -> float32 logits. Soft-cap: logits = softcap * tanh(head(x) / softcap) squashes them into
         (-softcap, softcap) smoothly; the model cannot become infinitely sure of anything, which keeps the
         loss and its gradients tame. (The head is linear, so dividing its n_embd-wide input instead of its
         vocab-wide output gives the same numbers with far less memory traffic: ~5% faster steps on a CPU.)
-        The head's weights are its own plus the copy path's share of the normalised embedding table."""
+        `weight`: head_weight(), when the caller has worked it out once for many calls."""
         c = self.config.softcap
-        weight = self.lm_head.weight + self.copy_scale * rms_norm(self.wte.weight)
+        weight = self.head_weight() if weight is None else weight
         return c * torch.tanh(F.linear(x / c, weight.to(x.dtype)).float())
+
+    def head_weight(self):
+        """The head's own weights plus the copy path's share of the normalised embedding table."""
+        return self.lm_head.weight + self.copy_scale * rms_norm(self.wte.weight)
 
     def head_loss(self, x, targets):
         """Cross-entropy = -log(probability given to the true next token), for each of the N rows of x (N,
@@ -330,13 +334,14 @@ class GPT(nn.Module):
         much again for their gradient. So rows go through the head LOSS_CHUNK_TOKENS at a time, and under
         autograd each chunk is "checkpointed": its logits are thrown away after the loss and recomputed in
         the backward pass, one chunk at a time (costing one more head multiply, ~3-8% of a GPU step)."""
-        def chunk_loss(xc, tc):
-            return F.cross_entropy(self.head(xc), tc, ignore_index=-1, reduction="none")
+        def chunk_loss(xc, tc, weight):
+            return F.cross_entropy(self.head(xc, weight), tc, ignore_index=-1, reduction="none")
+        weight = self.head_weight()  # once for all chunks: it is a whole vocab x n_embd table
         if x.size(0) <= LOSS_CHUNK_TOKENS:  # one chunk: nothing to save, the plain computation
-            return chunk_loss(x, targets)
+            return chunk_loss(x, targets, weight)
         recompute = torch.is_grad_enabled()
-        return torch.cat([torch.utils.checkpoint.checkpoint(chunk_loss, xc, tc, use_reentrant=False) if recompute
-                          else chunk_loss(xc, tc)
+        return torch.cat([torch.utils.checkpoint.checkpoint(chunk_loss, xc, tc, weight, use_reentrant=False)
+                          if recompute else chunk_loss(xc, tc, weight)
                           for xc, tc in zip(x.split(LOSS_CHUNK_TOKENS), targets.split(LOSS_CHUNK_TOKENS))])
 
     def hidden_states(self, idx, kv_cache=None):
