@@ -445,13 +445,12 @@ class Search:
                 postings[word].append((i, count))
         # word -> (passage indices, counts in those passages)
         self.postings = {word: tuple(np.array(column) for column in zip(*pairs)) for word, pairs in postings.items()}
-        self.lengths = np.array(lengths, dtype=np.float64)
         mean_length = sum(lengths) / max(1, len(lengths))
         # the length normalisation of each passage (a passage of mean length: k1)
-        self.norm = k1 * (1 - b + (b * self.lengths / mean_length if mean_length else 0))
+        self.norm = k1 * (1 - b + (b * np.array(lengths, dtype=np.float64) / mean_length if mean_length else 0))
 
     def idf(self, word):
-        df = len(self.postings.get(word, ((),))[0])
+        df = len(self.postings[word][0]) if word in self.postings else 0  # passages that hold the word
         return math.log(1 + (len(self.passages) - df + 0.5) / (df + 0.5))
 
     def query(self, q, k=3):
