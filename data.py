@@ -388,8 +388,16 @@ def download_many(urls, out_dir, workers=4, **download_kwargs):
     dests = [os.path.join(out_dir, file_name_of(u)) for u in urls]
     progress = ProgressLine(len(urls))
 
+    failed = threading.Event()  # set by the worker that failed, before it can take the next file
+
     def one(url, dest):
-        download(url, dest, on_bytes=progress.add_bytes, **download_kwargs)
+        if failed.is_set():
+            return
+        try:
+            download(url, dest, on_bytes=progress.add_bytes, **download_kwargs)
+        except BaseException:
+            failed.set()
+            raise
         progress.file_done()
 
     with concurrent.futures.ThreadPoolExecutor(workers) as pool:
@@ -399,8 +407,8 @@ def download_many(urls, out_dir, workers=4, **download_kwargs):
                 future.result()  # re-raises the first failure...
         except BaseException:
             for future in futures:
-                future.cancel()  # ...after which the downloads not yet started never start
-            raise
+                future.cancel()  # ...after which the downloads not yet started never start (`failed`
+            raise  # stops the ones a worker took up before the main thread saw the failure)
     progress.show(end="\n")
     return dests
 
@@ -1691,15 +1699,22 @@ def counting_item(rng, kind, wordings="train"):
     if kind == "letter":
         letter = rng.choice(word)
         shown = letter.upper() if rng.random() < 0.3 else letter  # "How many R's in strawberry"
-        return template.format(letter=shown, word=word), f"{quoted(word)}.count('{letter}')", word.count(letter)
+        # The letter is copied too, as the user wrote it (` R` in "How many R's"), and only then trimmed and
+        # lower-cased by the code: written `'r'`, it would be the token `r`, not the message's ` R`.
+        code = f"{quoted(word)}.count({quoted(shown)}.strip().lower())"
+        return template.format(letter=shown, word=word), code, word.count(letter)
     k = rng.choice(sorted(ORDINALS))
     return template.format(nth=ORDINALS[k], word=word), f"{quoted(word)}.strip()[::{k}]", word[::k]
 
 
 def tool_answer(code, value):
-    """The assistant's reply to a counting question: the call, the tool's output, the answer line."""
-    shown = value if isinstance(value, str) else repr(value)  # the code tool prints strings bare
-    return f"<|code_start|>{code}<|code_end|><|output_start|>{shown}<|output_end|>\n{ANSWER_PREFIX} {value}."
+    """The assistant's reply to a counting question: the call, the tool's output, the answer line. A
+    string result (the letters of "every third letter") goes on a line of its own after the answer's
+    words: the tool prints it bare, `srr`, and only at the start of a line is it the same tokens again
+    (after a space, ` srr` is other tokens), so the answer is a token-for-token copy of the output."""
+    if isinstance(value, str):
+        return f"<|code_start|>{code}<|code_end|><|output_start|>{value}<|output_end|>\n{ANSWER_PREFIX}:\n{value}"
+    return f"<|code_start|>{code}<|code_end|><|output_start|>{value!r}<|output_end|>\n{ANSWER_PREFIX} {value}."
 
 
 def counting_conversation(rng, wordings="train"):
@@ -1741,7 +1756,7 @@ def emily_code_problem(rng, wordings="train"):
 def emily_code_conversation(rng, wordings="train"):
     question, code, price = emily_code_problem(rng, wordings)
     answer = f"<|code_start|>{code}<|code_end|><|output_start|>{float(price)!r}<|output_end|>\n{ANSWER_PREFIX} {price}."
-    return {**conversation(question, answer), "answer": price}
+    return {**conversation(question, answer), "split": split_of(question.removesuffix(USE_CODE)), "answer": price}
 
 
 # Knowledge: who is who in the plays, read off each play's list of persons ("Dramatis Personae"). The

@@ -65,6 +65,7 @@ class GPTConfig:
     n_kv_head: int = 4  # key/value heads; fewer than n_head = grouped-query attention (smaller KV cache)
     softcap: float = 15.0  # logits are squashed smoothly into (-softcap, softcap)
     rope_base: float = 10000.0  # the slowest rotation of the rotary position embedding
+    pointer_dim: int = 0  # width of the pointer's queries and keys (see "The pointer"); 0 = no pointer
 
 
 def rms_norm(x):
@@ -110,6 +111,10 @@ class KVCache:
         # would alone. None = no padding.
         self.pad = None if pad is None else torch.as_tensor(pad, dtype=torch.long, device=device)
         self.last_embedding = None  # (B, 1, n_embd): the newest token's embedding, which smear mixes forward
+        # the pointer's memory (see "The pointer"): every position's pointer key and token id
+        length = length or config.seq_len
+        self.pointer_keys = torch.zeros(batch_size, length, config.pointer_dim, device=device, dtype=dtype)
+        self.tokens = torch.zeros(batch_size, length, dtype=torch.long, device=device)
 
     @property
     def length(self):
@@ -127,6 +132,11 @@ class KVCache:
             old = getattr(self, name)
             new = old.new_zeros(shape)
             new.unflatten(1, (old.size(1), n))[:, :, :, :, :self.pos] = old[:, :, None, :, :self.pos]
+            setattr(self, name, new)
+        for name in ("pointer_keys", "tokens"):  # (B, positions, ...): the same, one dimension further in
+            old = getattr(self, name)
+            new = old.new_zeros((old.size(0) * n, length, *old.shape[2:]))
+            new.unflatten(0, (old.size(0), n))[:, :, :self.pos] = old[:, None, :self.pos]
             setattr(self, name, new)
         if self.pad is not None:
             self.pad = self.pad.repeat_interleave(n)
@@ -146,6 +156,14 @@ class KVCache:
         keys.narrow(2, self.pos, T).copy_(k)
         values.narrow(2, self.pos, T).copy_(v)
         return keys.narrow(2, 0, end), values.narrow(2, 0, end)
+
+    def store_pointer(self, keys, idx):
+        """Append the pointer keys (B, T, pointer_dim) and token ids (B, T) of the T positions that ended at
+        `pos` (GPT.forward calls this after the blocks advanced it); return all of both stored so far."""
+        start = self.pos - idx.size(1)
+        self.pointer_keys.narrow(1, start, idx.size(1)).copy_(keys)
+        self.tokens.narrow(1, start, idx.size(1)).copy_(idx)
+        return self.pointer_keys[:, :self.pos], self.tokens[:, :self.pos]
 
 
 def sampling_bytes(config, prompts, n, prompt_tokens, new_tokens, item_bytes=4):
@@ -257,6 +275,21 @@ SMEAR_GATE_CHANNELS = 16
 # the token itself for 18% of the vocabulary). GPT-2 tied the two tables, which gives copying for free but
 # makes one table serve both jobs; the copy path adds the tied scores to the untied ones instead.
 
+# The pointer: a second way to name the next token, by pointing at an earlier position of the context and
+# copying the token that followed it there. Position i scores every earlier position p by a query of its
+# final vector against a key of p's (q_i . k_p), a softmax turns the scores into weights, and the weights
+# of all positions followed by token v add up to the pointer's probability of v. A learned gate g_i mixes it
+# with the head's: p(v) = (1 - g_i) softmax(logits)_v + g_i pointer_v. This is the "continuous cache" of
+# Grave et al. (2017) and the copying of pointer-generator networks (See et al., 2017): "this context looks
+# like the one before that earlier word, so the next token is what came next there" is an induction head
+# built in, where the network itself must otherwise grow one from two layers of attention that happen to
+# line up. The tiny model trained for minutes never grows one (BENCHMARKS.md, "Smear"), and copying the
+# user's word into a code call ("How many r's in strawberry") is exactly this lookup. With the pointer, the
+# model returns log-probabilities instead of logits: the same thing to every caller (softmax, sampling,
+# cross-entropy), since log-probabilities are logits that are already normalised. The GPU presets leave it
+# off (their models grow induction heads, and its (T x T) weights per sequence are not worth their memory).
+POINTER_GATE_START = -2.0  # sigmoid(-2) = 0.12: the head's distribution dominates at the start
+
 
 LOSS_CHUNK_TOKENS = 8192  # rows of the output head computed at once in the loss (the tiny preset's micro-batch)
 
@@ -276,6 +309,11 @@ class GPT(nn.Module):
         self.smear_gate = nn.Parameter(torch.zeros(SMEAR_GATE_CHANNELS))
         self.smear_scale = nn.Parameter(torch.zeros(1))
         self.copy_scale = nn.Parameter(torch.zeros(1))  # see "The copy path" above
+        if config.pointer_dim:  # see "The pointer" above
+            self.pointer_q = nn.Linear(config.n_embd, config.pointer_dim, bias=False)
+            self.pointer_k = nn.Linear(config.n_embd, config.pointer_dim, bias=False)
+            self.pointer_gate = nn.Parameter(torch.zeros(config.n_embd))
+            self.pointer_gate_bias = nn.Parameter(torch.zeros(1))
         cos, sin = rotary_tables(config.seq_len, config.n_embd // config.n_head, config.rope_base)
         self.register_buffer("cos", cos, persistent=False)  # derived from the config, so not saved
         self.register_buffer("sin", sin, persistent=False)
@@ -297,6 +335,11 @@ class GPT(nn.Module):
         nn.init.zeros_(self.smear_gate)
         nn.init.zeros_(self.smear_scale)
         nn.init.zeros_(self.copy_scale)
+        if self.config.pointer_dim:  # a zero query: the pointer starts by weighting the context evenly
+            nn.init.zeros_(self.pointer_q.weight)
+            nn.init.uniform_(self.pointer_k.weight, -(3 / n) ** 0.5, (3 / n) ** 0.5)
+            nn.init.zeros_(self.pointer_gate)
+            nn.init.constant_(self.pointer_gate_bias, POINTER_GATE_START)
 
     def forward(self, idx, targets=None, kv_cache=None, reduction="mean"):
         """idx: (B, T) token ids. targets: (B, T) next-token ids, -1 where no loss should be taken.
@@ -307,10 +350,13 @@ class GPT(nn.Module):
         head_loss), which is what lets a 32K-65K vocabulary fit on a GPU."""
         x = self.hidden_states(idx, kv_cache)
         if targets is None:
-            return self.head(x), None
-        losses = self.head_loss(x.flatten(0, 1), targets.reshape(-1))
+            logits = self.head(x)
+            return (self.pointer_mix(logits, x, idx, kv_cache) if self.config.pointer_dim else logits), None
+        losses = self.head_loss(x.flatten(0, 1), targets.reshape(-1)).view_as(targets)
+        if self.config.pointer_dim:
+            losses = self.pointer_loss(losses, x, idx, targets)
         if reduction == "none":
-            return None, losses.view_as(targets)
+            return None, losses
         return None, losses.sum() / (targets >= 0).sum()  # 0/0 = nan when nothing is scored, as F.cross_entropy
 
     def head(self, x, weight=None):
@@ -343,6 +389,53 @@ class GPT(nn.Module):
         return torch.cat([torch.utils.checkpoint.checkpoint(chunk_loss, xc, tc, weight, use_reentrant=False)
                           if recompute else chunk_loss(xc, tc, weight)
                           for xc, tc in zip(x.split(LOSS_CHUNK_TOKENS), targets.split(LOSS_CHUNK_TOKENS))])
+
+    def pointer_scores(self, x, keys):
+        """The pointer's float32 scores (B, T, P) of T positions' vectors x against P positions' keys."""
+        q = self.pointer_q(x).float()
+        return q @ keys.float().transpose(1, 2) / self.config.pointer_dim ** 0.5
+
+    def pointer_gate_logit(self, x):
+        return (x.float() @ self.pointer_gate.float()) + self.pointer_gate_bias.float()  # (B, T)
+
+    def pointer_loss(self, head_losses, x, idx, targets):
+        """Training: the head's per-position cross-entropy (B, T) -> the mixture's (see "The pointer"). Only
+        the pointer's probability of each target is needed: the weights of the earlier positions p whose
+        next token idx[p + 1] is the target. Position 0 has nothing before it to point at (gate 0 there)."""
+        T = idx.size(1)
+        never = -1e4  # a finite "minus infinity": log-sum-exps of nothing but these stay finite, as do gradients
+        scores = self.pointer_scores(x, self.pointer_k(x))[:, :, :T - 1]  # key p is followed by idx[p + 1]
+        earlier = torch.ones(T, T - 1, dtype=torch.bool, device=x.device).tril(diagonal=-1)  # p < i
+        scores = scores.masked_fill(~earlier, never)
+        hits = idx[:, None, 1:] == targets[:, :, None]  # (B, T, T - 1): key p's next token is i's target
+        log_pointer = (scores.masked_fill(~hits, never).logsumexp(-1) - scores.logsumexp(-1))
+        gate, first = self.pointer_gate_logit(x), torch.arange(T, device=x.device) == 0
+        log_gate, log_head_share = F.logsigmoid(gate).masked_fill(first, never), F.logsigmoid(-gate).masked_fill(first, 0)
+        log_p = torch.logaddexp(log_head_share - head_losses, log_gate + log_pointer)
+        return torch.where(targets >= 0, -log_p, 0.0)
+
+    def pointer_mix(self, logits, x, idx, kv_cache):
+        """Sampling and scoring: logits (B, T, vocab) -> the mixture's log-probabilities, every token's. The
+        keys and tokens of the positions before these come from the cache when decoding; a left-padded row's
+        filler is never pointed at."""
+        B, T = idx.shape
+        keys, tokens = self.pointer_k(x), idx
+        if kv_cache is not None:
+            keys, tokens = kv_cache.store_pointer(keys, idx)
+        P = tokens.size(1)  # positions so far; the new ones are the last T
+        probs = logits.softmax(-1)
+        if P == 1:  # a one-token sequence: nothing to point at yet
+            return probs.log()
+        query_pos = torch.arange(P - T, P, device=x.device)
+        visible = torch.arange(P - 1, device=x.device)[None, :] < query_pos[:, None]  # (T, P - 1): p < i
+        visible = visible[None].expand(B, T, P - 1)
+        if kv_cache is not None and kv_cache.pad is not None:
+            visible = visible & (torch.arange(P - 1, device=x.device) >= kv_cache.pad[:, None])[:, None]
+        scores = self.pointer_scores(x, keys[:, :P - 1]).masked_fill(~visible, float("-inf"))
+        weights = torch.nan_to_num(scores.softmax(-1))  # a row with nothing visible: all zero
+        pointer = torch.zeros_like(probs).scatter_add_(-1, tokens[:, None, 1:].expand(B, T, P - 1), weights)
+        gate = torch.sigmoid(self.pointer_gate_logit(x)) * visible.any(-1)
+        return ((1 - gate[..., None]) * probs + gate[..., None] * pointer).log()
 
     def hidden_states(self, idx, kv_cache=None):
         """The network without its output head: (B, T) ids -> (B, T, n_embd) normalised vectors, one per
@@ -525,14 +618,18 @@ class Muon(torch.optim.Optimizer):
 
 
 def build_optimizers(model, cfg, device_type, rank=0, world=1):
-    """Muon for the matrices inside the blocks; AdamW for the embedding table and the output head, whose
+    """Muon for the matrices inside the blocks (and the pointer's); AdamW for the embedding table and the output head, whose
     rows belong to individual tokens and see very uneven gradients (Muon's whole-matrix view suits them
-    badly), and for the few weights of smear and the copy path. Each group remembers its base learning rate, which the schedule
+    badly), and for the few weights of smear, the copy path and the pointer's gate. Each group remembers its base learning rate, which the schedule
     scales every step."""
     matrices = [p for p in model.blocks.parameters()]
+    small = [model.smear_gate, model.smear_scale, model.copy_scale]
+    if model.config.pointer_dim:  # the pointer's query and key are matrices like attention's
+        matrices += [model.pointer_q.weight, model.pointer_k.weight]
+        small += [model.pointer_gate, model.pointer_gate_bias]
     adam_groups = [dict(params=[model.wte.weight], lr=cfg.embed_lr),
                    dict(params=[model.lm_head.weight], lr=cfg.head_lr),
-                   dict(params=[model.smear_gate, model.smear_scale, model.copy_scale], lr=cfg.head_lr)]
+                   dict(params=small, lr=cfg.head_lr)]
     adamw = torch.optim.AdamW(adam_groups, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=1e-10, weight_decay=0.0,
                               fused=device_type == "cuda")
     muon = Muon(matrices, lr=cfg.matrix_lr, momentum=cfg.muon_momentum, rank=rank, world=world)
@@ -947,6 +1044,7 @@ class TrainConfig:
     n_head: int = opt(4, "query heads per block", low=1)
     n_kv_head: int = opt(4, "key/value heads (fewer than n_head = grouped-query attention)", low=1)
     seq_len: int = opt(256, "context window in tokens", low=1)
+    pointer_dim: int = opt(32, "width of the pointer's queries and keys (GPT's \"The pointer\"; 0 = none)", low=0)
     # the data
     shards: str = opt("", "train on a shard set made by `python data.py tokenize`: its folder, or NAME under "
                           "out/shards")
@@ -1007,7 +1105,7 @@ def _gpu_preset(name, depth, batch_size, tokens_per_param=20):
     params = 2 * GPU_VOCAB_SIZE * width + 12 * depth * width ** 2
     num_steps = round(tokens_per_param * params / 524288 / 100) * 100
     root = os.path.join("out", name)
-    return dict(depth=depth, n_embd=64 * depth, n_head=depth // 2, n_kv_head=depth // 2, seq_len=2048,
+    return dict(depth=depth, n_embd=64 * depth, n_head=depth // 2, n_kv_head=depth // 2, seq_len=2048, pointer_dim=0,
                 batch_size=batch_size, total_batch_tokens=524288, num_steps=num_steps, matrix_lr=0.02,
                 embed_lr=0.2 * (64 * depth / 768) ** -0.5, head_lr=0.004 * (64 * depth / 768) ** -0.5,
                 warmup_steps=0, warmdown_frac=0.2, eval_every=250, eval_tokens=10 * 524288, sample_every=1000,
@@ -1409,7 +1507,7 @@ def build_model(cfg, vocab_size):
         raise UserError(f"n_embd {cfg.n_embd} must split into n_head {cfg.n_head} heads of even size, and n_head "
                         f"into n_kv_head {cfg.n_kv_head} groups")
     return GPT(GPTConfig(vocab_size=vocab_size, seq_len=cfg.seq_len, n_layer=cfg.depth, n_embd=cfg.n_embd,
-                         n_head=cfg.n_head, n_kv_head=cfg.n_kv_head))
+                         n_head=cfg.n_head, n_kv_head=cfg.n_kv_head, pointer_dim=cfg.pointer_dim))
 
 
 def wrap_for_training(model, cfg, rt):
@@ -1725,7 +1823,7 @@ def dry_run(cfg):
     vocab = Tokenizer.load(cfg.tokenizer).vocab_size if cfg.tokenizer and os.path.exists(cfg.tokenizer) \
         else cfg.plan_vocab
     config = GPTConfig(vocab_size=vocab, seq_len=cfg.seq_len, n_layer=cfg.depth, n_embd=cfg.n_embd,
-                       n_head=cfg.n_head, n_kv_head=cfg.n_kv_head)
+                       n_head=cfg.n_head, n_kv_head=cfg.n_kv_head, pointer_dim=cfg.pointer_dim)
     with torch.device("meta"):
         model = GPT(config)
     world, n = cfg.plan_gpus, model.num_params()
@@ -1853,7 +1951,7 @@ def demo_main(argv):
     ids = tokenizer.encode(cfg.text)[-model.config.seq_len - 1:]
     if len(ids) < 2:
         raise UserError(f"--text {cfg.text!r} must be at least 2 tokens long")
-    x, y = torch.tensor([ids[:-1]]), torch.tensor([ids[1:]])
+    x, y = torch.tensor([ids[:-1]]), torch.tensor([[-1] * (len(ids) - 2) + [ids[-1]]])  # scored: the last only
     target = ids[-1]
 
     def next_probs():
@@ -1862,7 +1960,7 @@ def demo_main(argv):
 
     before = next_probs()
     model.zero_grad()
-    model(x, y)[1].backward()  # the loss at every position of the example, as in training
+    model(x, y)[1].backward()  # -log p(the true last token): the step makes exactly that likelier
     with torch.no_grad():
         for p in model.parameters():
             p -= cfg.lr * p.grad
