@@ -951,6 +951,28 @@ def test_copy_path_scores_each_token_by_its_own_embedding():
         assert torch.count_nonzero(model.head(train_gpt.rms_norm(model.wte.weight))) == 0
 
 
+def test_the_head_weight_kept_for_sampling_follows_every_change_of_the_weights():
+    """Without autograd the copy path's table is kept between calls (sampling asks at every token); an
+    optimizer step, a load or a direct write must each give the new weights' table, never the old one."""
+    model = tiny_gpt()
+
+    def fresh():
+        return model.lm_head.weight + model.copy_scale * train_gpt.rms_norm(model.wte.weight)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    with torch.no_grad():
+        first = model.head_weight()
+        assert model.head_weight() is first and torch.equal(first, fresh())
+    _, loss = model(torch.randint(0, 97, (2, 8)), torch.randint(0, 97, (2, 8)))
+    loss.backward()
+    opt.step()
+    with torch.no_grad():
+        assert torch.equal(model.head_weight(), fresh()) and not torch.equal(model.head_weight(), first)
+        model.load_state_dict(tiny_gpt(seed=1).state_dict())
+        assert torch.equal(model.head_weight(), fresh())
+        model.wte.weight.mul_(2)
+        assert torch.equal(model.head_weight(), fresh())
+
+
 def test_a_checkpoint_from_before_smear_and_the_copy_path_loads_as_that_model(tmp_path):
     tok = byte_tok()
     model = tiny_model(tok.vocab_size, smear=False)  # both scales at 0: the model as it was before them

@@ -309,6 +309,7 @@ class GPT(nn.Module):
         self.smear_gate = nn.Parameter(torch.zeros(SMEAR_GATE_CHANNELS))
         self.smear_scale = nn.Parameter(torch.zeros(1))
         self.copy_scale = nn.Parameter(torch.zeros(1))  # see "The copy path" above
+        self._head_weight_cache = (None, None)  # see head_weight
         if config.pointer_dim:  # see "The pointer" above
             self.pointer_q = nn.Linear(config.n_embd, config.pointer_dim, bias=False)
             self.pointer_k = nn.Linear(config.n_embd, config.pointer_dim, bias=False)
@@ -370,8 +371,16 @@ class GPT(nn.Module):
         return c * torch.tanh(F.linear(x / c, weight.to(x.dtype)).float())
 
     def head_weight(self):
-        """The head's own weights plus the copy path's share of the normalised embedding table."""
-        return self.lm_head.weight + self.copy_scale * rms_norm(self.wte.weight)
+        """The head's own weights plus the copy path's share of the normalised embedding table. Sampling
+        asks for it at every token, and normalising the whole table took longer than the rest of a tiny
+        model's decoding step, so without autograd the table is kept until a weight changes (an optimizer
+        step or a load writes the weights in place, which bumps their version counters)."""
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return self.lm_head.weight + self.copy_scale * rms_norm(self.wte.weight)
+        key = tuple((p.data_ptr(), p._version) for p in (self.lm_head.weight, self.wte.weight, self.copy_scale))
+        if self._head_weight_cache[0] != key:
+            self._head_weight_cache = (key, self.lm_head.weight + self.copy_scale * rms_norm(self.wte.weight))
+        return self._head_weight_cache[1]
 
     def head_loss(self, x, targets):
         """Cross-entropy = -log(probability given to the true next token), for each of the N rows of x (N,
@@ -426,15 +435,18 @@ class GPT(nn.Module):
         probs = logits.softmax(-1)
         if P == 1:  # a one-token sequence: nothing to point at yet
             return probs.log()
-        query_pos = torch.arange(P - T, P, device=x.device)
-        visible = torch.arange(P - 1, device=x.device)[None, :] < query_pos[:, None]  # (T, P - 1): p < i
-        visible = visible[None].expand(B, T, P - 1)
-        if kv_cache is not None and kv_cache.pad is not None:
-            visible = visible & (torch.arange(P - 1, device=x.device) >= kv_cache.pad[:, None])[:, None]
-        scores = self.pointer_scores(x, keys[:, :P - 1]).masked_fill(~visible, float("-inf"))
-        weights = torch.nan_to_num(scores.softmax(-1))  # a row with nothing visible: all zero
+        scores, gate = self.pointer_scores(x, keys[:, :P - 1]), torch.sigmoid(self.pointer_gate_logit(x))
+        if T == 1 and (kv_cache is None or kv_cache.pad is None):  # decoding: every earlier position is visible
+            weights = scores.softmax(-1)  # (the common case, so it builds no masks)
+        else:
+            query_pos = torch.arange(P - T, P, device=x.device)
+            visible = torch.arange(P - 1, device=x.device)[None, :] < query_pos[:, None]  # (T, P - 1): p < i
+            visible = visible[None].expand(B, T, P - 1)
+            if kv_cache is not None and kv_cache.pad is not None:
+                visible = visible & (torch.arange(P - 1, device=x.device) >= kv_cache.pad[:, None])[:, None]
+            weights = torch.nan_to_num(scores.masked_fill(~visible, float("-inf")).softmax(-1))  # none visible: 0
+            gate = gate * visible.any(-1)
         pointer = torch.zeros_like(probs).scatter_add_(-1, tokens[:, None, 1:].expand(B, T, P - 1), weights)
-        gate = torch.sigmoid(self.pointer_gate_logit(x)) * visible.any(-1)
         return ((1 - gate[..., None]) * probs + gate[..., None] * pointer).log()
 
     def hidden_states(self, idx, kv_cache=None):
