@@ -139,8 +139,9 @@ PRESETS = {
 # The SFT mixture: what share of the generated conversations each labeler's task gets. (Measured, issue 18,
 # BENCHMARKS.md: before the model had its pointer, more counting and Emily rows at the expense of the others
 # left it unable to copy words all the same, and cost tool use, word problems or known answers. With the
-# pointer, 10% counting and 5% Emily-with-code rows, taken from arithmetic, mental arithmetic and verse, took
-# held-out letter counts from 0.075 to 0.625 and Emily from 0.025 to 0.35 and kept every other bar.)
+# pointer (and the letter copied as a token, data.counting_item), 10% counting and 5% Emily-with-code rows,
+# taken from arithmetic, mental arithmetic and verse, took held-out letter counts from 0.10 to 0.60 and Emily
+# from 0.025 to 0.525 in the pipeline run; known answers (0.667) and word problems (0.15) sit below their bars.)
 MIXTURE = {
     "identity": 0.04, "word_problem": 0.17, "word_problem_tool": 0.05, "arithmetic_tool": 0.22,
     "mental_arithmetic": 0.10, "counting_tool": 0.10, "emily_code": 0.05, "unknown_name": 0.04, "knowledge": 0.16,
@@ -598,7 +599,8 @@ def tool_call_correct(text, answer, copied=""):
     """A correct code call (its expression evaluates to the answer, and holds the `copied` text: the
     user's dots or word, quoted, which a call that only happens to give the same count lacks) and a final
     answer line equal to it. A number must match as a number (7.0 from the tool, "The answer is 7."); a
-    string (the letters of "every third letter") comes back from the tool bare and is the answer's word (after "The answer is", on its line or the next)."""
+    string (the letters of "every third letter") comes back from the tool bare and is the answer's word
+    (after "The answer is", on its line or the next)."""
     calls = [c for c in re.findall(r"<\|code_start\|>(.*?)<\|code_end\|>", text, re.S) if copied in c]
     if isinstance(answer, str):  # "The answer is srr." or "The answer is:" with the letters on the next line
         said = text.rsplit(data.ANSWER_PREFIX, 1)[1].strip(" :.\n") if data.ANSWER_PREFIX in text else None

@@ -345,10 +345,10 @@ class GPT(nn.Module):
     def forward(self, idx, targets=None, kv_cache=None, reduction="mean"):
         """idx: (B, T) token ids. targets: (B, T) next-token ids, -1 where no loss should be taken.
         kv_cache: when given, idx continues the tokens already in the cache (incremental decoding).
-        Without targets -> (logits (B, T, vocab) in float32, None). With targets -> (None, loss): the mean
-        cross-entropy over the scored positions, or with reduction="none" the (B, T) loss of every position
-        (0 where the target is -1). The logits are then never held for the whole batch at once (see
-        head_loss), which is what lets a 32K-65K vocabulary fit on a GPU."""
+        Without targets -> (logits (B, T, vocab) in float32, None); with the pointer they are log-probabilities.
+        With targets -> (None, loss): the mean cross-entropy over the scored positions, or with reduction="none"
+        the (B, T) loss of every position (0 where the target is -1). The logits are then never held for the
+        whole batch at once (see head_loss), which is what lets a 32K-65K vocabulary fit on a GPU."""
         x = self.hidden_states(idx, kv_cache)
         if targets is None:
             logits = self.head(x)
@@ -375,11 +375,13 @@ class GPT(nn.Module):
         asks for it at every token, and normalising the whole table took longer than the rest of a tiny
         model's decoding step, so without autograd the table is kept until a weight changes (an optimizer
         step or a load writes the weights in place, which bumps their version counters)."""
-        if torch.is_grad_enabled() or torch.compiler.is_compiling():
+        def combined():
             return self.lm_head.weight + self.copy_scale * rms_norm(self.wte.weight)
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return combined()
         key = tuple((p.data_ptr(), p._version) for p in (self.lm_head.weight, self.wte.weight, self.copy_scale))
         if self._head_weight_cache[0] != key:
-            self._head_weight_cache = (key, self.lm_head.weight + self.copy_scale * rms_norm(self.wte.weight))
+            self._head_weight_cache = (key, combined())
         return self._head_weight_cache[1]
 
     def head_loss(self, x, targets):
@@ -417,10 +419,12 @@ class GPT(nn.Module):
         earlier = torch.ones(T, T - 1, dtype=torch.bool, device=x.device).tril(diagonal=-1)  # p < i
         scores = scores.masked_fill(~earlier, never)
         hits = idx[:, None, 1:] == targets[:, :, None]  # (B, T, T - 1): key p's next token is i's target
-        log_pointer = (scores.masked_fill(~hits, never).logsumexp(-1) - scores.logsumexp(-1))
+        log_pointer = scores.masked_fill(~hits, never).logsumexp(-1) - scores.logsumexp(-1)
+        # log g and log(1 - g), with the gate shut (g = 0) at position 0
         gate, first = self.pointer_gate_logit(x), torch.arange(T, device=x.device) == 0
-        log_gate, log_head_share = F.logsigmoid(gate).masked_fill(first, never), F.logsigmoid(-gate).masked_fill(first, 0)
-        log_p = torch.logaddexp(log_head_share - head_losses, log_gate + log_pointer)
+        log_gate = F.logsigmoid(gate).masked_fill(first, never)
+        log_head_share = F.logsigmoid(-gate).masked_fill(first, 0)
+        log_p = torch.logaddexp(log_head_share - head_losses, log_gate + log_pointer)  # log((1-g) p_head + g p_ptr)
         return torch.where(targets >= 0, -log_p, 0.0)
 
     def pointer_mix(self, logits, x, idx, kv_cache):
@@ -630,10 +634,10 @@ class Muon(torch.optim.Optimizer):
 
 
 def build_optimizers(model, cfg, device_type, rank=0, world=1):
-    """Muon for the matrices inside the blocks (and the pointer's); AdamW for the embedding table and the output head, whose
-    rows belong to individual tokens and see very uneven gradients (Muon's whole-matrix view suits them
-    badly), and for the few weights of smear, the copy path and the pointer's gate. Each group remembers its base learning rate, which the schedule
-    scales every step."""
+    """Muon for the matrices inside the blocks (and the pointer's); AdamW for the embedding table and the
+    output head, whose rows belong to individual tokens and see very uneven gradients (Muon's whole-matrix
+    view suits them badly), and for the few weights of smear, the copy path and the pointer's gate. Each
+    group remembers its base learning rate, which the schedule scales every step."""
     matrices = [p for p in model.blocks.parameters()]
     small = [model.smear_gate, model.smear_scale, model.copy_scale]
     if model.config.pointer_dim:  # the pointer's query and key are matrices like attention's
