@@ -505,8 +505,10 @@ MAX_TOOL_OUTPUT_TOKENS = 128  # a tool's answer is cut to this many tokens befor
 # ordinary literal like `'e'`. Inside a copy, the engine lets the model write only whole words (or a whole
 # run of dots) of the prompt's last user message, the way grammar-constrained decoding keeps JSON valid:
 # the model still decides to call the tool, which words it copies and where the copy closes; the engine
-# only rules out text the message does not hold. Engine(copy_guard=False) turns this off, so that what the
-# model does alone can be measured (sft.py reports both).
+# only rules out text the message does not hold. The same holds for the answer that quotes a tool's output
+# (the letters of "every third letter", on a line of their own): the reply may end only after whole words
+# of it (quoting_part_of_a_word). Engine(copy_guard=False) turns both off, so that what the model does
+# alone can be measured (sft.py reports both).
 COPY_CLOSE = data.COPY_CLOSE.encode()
 QUOTE = ord("'")
 
@@ -531,6 +533,24 @@ def word_bounds(source):
     """Positions 0..len(source) where a word of `source` starts or ends: a change of byte class. A copy
     quotes whole words (or a whole run of dots), so both its ends must be such a position."""
     return {0, len(source)} | {i for i in range(1, len(source)) if byte_class(source[i - 1]) != byte_class(source[i])}
+
+
+def copyable(span):
+    """Whether `span` may be (the start of) a copy: words and the spaces between them, or a run of one
+    mark (".....", without spaces), and no quote. b"" is the start of any copy."""
+    if QUOTE in span:
+        return False
+    if any(byte_class(b) == "w" for b in span):
+        return all(byte_class(b) in ("w", ord(" ")) for b in span)
+    return len(set(span)) <= 1
+
+
+def quoting_part_of_a_word(line, output):
+    """Whether a reply's line stops inside a word of the tool output it is quoting. The answer to "every
+    third letter of explain" is the tool's `eln` written again on a line of its own, and the tiny model
+    often ends its reply after `el`: so, as a copy literal closes only after whole words, a line that is
+    the start of the output may end the reply only where a word of the output ends."""
+    return bool(line) and output.startswith(line) and len(line) not in word_bounds(output)
 
 
 def copy_literal_state(call):
@@ -569,6 +589,8 @@ class Row:
         self.tool = None  # the end token of the tool call being written, or None
         self.tool_tokens = []
         self.events = deque()  # tool calls and results, for stream()
+        self.last_output = b""  # the bytes of the latest tool output, and of the reply's line since then
+        self.line = b""  # (see Engine.quote_ban)
 
     @property
     def done(self):
@@ -638,6 +660,7 @@ class Engine:
             result = self.run_tool(token, query)
             answer = self.tok.encode_ordinary(result)[:MAX_TOOL_OUTPUT_TOKENS]
             row.forced.extend([self.output_ids[0], *answer, self.output_ids[1]])
+            row.last_output, row.line = self.tok.decode_bytes(answer), b""
             row.events.append({"type": "tool_call", "tool": self.tool_names[token], "query": query})
             row.events.append({"type": "tool_result", "text": self.tok.decode(answer)})
             row.tool = None
@@ -651,6 +674,7 @@ class Engine:
         if token in self.end_ids:
             row.out.finish = "stop"
             return "end"
+        row.line = (row.line + self.tok.decode_bytes([token])).rsplit(b"\n", 1)[-1]
         return "text"
 
     def ban_invalid_tokens(self, logits, rows):
@@ -668,13 +692,18 @@ class Engine:
                         state = state if self.space_tokens[favourite.item()] else None
                     if state is not None:
                         mask[r] |= self.copy_ban(state, row.source)
+                elif row.tool is None and quoting_part_of_a_word(row.line, row.last_output):
+                    mask[r, list(self.end_ids)] = True
         return logits.masked_fill(mask.to(logits.device), float("-inf"))
 
     def copy_ban(self, state, source):
         """The tokens a copy literal may not continue with (see COPY_CLOSE). Just after the opening quote
         of a copy (state "opened"), the next token must be a space and text of `source`; inside a copy
         (state: the bytes copied so far), a token must extend them to text of `source`, or close the
-        literal after a non-empty copy of whole words."""
+        literal after a non-empty copy of whole words. What is copied is what the lecture's prompts count
+        or spell: words (with the spaces between them) or a run of one mark (dots), never the punctuation
+        around a word -- the user's "in adjunct?" asks about `' adjunct '`, not `' adjunct? '` (the tiny
+        model's commonest slip) -- and never a quote, which would end the literal."""
         ban = torch.ones(len(self.space_tokens), dtype=torch.bool)
         allowed, bounds = set(), word_bounds(source)
 
@@ -685,20 +714,24 @@ class Engine:
             allowed.add(self.id_of_bytes.get(b" "))
             for start in sorted(bounds - {len(source)}):
                 for end in range(start + 1, min(start + self.longest_token, len(source) + 1)):
+                    if not copyable(source[start:end]):
+                        break
                     allowed.add(self.id_of_bytes.get(b" " + source[start:end]))
         else:
             starts = [i for i in bounds if i < len(source) and source.startswith(state, i)]
             for start in starts:
                 rest = source[start + len(state):start + len(state) + self.longest_token]
                 for end in range(len(rest) + 1):
+                    if not copyable(state + rest[:end]):
+                        break
                     if (state or end) and start + len(state) + end in bounds:  # the space that closes a copy
                         allowed.add(self.id_of_bytes.get(rest[:end] + b" "))
                     if end:
                         allowed.add(self.id_of_bytes.get(rest[:end]))
             for token, text in self.quote_tokens:
                 grown = state + text
-                close = grown.find(COPY_CLOSE)
-                if close > 0 and whole(grown[:close]):
+                end = grown.find(COPY_CLOSE)
+                if end > 0 and whole(grown[:end]) and copyable(grown[:end]):
                     allowed.add(token)
         allowed.discard(None)
         if not allowed:  # a copy the guard did not start (a sampled space after a quote it judged ordinary):

@@ -1610,7 +1610,6 @@ def mental_arithmetic_conversation(rng, difficulty=DEFAULT_DIFFICULTY):
 ARITHMETIC_QUESTIONS = ("What is {a} {op} {b}?", "Compute {a} {op} {b}.", "Calculate {a} {op} {b} for me.",
                         "How much is {a} {op} {b}?", "{a} {op} {b} = ?")
 
-
 def random_number(rng, digits):
     """A whole number with between digits[0] and digits[1] digits."""
     n = rng.randint(*digits)
@@ -1639,7 +1638,12 @@ def arithmetic_conversation(rng, digits=(3, 6)):
 COUNTING_WORDINGS = {
     "dots": {"train": ("How many dots are here? {dots}", "Count the dots: {dots}", "How many dots? {dots}",
                        "How many periods are in this? {dots}", "Please count these dots: {dots}",
-                       "How many dots do you see? {dots}", "Tell me how many dots this is: {dots}"),
+                       "How many dots do you see? {dots}", "Tell me how many dots this is: {dots}",
+                       "Count the dots below.\n{dots}", "how many dots?\n{dots}", "Dots to count: {dots}",
+                       "How many are here? {dots}", "{dots}\nHow many dots is that?", "Number of dots: {dots}",
+                       "How many periods?\n{dots}", "{dots} <- how many dots?", "Count: {dots}",
+                       "Could you count these dots for me? {dots}", "How many dots did I type? {dots}",
+                       "Here are some dots:\n{dots}\nHow many are there?", "What number of periods is this? {dots}"),
              "heldout": ("How many dots are below? {dots}", "how many dots are here?\n{dots}",
                          "Can you count the dots? {dots}", "What is the number of dots here? {dots}",
                          "How many dots are in this line? {dots}", "Count them: {dots}",
@@ -1647,14 +1651,30 @@ COUNTING_WORDINGS = {
     "letter": {"train": ("How many {letter}'s are in the word {word}?", "How many times does {letter} occur in {word}?",
                          "Count the letter {letter} in {word}.", "How many {letter}'s are there in {word}?",
                          "In the word {word}, how many times does the letter {letter} appear?",
-                         "Count how many {letter}'s the word {word} has."),
+                         "Count how many {letter}'s the word {word} has.", "How many {letter}'s does {word} have?",
+                         "How many {letter}'s in the word {word}?", "Number of {letter}'s in {word}?",
+                         "{word}: how many {letter}'s?",
+                         "How many times is the letter {letter} in {word}?",
+                         "Tell me how often {letter} appears in the word {word}.",
+                         "How many of the letters in {word} are {letter}'s?",
+                         "In {word}, how many {letter}'s are there?", "Count the {letter}'s that {word} has."),
                "heldout": ("How many {letter}'s in {word}", "How many {letter}'s are in {word}?",
                            "How often does the letter {letter} appear in {word}?",
                            "Count the {letter}'s in the word {word}.")},
     "every_kth": {"train": ("Spell every {nth} letter of {word}, starting from the first.",
                             "Write every {nth} letter of the word {word}, beginning with the first.",
                             "Take every {nth} character of {word}, starting with the first one.",
-                            "What is every {nth} letter of {word}, from the first?"),
+                            "What is every {nth} letter of {word}, from the first?",
+                            "Every {nth} letter of the word {word}, please, starting with the first.",
+                            "Show every {nth} character of {word}, from the first.",
+                            "From the first letter on, give every {nth} letter of {word}.",
+                            "Write out every {nth} letter of {word} starting at the first.",
+                            "Print every {nth} letter of the word {word}, beginning with the first one.",
+                            "List every {nth} character of the word {word}, starting from the first one.",
+                            "{word}: every {nth} letter, starting from the first?",
+                            "Starting from the first, what is every {nth} letter of {word}?",
+                            "Take the word {word}, and write every {nth} letter from the first.",
+                            "For {word}, list every {nth} letter, beginning with the first."),
                   "heldout": ("Print every {nth} character of {word} starting from the first.",
                               "Give me every {nth} letter of the word {word}, starting with the first one.",
                               "Every {nth} letter of {word}, starting from the first, please.")},
@@ -1687,14 +1707,23 @@ def quoted(span):
     return f"' {span}{COPY_CLOSE}"
 
 
+# "Every third letter" needs the number 3 in the call, and the question holds only the word "third". Asked
+# to produce it while writing `[::`, a tiny model settles on one step for every question (measured: always
+# [::3], or always [::2], 0.10-0.40 right). So the reply first says the step in words, "Every third letter
+# is a step of 3.": the ordinal is copied from the question (the pointer's easy job), the digit comes right
+# after it (a lookup from the token just read), and the call copies that digit -- the lecture's "models
+# need tokens to think", at the scale of one word.
+STEP_LEAD = "Every {nth} letter is a step of {k}.\n"
+
+
 def counting_item(rng, kind, wordings="train"):
-    """One counting or spelling question -> (question, code, value): the code copies the user's dots or
-    word, and run_code(code) gives value."""
+    """One counting or spelling question -> (question, code, value, lead): the code copies the user's dots
+    or word, run_code(code) gives value, and lead is what the reply says before its call ("" or STEP_LEAD)."""
     check_wordings(wordings)
     template = rng.choice(COUNTING_WORDINGS[kind][wordings])
     if kind == "dots":
         dots = "." * rng.randint(1, MAX_DOTS)
-        return template.format(dots=dots), f"{quoted(dots)}.count('.')", len(dots)
+        return template.format(dots=dots), f"{quoted(dots)}.count('.')", len(dots), ""
     word = rng.choice(spelling_words("heldout" if wordings == "heldout" else "train"))
     if kind == "letter":
         letter = rng.choice(word)
@@ -1702,24 +1731,31 @@ def counting_item(rng, kind, wordings="train"):
         # The letter is copied too, as the user wrote it (` R` in "How many R's"), and only then trimmed and
         # lower-cased by the code: written `'r'`, it would be the token `r`, not the message's ` R`.
         code = f"{quoted(word)}.count({quoted(shown)}.strip().lower())"
-        return template.format(letter=shown, word=word), code, word.count(letter)
+        return template.format(letter=shown, word=word), code, word.count(letter), ""
     k = rng.choice(sorted(ORDINALS))
-    return template.format(nth=ORDINALS[k], word=word), f"{quoted(word)}.strip()[::{k}]", word[::k]
+    return (template.format(nth=ORDINALS[k], word=word), f"{quoted(word)}.strip()[::{k}]", word[::k],
+            STEP_LEAD.format(nth=ORDINALS[k], k=k))
 
 
-def tool_answer(code, value):
-    """The assistant's reply to a counting question: the call, the tool's output, the answer line. A
-    string result (the letters of "every third letter") goes on a line of its own after the answer's
-    words: the tool prints it bare, `srr`, and only at the start of a line is it the same tokens again
-    (after a space, ` srr` is other tokens), so the answer is a token-for-token copy of the output."""
+def tool_answer(code, value, lead=""):
+    """The assistant's reply to a counting question: its lead (see STEP_LEAD), the call, the tool's output,
+    the answer line. A string result (the letters of "every third letter") goes on a line of its own after
+    the answer's words: the tool prints it bare, `srr`, and only at the start of a line is it the same
+    tokens again (after a space, ` srr` is other tokens), so the answer is a token-for-token copy of the output."""
     if isinstance(value, str):
-        return f"<|code_start|>{code}<|code_end|><|output_start|>{value}<|output_end|>\n{ANSWER_PREFIX}:\n{value}"
-    return f"<|code_start|>{code}<|code_end|><|output_start|>{value!r}<|output_end|>\n{ANSWER_PREFIX} {value}."
+        return f"{lead}<|code_start|>{code}<|code_end|><|output_start|>{value}<|output_end|>\n{ANSWER_PREFIX}:\n{value}"
+    return f"{lead}<|code_start|>{code}<|code_end|><|output_start|>{value!r}<|output_end|>\n{ANSWER_PREFIX} {value}."
+
+
+# How the counting rows share out among the kinds: the copy of a run of dots is the engine's to keep
+# exact (chat.py, "Copying"), so dots need the fewest rows; a word and its step need the most.
+COUNTING_SHARES = {"dots": 0.25, "letter": 0.35, "every_kth": 0.40}
 
 
 def counting_conversation(rng, wordings="train"):
-    question, code, value = counting_item(rng, rng.choice(sorted(COUNTING_WORDINGS)), wordings)
-    return {**conversation(question, tool_answer(code, value)), "answer": value}
+    kind = rng.choices(list(COUNTING_SHARES), weights=list(COUNTING_SHARES.values()))[0]
+    question, code, value, lead = counting_item(rng, kind, wordings)
+    return {**conversation(question, tool_answer(code, value, lead)), "answer": value}
 
 
 # The lecture's "Use code." word problem with its big numbers (23 apples, 177 oranges at $4, $869): the
@@ -1733,7 +1769,17 @@ EMILY_CODE_WORDINGS = {
               "{a} {many} and {b} {others} cost ${total} together. Each {other} is ${p}. "
               "What does each {one} cost?",
               "{name} pays ${total} for {a} {many} and {b} {others}. The {others} are ${p} each. "
-              "Find the price of one {one}."),
+              "Find the price of one {one}.",
+              "Each {other} costs ${p}. {name} buys {a} {many} and {b} {others} and pays ${total}. "
+              "How much is one {one}?",
+              "{name} spent ${total} on {a} {many} and {b} {others}. If one {other} costs ${p}, what does "
+              "one {one} cost?",
+              "The bill for {a} {many} and {b} {others} is ${total}. The {others} cost ${p} each. What is the "
+              "price of one {one}?",
+              "{name} has {a} {many} and {b} {others} that cost ${total} in all. A single {other} costs ${p}. "
+              "How much does each {one} cost?",
+              "{name} gets {a} {many} and {b} {others} for ${total}. Each {other} is ${p}. What is the price "
+              "of one {one}?"),
     "heldout": ("{name} buys {a} {many} and {b} {others}. Each {other} costs ${p}. The total cost of all the "
                 "fruit is ${total}. What is the cost of each {one}?",
                 "{name} got {a} {many} and {b} {others}, paying ${total} in total. One {other} costs ${p}. "

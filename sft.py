@@ -143,9 +143,9 @@ PRESETS = {
 # taken from arithmetic, mental arithmetic and verse, took held-out letter counts from 0.10 to 0.60 and Emily
 # from 0.025 to 0.525 in the pipeline run; known answers (0.667) and word problems (0.15) sit below their bars.)
 MIXTURE = {
-    "identity": 0.04, "word_problem": 0.17, "word_problem_tool": 0.05, "arithmetic_tool": 0.22,
-    "mental_arithmetic": 0.10, "counting_tool": 0.10, "emily_code": 0.05, "unknown_name": 0.04, "knowledge": 0.16,
-    "search": 0.03, "lecture": 0.02, "verse": 0.02,
+    "identity": 0.04, "word_problem": 0.17, "word_problem_tool": 0.05, "arithmetic_tool": 0.20,
+    "mental_arithmetic": 0.10, "counting_tool": 0.15, "emily_code": 0.08, "unknown_name": 0.02, "knowledge": 0.15,
+    "search": 0.02, "lecture": 0.01, "verse": 0.01,
 }
 
 
@@ -639,7 +639,7 @@ def eval_sets(cfg, known):
         return item[0], item[2]
 
     def question_and_copy(item):  # -> (question, (the quoted text the call must copy, value))
-        question, code, value = item
+        question, code, value, _ = item
         return question, (code[:code.index(data.COPY_CLOSE, 1) + len(data.COPY_CLOSE)], value)
 
     copying = {kind: heldout_items(lambda kind=kind: question_and_copy(data.counting_item(rng, kind, "heldout")), n)

@@ -37,7 +37,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import regex
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import chat
@@ -3092,14 +3092,15 @@ def test_copying_tool_prompts_on_heldout_wordings_copy_the_users_text_token_for_
     rng = random.Random(7)
     for wordings in ("train", "heldout"):
         for _ in range(40):
-            question, code, value = data.counting_item(rng, kind, wordings)
+            question, code, value, lead = data.counting_item(rng, kind, wordings)
             assert run_code(code) == (value if isinstance(value, str) else repr(value))
             span = re.search(r"' (.*?) '", code).group(1)  # the first copy: the dots or the word
-            assert " " + span in question or "\n" + span in question
+            assert " " + span in question or "\n" + span in question or question.startswith(span)
             if " " + span in question:  # the copied span is the same token sequence in the message and the call
                 ids = tok.encode_ordinary(" " + span)
                 assert ids == tok.encode_ordinary(code)[1:1 + len(ids)]
-            assert sft.tool_call_correct(data.tool_answer(code, value), value)
+            assert sft.tool_call_correct(data.tool_answer(code, value, lead), value)
+            assert (kind == "every_kth") == bool(lead) and (not lead or f"step of {code[-2]}." in lead)
             assert (question.split(span)[0].strip() in
                     {t.split("{")[0].strip() for t in data.COUNTING_WORDINGS[kind][wordings]}) or kind != "dots"
     train_words, heldout_words = set(data.spelling_words("train")), set(data.spelling_words("heldout"))
@@ -4291,6 +4292,7 @@ def test_copy_guard_lets_a_copy_literal_hold_only_text_of_the_message(dots_tok, 
     copied span is text of the user's message, and the guard never leaves the walk without a token."""
     engine = Engine(tiny_model(dots_tok.vocab_size), dots_tok)
     source = source.encode()
+    assume(source.strip(b"' "))  # a message of only quotes and spaces holds nothing to copy: the guard stands aside
     rng, call = random.Random(seed), b"'"
     for _ in range(30):
         state = chat.copy_literal_state(call)
@@ -4320,6 +4322,61 @@ def test_copy_guard_stops_a_run_of_dots_at_the_users_count(dots_tok):
         text = dots_tok.decode(engine.generate(prompt, max_tokens=150, temperature=0)[0].tokens)
         copied = re.match(r"<\|code_start\|>' (\.*)", text).group(1)
         assert (len(copied) == expected) if guard else len(copied) > 37
+
+
+def test_copy_guard_keeps_quotes_out_of_a_copy():
+    """The user's "d's" holds a quote: copied, it would close the literal at once (`' '`, an empty copy --
+    what the tiny model wrote for "How many d's are in unacted?"). No copy may take a quote from the message."""
+    texts = iter([f"How many {c}'s are in unacted? ' unacted '.count(' {c} ') {c}'s" for c in "dtuaen" * 20])
+    tok = Tokenizer.train(texts, 256 + len(SPECIAL_TOKENS) + 60)
+    assert b" '" in tok.vocab and b"'s" in tok.vocab  # the tokens a copy of "d's" would be written with
+    engine = Engine(tiny_model(tok.vocab_size), tok)
+    source = b"How many d's are in unacted?"
+    for state in ("opened", b"", b"d", b"unac"):
+        allowed = (~engine.copy_ban(state, source)).nonzero()[:, 0].tolist()
+        copied = [tok.vocab[i].split(chat.COPY_CLOSE)[0] for i in allowed if i < len(tok.vocab)]
+        assert allowed and not any(b"'" in c for c in copied), (state, copied)
+
+
+def test_copy_guard_copies_a_word_without_the_punctuation_around_it(dots_tok):
+    """"How many d's are in adjunct?" -> `' adjunct '`: after the word the guard offers its close, never
+    the question mark (the tiny model wrote `' adjunct? '` -- a count of the right letter, in other text);
+    a run of dots is all punctuation and is copied whole."""
+    texts = iter([f"How many {c}'s are in adjunct? ' adjunct? '.count(' {c} ') adjunct?." for c in "djuntc" * 20])
+    tok = Tokenizer.train(texts, 256 + len(SPECIAL_TOKENS) + 60)
+    assert b"?" in tok.vocab and b" adjunct" in tok.vocab
+    engine = Engine(tiny_model(tok.vocab_size), tok)
+    allowed = [tok.vocab[i] for i in (~engine.copy_ban(b"adjunct", b"How many d's are in adjunct?")).nonzero()[:, 0]
+               if i < len(tok.vocab)]
+    assert allowed and not any(b"?" in b for b in allowed) and b" '" in allowed
+    assert not any(chat.copyable(w) for w in (b"adjunct?", b"a, b", b". .", b".,", b"d's"))
+    assert all(chat.copyable(w) for w in (b"adjunct", b"the cat", b"....", b"", b"42"))
+    dots = b"Count: ....."
+    for state in (b".", b"...."):
+        assert [tok.vocab[i] for i in (~engine.copy_ban(state, dots)).nonzero()[:, 0] if i < len(tok.vocab)]
+
+
+def test_a_reply_quoting_a_tool_output_ends_only_after_whole_words():
+    """Every third letter of "explain" is `eln`; a model that quotes it as `el` and would stop there (the
+    tiny model's slip) writes the `n` it likes second best when the guard is on, and stops short without."""
+    tok = byte_tok()
+    call = "<|code_start|>' explain '.strip()[::3]<|code_end|><|output_start|>eln<|output_end|>"
+    script = call + "\nThe answer is:\nel<|im_end|>"
+
+    class SecondChoiceN(ScriptedModel):  # after the script's <|im_end|>, "n" is its next favourite
+        def forward(self, idx, targets=None, kv_cache=None):
+            logits, _ = super().forward(idx, targets, kv_cache)
+            logits[:, :, ord("n")] = torch.maximum(logits[:, :, ord("n")], torch.tensor(10.0))
+            return logits, None
+
+    assert chat.quoting_part_of_a_word(b"el", b"eln") and not chat.quoting_part_of_a_word(b"eln", b"eln")
+    assert not chat.quoting_part_of_a_word(b"The answer is 7.", b"72")
+    prompt = render_for_completion(tok, [{"role": "user", "content": "Every third letter of explain?"}])
+    for guard, answer in ((True, "eln"), (False, "el")):
+        engine = Engine(SecondChoiceN(tok, script, seq_len=400), tok, copy_guard=guard)
+        completion = engine.generate(prompt, max_tokens=80, temperature=0)[0]
+        text = tok.decode(completion.tokens)
+        assert completion.finish == "stop" and text.removesuffix("<|im_end|>").endswith("\n" + answer), text
 
 
 def test_copy_guard_never_bans_every_token(dots_tok):
