@@ -553,6 +553,52 @@ def quoting_part_of_a_word(line, output):
     return bool(line) and output.startswith(line) and len(line) not in word_bounds(output)
 
 
+# The code tool's words: it knows no variables (SafeEvaluator), so outside a string literal every name in
+# a call is one of its functions, string methods or Python's word operators. The engine holds the model to
+# that, as grammar-constrained decoding does: the tiny model, having copied "177" from "177 oranges at $4",
+# goes on copying `177 oranges` (the pointer follows the question), or writes the buyer's name where the
+# count belongs, `/ Mia`; neither is a word of the tool's language, so neither can be written.
+CODE_WORDS = (*FUNCTIONS, *STRING_METHODS, "and", "or", "not", "in", "is", "True", "False", "None")
+CODE_WORD_PREFIXES = {w[:i].encode() for w in CODE_WORDS for i in range(len(w) + 1)}
+WORD_CODE_WORDS = {w.encode() for w in CODE_WORDS}
+NUMBER_LETTERS = b"_eExXoObBjJabcdefABCDEF"  # letters a number may hold: 1e5, 0x1f, 0o17, 0b101, 2j, 1_000
+
+
+def is_name_byte(byte, name):
+    """Whether `byte` continues (or starts, if `name` is empty) a Python name."""
+    return chr(byte).isalpha() or byte == ord("_") or (bool(name) and chr(byte).isdigit())
+
+
+def code_words_ok(name, after_digit, text):
+    """Whether `text` may follow code that ends in the name `name` (b"" if none; `after_digit`: the code
+    ends in a digit, where letters belong to the number, `1e5`, `0x1f`) and keep every name a word of the
+    tool, whole where it ends and a word's start where the text ends. A quote ends the check: inside a
+    string anything may be written (the copy guard watches copies)."""
+    for byte in text:
+        if byte == QUOTE:
+            return True
+        if after_digit and (chr(byte).isdigit() or byte in NUMBER_LETTERS):
+            continue
+        if is_name_byte(byte, name):
+            name += bytes([byte])
+            if name not in CODE_WORD_PREFIXES:
+                return False
+            continue
+        if name and name not in WORD_CODE_WORDS:
+            return False
+        name, after_digit = b"", chr(byte).isdigit()
+    return True
+
+
+def code_state(call):
+    """-> None inside a string literal of the call, else (the name the call ends in, b"" if none; whether
+    it ends inside a number)."""
+    if call.count(QUOTE) % 2:
+        return None
+    tail = re.search(rb"[A-Za-z0-9_]*$", call).group()
+    return (b"", True) if tail[:1].isdigit() else (tail, False)
+
+
 def copy_literal_state(call):
     """Where the bytes of a code call so far stand: None (not inside a string literal), "opened" (just
     after an opening quote: the next token says whether this is a copy) or the bytes copied so far (inside
@@ -639,6 +685,7 @@ class Engine:
         self.quote_tokens = [(i, b) for i, b in enumerate(tokenizer.vocab) if QUOTE in b]
         self.space_tokens = torch.zeros(model.config.vocab_size, dtype=torch.bool)
         self.space_tokens[[i for i, b in enumerate(tokenizer.vocab) if b[:1] == b" "]] = True
+        self.code_word_bans = {}  # see code_word_ban
 
     # -- tools -------------------------------------------------------------------------------------
 
@@ -692,9 +739,21 @@ class Engine:
                         state = state if self.space_tokens[favourite.item()] else None
                     if state is not None:
                         mask[r] |= self.copy_ban(state, row.source)
+                    elif (words := code_state(self.tok.decode_bytes(row.tool_tokens))) is not None:
+                        mask[r] |= self.code_word_ban(*words)
                 elif row.tool is None and quoting_part_of_a_word(row.line, row.last_output):
                     mask[r, list(self.end_ids)] = True
         return logits.masked_fill(mask.to(logits.device), float("-inf"))
+
+    def code_word_ban(self, name, after_digit):
+        """The tokens that would put a name outside the tool's words into a call (see CODE_WORDS), for a
+        call ending in `name` (or in a number): one table per such ending, built once and kept."""
+        key = (name, after_digit)
+        if key not in self.code_word_bans:
+            ban = torch.zeros(len(self.space_tokens), dtype=torch.bool)
+            ban[[i for i, text in enumerate(self.tok.vocab) if not code_words_ok(name, after_digit, text)]] = True
+            self.code_word_bans[key] = ban
+        return self.code_word_bans[key]
 
     def copy_ban(self, state, source):
         """The tokens a copy literal may not continue with (see COPY_CLOSE). Just after the opening quote

@@ -1788,20 +1788,30 @@ EMILY_CODE_WORDINGS = {
 FRUIT = (("apple", "apples"), ("orange", "oranges"), ("pear", "pears"), ("lemon", "lemons"))
 
 
+# The reply first says which numbers go where, in the question's own words ("The 177 oranges cost 177 * 4
+# of the $869; the rest pays for the 23 apples."), then writes the call from that line. Each number is
+# copied next to the words it came with, and the call copies them again from one line above, in the order
+# the expression wants (measured, BENCHMARKS.md: Emily 0.47-0.70 without this line, 0.62-0.70 with it,
+# two seeds each, before the engine held calls to the tool's words).
+EMILY_LEAD = "The {b} {others} cost {b} * {p} of the ${total}; the rest pays for the {a} {many}.\n"
+
+
 def emily_code_problem(rng, wordings="train"):
-    """-> (question ending in "Use code.", code, price): the lecture's problem shape with its number sizes."""
+    """-> (question ending in "Use code.", code, price, lead): the lecture's problem shape with its number
+    sizes; lead is the reply's line before its call (EMILY_LEAD)."""
     check_wordings(wordings)
     (one, many), (other, others) = rng.sample(FRUIT, 2)
     a, b, price, p = rng.randint(2, 60), rng.randint(2, 300), rng.randint(2, 20), rng.randint(2, 20)
     total = a * price + b * p
     question = rng.choice(EMILY_CODE_WORDINGS[wordings]).format(
         name=rng.choice(NAMES), a=a, many=many, b=b, others=others, other=other, p=p, total=total, one=one)
-    return question + USE_CODE, f"({total} - {b} * {p}) / {a}", price
+    lead = EMILY_LEAD.format(b=b, others=others, p=p, total=total, a=a, many=many)
+    return question + USE_CODE, f"({total} - {b} * {p}) / {a}", price, lead
 
 
 def emily_code_conversation(rng, wordings="train"):
-    question, code, price = emily_code_problem(rng, wordings)
-    answer = f"<|code_start|>{code}<|code_end|><|output_start|>{float(price)!r}<|output_end|>\n{ANSWER_PREFIX} {price}."
+    question, code, price, lead = emily_code_problem(rng, wordings)
+    answer = lead + f"<|code_start|>{code}<|code_end|><|output_start|>{float(price)!r}<|output_end|>\n{ANSWER_PREFIX} {price}."
     return {**conversation(question, answer), "split": split_of(question.removesuffix(USE_CODE)), "answer": price}
 
 

@@ -138,10 +138,11 @@ PRESETS = {
 
 # The SFT mixture: what share of the generated conversations each labeler's task gets. (Measured, issue 18,
 # BENCHMARKS.md: before the model had its pointer, more counting and Emily rows at the expense of the others
-# left it unable to copy words all the same, and cost tool use, word problems or known answers. With the
-# pointer (and the letter copied as a token, data.counting_item), 10% counting and 5% Emily-with-code rows,
-# taken from arithmetic, mental arithmetic and verse, took held-out letter counts from 0.10 to 0.60 and Emily
-# from 0.025 to 0.525 in the pipeline run; known answers (0.667) and word problems (0.15) sit below their bars.)
+# left it unable to copy words all the same. With the pointer, the every-k-th step said in words and the
+# engine's guards (chat.py, "Copying"), 15% counting and 8% Emily rows, taken from arithmetic, knowledge,
+# refusals and the small sources, put dots, letters and every-k-th at 0.75-1.00 on two seeds with tool use,
+# identity, refusals and known answers at their bars; Emily 0.55-0.70 and word problems 0.10-0.25 vary
+# with the seed as much as with any mixture tried.)
 MIXTURE = {
     "identity": 0.04, "word_problem": 0.17, "word_problem_tool": 0.05, "arithmetic_tool": 0.20,
     "mental_arithmetic": 0.10, "counting_tool": 0.15, "emily_code": 0.08, "unknown_name": 0.02, "knowledge": 0.15,

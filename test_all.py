@@ -3112,8 +3112,9 @@ def test_emily_with_code_on_heldout_wordings_is_one_call_the_tool_answers():
     rng = random.Random(3)
     for wordings in ("train", "heldout"):
         for _ in range(40):
-            question, code, price = data.emily_code_problem(rng, wordings)
+            question, code, price, lead = data.emily_code_problem(rng, wordings)
             assert question.endswith(data.USE_CODE) and run_code(code) == repr(float(price))
+            assert all(n in lead for n in re.findall(r"\d+", code))  # the lead holds what the call copies
             assert all(n in question for n in re.findall(r"\d+", code))  # every number copied from the question
     row = data.emily_code_conversation(random.Random(1), "heldout")
     assert sft.tool_call_correct(row["messages"][-1]["content"], float(row["answer"]))
@@ -4377,6 +4378,38 @@ def test_a_reply_quoting_a_tool_output_ends_only_after_whole_words():
         completion = engine.generate(prompt, max_tokens=80, temperature=0)[0]
         text = tok.decode(completion.tokens)
         assert completion.finish == "stop" and text.removesuffix("<|im_end|>").endswith("\n" + answer), text
+
+
+def test_code_calls_hold_only_the_tools_words():
+    """Outside its strings a call may name only the tool's functions, methods and word operators: the
+    tiny model's `(869 - 177 oranges * 4)` (copying on through the question) and `/ Mia` cannot be written,
+    while `len(' ab ')`, `' ab '.count(' a '.strip().lower())`, `1e5`, `0x1f` and `'a' in 'cat'` can."""
+    def written(code):  # whether the guard lets `code` be written, token by token (here: byte by byte)
+        return all(chat.code_words_ok(*state, code[i:i + 1]) for i in range(len(code))
+                   if (state := chat.code_state(code[:i])) is not None)
+
+    for good in (b"len(' ab ')", b"' ab '.count(' a '.strip().lower())", b"1e5 + 0x1f", b"'a' in 'cat'",
+                 b"(869 - 177 * 4) / 23", b"round(sqrt(2), 3)", b"not True or max(1, 2)"):
+        assert written(good), good
+    for bad in (b"(869 - 177 oranges * 4)", b"(869 - 177 * 4) / Mia", b"12apples", b"' ab '.coun * 2"):
+        assert not written(bad), bad
+    tok = Tokenizer.train(iter(["Mia buys 23 apples and 177 oranges. (869 - 177 * 4) / 23 oranges"] * 30),
+                          256 + len(SPECIAL_TOKENS) + 40)
+    assert b" oranges" in tok.vocab
+    prompt = render_for_completion(tok, [{"role": "user", "content": "Mia buys 23 apples and 177 oranges."}])
+
+    class SecondChoiceTimes(ScriptedModel):  # " *" is the model's next favourite everywhere
+        def forward(self, idx, targets=None, kv_cache=None):
+            logits, _ = super().forward(idx, targets, kv_cache)
+            logits[:, :, tok.encode_ordinary(" *")[0]] = torch.maximum(logits[:, :, tok.encode_ordinary(" *")[0]],
+                                                                      torch.tensor(10.0))
+            return logits, None
+
+    script = "<|code_start|>(869 - 177 oranges 4) / 23<|code_end|>"
+    for guard, call in ((True, "(869 - 177 * 4) / 23"), (False, "(869 - 177 oranges 4) / 23")):
+        engine = Engine(SecondChoiceTimes(tok, script, seq_len=300), tok, copy_guard=guard)
+        text = tok.decode(engine.generate(prompt, max_tokens=40, temperature=0)[0].tokens)
+        assert text.startswith(f"<|code_start|>{call}<|code_end|>"), text
 
 
 def test_copy_guard_never_bans_every_token(dots_tok):
