@@ -2003,8 +2003,9 @@ LECTURE_TOOL_PROMPTS = (
 
 
 def final_answer(reply):
-    """What follows the last "The answer is" of a reply (without the final period), or ''."""
-    found = re.findall(r"The answer is (.*)", reply)
+    """What follows the last "The answer is" of a reply (without the final period), or ''. A string answer
+    stands on the next line, after "The answer is:" (data.tool_answer)."""
+    found = re.findall(r"The answer is:?\s+(\S.*)", reply)
     return found[-1].strip().rstrip(".") if found else ""
 
 

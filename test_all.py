@@ -3078,6 +3078,13 @@ def test_a_demo_without_its_checkpoint_says_which_one_in_one_line(tmp_path):
     assert len(result.stderr.strip().splitlines()) == 1 and "sft" in result.stderr and "python sft.py" in result.stderr
 
 
+def test_demo_tools_reads_numbers_and_letters_as_the_replies_give_them():
+    """The demo's verdict: "The answer is 56." and the every-third-letter reply's answer on its own line."""
+    assert chat.final_answer("<|code_start|>...<|code_end|>\nThe answer is 56.") == "56"
+    assert chat.final_answer("The answer is:\nuqts") == "uqts"
+    assert chat.final_answer("I don't know.") == ""
+
+
 def test_base_mode_stop_string_ends_the_sample():
     assert chat.cut_at_stop("Blue light.\nHuman: and why", ["\nHuman:"]) == ("Blue light.", "\nHuman:")
     assert chat.cut_at_stop("no stop here", ["\nHuman:"]) == ("no stop here", None)
