@@ -1788,12 +1788,13 @@ EMILY_CODE_WORDINGS = {
 FRUIT = (("apple", "apples"), ("orange", "oranges"), ("pear", "pears"), ("lemon", "lemons"))
 
 
-# The reply first says which numbers go where, in the question's own words ("The 177 oranges cost 177 * 4
-# of the $869; the rest pays for the 23 apples."), then writes the call from that line. Each number is
-# copied next to the words it came with, and the call copies them again from one line above, in the order
-# the expression wants (measured, BENCHMARKS.md: Emily 0.47-0.70 without this line, 0.62-0.70 with it,
-# two seeds each, before the engine held calls to the tool's words).
-EMILY_LEAD = "The {b} {others} cost {b} * {p} of the ${total}; the rest pays for the {a} {many}.\n"
+# The reply first restates the question's facts in the order the expression uses them ("The 23 apples and
+# 177 oranges cost $869; the oranges cost 177 * 4."), then writes the call from that line. Its start is one
+# span the question holds word for word in every wording ("23 apples and 177 oranges": the pointer's
+# easiest copy), and the call copies `177 * 4` and the rest from one line above. Measured (BENCHMARKS.md,
+# "The step in words"): Emily 0.75 at both seeds tried, against 0.47-0.70 without a lead and 0.50-0.78
+# with leads that copied the numbers one at a time.
+EMILY_LEAD = "The {a} {many} and {b} {others} cost ${total}; the {others} cost {b} * {p}.\n"
 
 
 def emily_code_problem(rng, wordings="train"):
