@@ -140,9 +140,9 @@ PRESETS = {
 # BENCHMARKS.md: before the model had its pointer, more counting and Emily rows at the expense of the others
 # left it unable to copy words all the same. With the pointer, the every-k-th step said in words and the
 # engine's guards (chat.py, "Copying"), 15% counting and 8% Emily rows, taken from arithmetic, knowledge,
-# refusals and the small sources, put dots, letters and every-k-th at 0.75-1.00 on two seeds with tool use,
-# identity, refusals and known answers at their bars; Emily 0.55-0.70 and word problems 0.10-0.25 vary
-# with the seed as much as with any mixture tried.)
+# refusals and the small sources, put dots, letters, every-k-th and Emily at 0.75-1.00 on two seeds and in
+# the pipeline run, with tool use, identity and refusals at their bars; known answers (0.60-0.87 over 15
+# questions) and word problems (0.05-0.25) vary with the seed as much as with any mixture tried.)
 MIXTURE = {
     "identity": 0.04, "word_problem": 0.17, "word_problem_tool": 0.05, "arithmetic_tool": 0.20,
     "mental_arithmetic": 0.10, "counting_tool": 0.15, "emily_code": 0.08, "unknown_name": 0.02, "knowledge": 0.15,
