@@ -505,10 +505,11 @@ MAX_TOOL_OUTPUT_TOKENS = 128  # a tool's answer is cut to this many tokens befor
 # ordinary literal like `'e'`. Inside a copy, the engine lets the model write only whole words (or a whole
 # run of dots) of the prompt's last user message, the way grammar-constrained decoding keeps JSON valid:
 # the model still decides to call the tool, which words it copies and where the copy closes; the engine
-# only rules out text the message does not hold. The same holds for the answer that quotes a tool's output
-# (the letters of "every third letter", on a line of their own): the reply may end only after whole words
-# of it (quoting_part_of_a_word). Engine(copy_guard=False) turns both off, so that what the model does
-# alone can be measured (sft.py reports both).
+# only rules out text the message does not hold. Two more rules of the same kind: the answer that quotes a
+# tool's output (the letters of "every third letter", on a line of their own) may end only after whole words
+# of it (quoting_part_of_a_word), and outside its strings a call may name only the tool's words (CODE_WORDS).
+# Engine(copy_guard=False) turns all three off, so that what the model does alone can be measured (sft.py
+# reports both).
 COPY_CLOSE = data.COPY_CLOSE.encode()
 QUOTE = ord("'")
 
@@ -560,7 +561,7 @@ def quoting_part_of_a_word(line, output):
 # count belongs, `/ Mia`; neither is a word of the tool's language, so neither can be written.
 CODE_WORDS = (*FUNCTIONS, *STRING_METHODS, "and", "or", "not", "in", "is", "True", "False", "None")
 CODE_WORD_PREFIXES = {w[:i].encode() for w in CODE_WORDS for i in range(len(w) + 1)}
-WORD_CODE_WORDS = {w.encode() for w in CODE_WORDS}
+WHOLE_CODE_WORDS = {w.encode() for w in CODE_WORDS}
 NUMBER_LETTERS = b"_eExXoObBjJabcdefABCDEF"  # letters a number may hold: 1e5, 0x1f, 0o17, 0b101, 2j, 1_000
 
 
@@ -584,7 +585,7 @@ def code_words_ok(name, after_digit, text):
             if name not in CODE_WORD_PREFIXES:
                 return False
             continue
-        if name and name not in WORD_CODE_WORDS:
+        if name and name not in WHOLE_CODE_WORDS:
             return False
         name, after_digit = b"", chr(byte).isdigit()
     return True
@@ -636,7 +637,7 @@ class Row:
         self.tool_tokens = []
         self.events = deque()  # tool calls and results, for stream()
         self.last_output = b""  # the bytes of the latest tool output, and of the reply's line since then
-        self.line = b""  # (see Engine.quote_ban)
+        self.line = b""  # (see quoting_part_of_a_word)
 
     @property
     def done(self):

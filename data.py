@@ -1610,6 +1610,7 @@ def mental_arithmetic_conversation(rng, difficulty=DEFAULT_DIFFICULTY):
 ARITHMETIC_QUESTIONS = ("What is {a} {op} {b}?", "Compute {a} {op} {b}.", "Calculate {a} {op} {b} for me.",
                         "How much is {a} {op} {b}?", "{a} {op} {b} = ?")
 
+
 def random_number(rng, digits):
     """A whole number with between digits[0] and digits[1] digits."""
     n = rng.randint(*digits)
@@ -1812,7 +1813,7 @@ def emily_code_problem(rng, wordings="train"):
 
 def emily_code_conversation(rng, wordings="train"):
     question, code, price, lead = emily_code_problem(rng, wordings)
-    answer = lead + f"<|code_start|>{code}<|code_end|><|output_start|>{float(price)!r}<|output_end|>\n{ANSWER_PREFIX} {price}."
+    answer = f"{lead}{code_call(code, float(price))}\n{ANSWER_PREFIX} {price}."
     return {**conversation(question, answer), "split": split_of(question.removesuffix(USE_CODE)), "answer": price}
 
 

@@ -1514,6 +1514,20 @@ class ScriptedModel(torch.nn.Module):
         return logits, None
 
 
+class ScriptedWithSecondChoice(ScriptedModel):
+    """A ScriptedModel whose next favourite, everywhere, is one token (logit 10): what it writes where the
+    engine bans the scripted token."""
+
+    def __init__(self, tok, text, second, seq_len=256):
+        super().__init__(tok, text, seq_len)
+        self.second = second
+
+    def forward(self, idx, targets=None, kv_cache=None):
+        logits, _ = super().forward(idx, targets, kv_cache)
+        logits[:, :, self.second] = logits[:, :, self.second].clamp(min=10.0)
+        return logits, None
+
+
 def byte_tok():
     return Tokenizer([])  # no merges: every byte its own token, the specials after them
 
@@ -4346,7 +4360,7 @@ def test_copy_guard_keeps_quotes_out_of_a_copy():
         assert allowed and not any(b"'" in c for c in copied), (state, copied)
 
 
-def test_copy_guard_copies_a_word_without_the_punctuation_around_it(dots_tok):
+def test_copy_guard_copies_a_word_without_the_punctuation_around_it():
     """"How many d's are in adjunct?" -> `' adjunct '`: after the word the guard offers its close, never
     the question mark (the tiny model wrote `' adjunct? '` -- a count of the right letter, in other text);
     a run of dots is all punctuation and is copied whole."""
@@ -4369,19 +4383,12 @@ def test_a_reply_quoting_a_tool_output_ends_only_after_whole_words():
     tiny model's slip) writes the `n` it likes second best when the guard is on, and stops short without."""
     tok = byte_tok()
     call = "<|code_start|>' explain '.strip()[::3]<|code_end|><|output_start|>eln<|output_end|>"
-    script = call + "\nThe answer is:\nel<|im_end|>"
-
-    class SecondChoiceN(ScriptedModel):  # after the script's <|im_end|>, "n" is its next favourite
-        def forward(self, idx, targets=None, kv_cache=None):
-            logits, _ = super().forward(idx, targets, kv_cache)
-            logits[:, :, ord("n")] = torch.maximum(logits[:, :, ord("n")], torch.tensor(10.0))
-            return logits, None
-
+    script = call + "\nThe answer is:\nel<|im_end|>"  # after the script's <|im_end|>, "n" comes second
     assert chat.quoting_part_of_a_word(b"el", b"eln") and not chat.quoting_part_of_a_word(b"eln", b"eln")
     assert not chat.quoting_part_of_a_word(b"The answer is 7.", b"72")
     prompt = render_for_completion(tok, [{"role": "user", "content": "Every third letter of explain?"}])
     for guard, answer in ((True, "eln"), (False, "el")):
-        engine = Engine(SecondChoiceN(tok, script, seq_len=400), tok, copy_guard=guard)
+        engine = Engine(ScriptedWithSecondChoice(tok, script, ord("n"), seq_len=400), tok, copy_guard=guard)
         completion = engine.generate(prompt, max_tokens=80, temperature=0)[0]
         text = tok.decode(completion.tokens)
         assert completion.finish == "stop" and text.removesuffix("<|im_end|>").endswith("\n" + answer), text
@@ -4405,16 +4412,10 @@ def test_code_calls_hold_only_the_tools_words():
     assert b" oranges" in tok.vocab
     prompt = render_for_completion(tok, [{"role": "user", "content": "Mia buys 23 apples and 177 oranges."}])
 
-    class SecondChoiceTimes(ScriptedModel):  # " *" is the model's next favourite everywhere
-        def forward(self, idx, targets=None, kv_cache=None):
-            logits, _ = super().forward(idx, targets, kv_cache)
-            logits[:, :, tok.encode_ordinary(" *")[0]] = torch.maximum(logits[:, :, tok.encode_ordinary(" *")[0]],
-                                                                      torch.tensor(10.0))
-            return logits, None
-
     script = "<|code_start|>(869 - 177 oranges 4) / 23<|code_end|>"
     for guard, call in ((True, "(869 - 177 * 4) / 23"), (False, "(869 - 177 oranges 4) / 23")):
-        engine = Engine(SecondChoiceTimes(tok, script, seq_len=300), tok, copy_guard=guard)
+        times = tok.encode_ordinary(" *")[0]  # the model's next favourite everywhere
+        engine = Engine(ScriptedWithSecondChoice(tok, script, times, seq_len=300), tok, copy_guard=guard)
         text = tok.decode(engine.generate(prompt, max_tokens=40, temperature=0)[0].tokens)
         assert text.startswith(f"<|code_start|>{call}<|code_end|>"), text
 
