@@ -1844,7 +1844,12 @@ def play_characters(split="train"):
     return sorted(set(found))
 
 
-KNOWLEDGE_QUESTIONS = ("Who is {name}?", "Tell me about {name}.", "Who was {name}?", "Do you know who {name} is?")
+# Twelve ways to ask, so that a tenth of the questions (the held-out split) is enough to measure with: with four,
+# the 28 characters the base model knows gave 15 held-out questions, and one answer moved the rate by 0.07.
+KNOWLEDGE_QUESTIONS = ("Who is {name}?", "Tell me about {name}.", "Who was {name}?", "Do you know who {name} is?",
+                       "What do you know about {name}?", "Can you tell me who {name} is?", "Have you heard of {name}?",
+                       "Describe {name}.", "What can you tell me about {name}?", "Who exactly is {name}?",
+                       "Give me a short description of {name}.", "I'd like to know who {name} is.")
 
 
 def knowledge_item(rng, characters):
