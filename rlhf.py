@@ -366,14 +366,18 @@ def rlhf_step(step, prompts, learner, rm, cfg):
                 tokens=sum(lengths), seconds=time.time() - t0)
 
 
-def stop_reason(row, cfg):
+def stop_reason(row, cfg, start_degenerate):
     """Early stopping that never looks at the true reward: stop when the policy has drifted further from the
     SFT model than the KL budget allows (its replies are no longer the kind the reward model was trained
-    on, so its scores stop meaning much), or when the monitor sees too many degenerate replies."""
+    on, so its scores stop meaning much), or when the monitor sees degenerate replies grow: more than
+    max_degenerate above the share of the policy RLHF started from (start_degenerate, held out). A small
+    model's own replies are sometimes repetitive already (a fifth of them in one pipeline run, which a
+    fixed threshold of 20% stopped at the first step); what reward hacking does is make more of them so."""
     if cfg.kl_budget and row["kl"] > cfg.kl_budget:
         return f"KL to the SFT model {row['kl']:.3f} > budget {cfg.kl_budget}"
-    if cfg.max_degenerate and row["degenerate"] > cfg.max_degenerate:
-        return f"{row['degenerate']:.0%} of replies degenerate > {cfg.max_degenerate:.0%}"
+    if cfg.max_degenerate and row["degenerate"] > start_degenerate + cfg.max_degenerate:
+        return (f"{row['degenerate']:.0%} of replies degenerate > {start_degenerate:.0%} at the start + "
+                f"{cfg.max_degenerate:.0%}")
     return None
 
 
@@ -415,7 +419,7 @@ def run_rl(cfg, learner, rm, heldout, prompts, run_log, resumed=None):
         print(f"step {row['step']}/{cfg.num_steps} | proxy reward {row['proxy']:.3f} | KL {row['kl']:.4f} | "
               f"degenerate {row['degenerate']:.0%} | length {row['length']:.1f} | {row['seconds']:.1f}s | "
               f"elapsed {fmt_time(time.time() - t0)}")
-        last, reason = row["step"], stop_reason(row, cfg)
+        last, reason = row["step"], stop_reason(row, cfg, evals[0]["degenerate"])
         if reason:
             break
         if cfg.save_every and not cfg.hack and last % cfg.save_every == 0 and last < cfg.num_steps:
@@ -495,7 +499,8 @@ class RLHFConfig:
     std_norm: bool = opt(False, "divide advantages by their group's standard deviation")
     kl_coef: float = opt(0.02, "per-token KL penalty to the SFT policy (--hack sets 0)")
     kl_budget: float = opt(1.0, "stop when the KL to the SFT policy exceeds this (0 = never; --hack sets 0)")
-    max_degenerate: float = opt(0.2, "stop when more replies than this are degenerate (0 = never; --hack sets 0)")
+    max_degenerate: float = opt(0.2, "stop when the share of degenerate replies grows by more than this (0 = never; "
+                                          "--hack sets 0)")
     hack_steps: int = opt(40, "RL steps of the --hack run")
     hack_lr_mult: float = opt(3.0, "the --hack run's learning rates, as a multiple of the normal ones (it gets there sooner)")
     clip_eps: float = opt(0.2, "PPO ratio clipping range (acts only when --updates-per-batch > 1)")

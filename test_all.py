@@ -2355,6 +2355,15 @@ def test_hacking_monitor_flags_degenerate_repetitive_samples(text, flagged):
     assert rlhf.is_degenerate(text) == flagged
 
 
+def test_degenerate_reply_stop_counts_from_the_starting_policys_share():
+    cfg = rlhf.RLHFConfig(max_degenerate=0.2, kl_budget=1.0)
+    row = dict(kl=0.1, degenerate=0.35)
+    assert rlhf.stop_reason(row, cfg, start_degenerate=0.2) is None  # a policy that was this repetitive already
+    assert "degenerate" in rlhf.stop_reason(row, cfg, start_degenerate=0.1)  # 0.35 > 0.1 + 0.2: it grew
+    assert rlhf.stop_reason(row, dataclasses.replace(cfg, max_degenerate=0.0), start_degenerate=0.0) is None
+    assert "KL" in rlhf.stop_reason(dict(row, kl=1.5), cfg, start_degenerate=0.2)
+
+
 def test_reward_model_scores_in_unit_interval_and_read_the_last_token():
     tok = rl_tok()
     rm = rlhf.RewardModel(rl_model(tok.vocab_size))
