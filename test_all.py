@@ -4471,6 +4471,17 @@ def log_rows(out_dir, name="log.jsonl"):
     return rows
 
 
+@pytest.fixture
+def one_torch_thread():
+    """The killed runs compute in a subprocess at one thread (kill_when_logged); the in-process runs they are
+    compared with bit for bit must too: on some CPUs (an Intel Xeon here) a matrix product sums in another
+    order at 2 threads, and the last digits differ."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def kill_when_logged(command, out_dir, step, training_key, name="log.jsonl"):
     """Start `command` and kill -9 it once its log shows training step `step`; -> the last step it logged."""
     proc = subprocess.Popen(command, cwd=HERE, env={**os.environ, "OMP_NUM_THREADS": "1"},
@@ -4525,7 +4536,7 @@ def run_sft_in_process(flags, search, monkeypatch):
 
 @pytest.mark.slow  # three small SFT runs: ~45 s on a loaded core, most of it building the mixture three times
 def test_sft_killed_mid_run_and_resumed_ends_bit_identical_to_an_uninterrupted_run(sft_resume_inputs, tmp_path,
-                                                                                   monkeypatch):
+                                                                                   monkeypatch, one_torch_thread):
     base, search = sft_resume_inputs
     straight = run_sft_in_process(sft_flags(base, tmp_path / "straight"), search, monkeypatch)
     killed = tmp_path / "killed"
@@ -4548,7 +4559,8 @@ def rl_resume_flags(checkpoint, out_dir, *more):
             "--eval-problems", "2", "--pass-k", "2", "--eval-every", "4", "--show-every", "0", "--device", "cpu", *more]
 
 
-def test_rl_killed_mid_run_and_resumed_ends_bit_identical_to_an_uninterrupted_run(rl_checkpoint, tmp_path):
+def test_rl_killed_mid_run_and_resumed_ends_bit_identical_to_an_uninterrupted_run(rl_checkpoint, tmp_path,
+                                                                                  one_torch_thread):
     """The problem stream's position and the policy's optimizer states come back from the checkpoint, the
     attempts' sampling generator is seeded by the step: the resumed run samples the very same attempts."""
     straight = rl.train(train_gpt.parse_config(rl.RLConfig, rl_resume_flags(rl_checkpoint, tmp_path / "straight")))
@@ -4723,7 +4735,8 @@ def rlhf_resume_flags(checkpoint, out_dir, *more):
 
 
 def test_rlhf_killed_mid_run_and_resumed_goes_on_against_the_same_reward_model_bit_identically(rl_checkpoint,
-                                                                                               tmp_path):
+                                                                                               tmp_path,
+                                                                                               one_torch_thread):
     straight = rlhf.train(train_gpt.parse_config(rlhf.RLHFConfig, rlhf_resume_flags(rl_checkpoint, tmp_path / "a")))
     killed = tmp_path / "killed"
     kill_when_logged([sys.executable, "rlhf.py", *rlhf_resume_flags(rl_checkpoint, killed)], killed, 7, "tokens",
