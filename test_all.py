@@ -973,6 +973,25 @@ def test_the_head_weight_kept_for_sampling_follows_every_change_of_the_weights()
         assert torch.equal(model.head_weight(), fresh())
 
 
+def test_sampling_joins_the_attention_projections_into_the_same_numbers_and_follows_weight_changes():
+    """Without autograd the queries, keys and values come from one product of the joined weights (kept
+    between calls) and are normalised and rotated together: bit for bit what training's three products
+    give, also with grouped key/value heads, and never from weights that have since changed."""
+    model = tiny_gpt()  # 4 query heads, 2 key/value heads
+    attn, x = model.blocks[0].attn, torch.randn(2, 5, 32)
+    cos, sin = model.cos[:5], model.sin[:5]
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    for _ in range(2):
+        trained = attn.queries_keys_values(x, cos, sin)
+        with torch.no_grad():
+            sampled = attn.queries_keys_values(x, cos, sin)
+        assert all(torch.equal(a, b) for a, b in zip(trained, sampled))
+        assert [t.shape for t in sampled] == [(2, 5, 4, 8), (2, 5, 2, 8), (2, 5, 2, 8)]
+        _, loss = model(torch.randint(0, 97, (2, 8)), torch.randint(0, 97, (2, 8)))
+        loss.backward()
+        opt.step()  # the second round must see the stepped weights, not the kept join of the first
+
+
 def test_a_checkpoint_from_before_smear_and_the_copy_path_loads_as_that_model(tmp_path):
     tok = byte_tok()
     model = tiny_model(tok.vocab_size, smear=False)  # both scales at 0: the model as it was before them

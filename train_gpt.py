@@ -78,19 +78,23 @@ def rms_norm(x):
 def rotary_tables(seq_len, head_dim, base):
     """Rotary position embedding (RoPE): position p rotates each pair of channels of a query/key by the
     angle p * frequency. The dot product of a rotated query and a rotated key then depends only on how far
-    apart they are -- attention sees *relative* positions, and no position vectors have to be learned."""
+    apart they are -- attention sees *relative* positions, and no position vectors have to be learned.
+    -> (cos, sin), each (seq_len, 1, head_dim): channel i and channel i + head_dim/2 form one pair and share
+    an angle; sin carries the rotation's sign (+ for the first half, - for the second), and the 1 broadcasts
+    over the heads, so that apply_rotary is two products and a sum."""
     freqs = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)  # fast ... slow
     angles = torch.outer(torch.arange(seq_len, dtype=torch.float32), freqs)  # (seq_len, head_dim/2)
-    return angles.cos(), angles.sin()
+    cos, sin = angles.cos(), angles.sin()
+    return torch.cat([cos, cos], dim=-1)[:, None], torch.cat([sin, -sin], dim=-1)[:, None]
 
 
 def apply_rotary(x, cos, sin):
-    """Rotate x (B, T, heads, head_dim): channel i and channel i + head_dim/2 form one 2-D pair."""
+    """Rotate x (B, T, heads, head_dim): each pair (x1, x2) -> (x1 cos + x2 sin, x2 cos - x1 sin). cos, sin:
+    rotary_tables' rows for these positions, (T, 1, head_dim), or one set per row (B, T, 1, head_dim). (The
+    same numbers as rotating each half on its own and joining them, in half the operations: a decoding step
+    of the tiny model runs hundreds of tiny operations, and their count is its cost.)"""
     x1, x2 = x.chunk(2, dim=-1)
-    if cos.dim() == 2:  # one table (T, head_dim/2) for every row, or one per row (B, T, head_dim/2)
-        cos, sin = cos[None], sin[None]
-    cos, sin = cos[:, :, None, :], sin[:, :, None, :]  # broadcast over heads
-    return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1).type_as(x)
+    return (x * cos + torch.cat([x2, x1], dim=-1) * sin).type_as(x)
 
 
 class KVCache:
@@ -182,6 +186,19 @@ def sampling_bytes(config, prompts, n, prompt_tokens, new_tokens, item_bytes=4):
     return cache + prefill + decode
 
 
+def kept_without_autograd(module, weights, build):
+    """build() -> a tensor made from `weights` (parameters): under autograd (training) made afresh at every
+    call, so gradients flow; without it (sampling) made once and kept on `module` until one of the weights
+    changes (an optimizer step or a load writes them in place, which bumps their version counters). Sampling
+    asks for such tensors at every token, where making them again would cost more than using them."""
+    if torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return build()
+    key = tuple((w.data_ptr(), w._version) for w in weights)
+    if module._kept[0] != key:
+        module._kept = (key, build())
+    return module._kept[1]
+
+
 class CausalSelfAttention(nn.Module):
     """Tokens talk to each other. Each token emits a query ("what am I looking for?"), a key ("what do I
     contain?") and a value ("what do I pass on?"); each query takes a weighted average of the values of the
@@ -197,15 +214,33 @@ class CausalSelfAttention(nn.Module):
         self.k = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
         self.v = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
         self.proj = nn.Linear(self.n_head * self.head_dim, config.n_embd, bias=False)
+        self._kept = (None, None)  # the joined q/k/v weights while sampling (see queries_keys_values)
+
+    def queries_keys_values(self, x, cos, sin):
+        """x (B, T, n_embd) -> q (B, T, heads, head_dim), k and v (B, T, kv_heads, head_dim), q and k
+        normalised and rotated. QK-norm: normalising queries and keys bounds their dot products, so
+        attention logits cannot grow without limit and saturate the softmax (a common cause of training
+        instability)."""
+        B, T, _ = x.shape
+        if torch.is_grad_enabled():
+            q = self.q(x).view(B, T, self.n_head, self.head_dim)
+            k = self.k(x).view(B, T, self.n_kv_head, self.head_dim)
+            v = self.v(x).view(B, T, self.n_kv_head, self.head_dim)
+            return apply_rotary(rms_norm(q), cos, sin), apply_rotary(rms_norm(k), cos, sin), v
+        # Sampling: one token at a time, where a step's cost is its number of operations, not their size.
+        # The three projections run as one product with the weights joined, and the queries and keys are
+        # normalised and rotated together: the same numbers as above, in a third of the operations.
+        # (Training keeps three products: their input gradients would add up in another order.)
+        weight = kept_without_autograd(self, (self.q.weight, self.k.weight, self.v.weight),
+                                       lambda: torch.cat([self.q.weight, self.k.weight, self.v.weight]))
+        qkv = F.linear(x, weight).view(B, T, self.n_head + 2 * self.n_kv_head, self.head_dim)
+        qk, v = qkv.split([self.n_head + self.n_kv_head, self.n_kv_head], dim=2)
+        q, k = apply_rotary(rms_norm(qk), cos, sin).split([self.n_head, self.n_kv_head], dim=2)
+        return q, k, v
 
     def forward(self, x, cos, sin, kv_cache):
         B, T, _ = x.shape
-        q = self.q(x).view(B, T, self.n_head, self.head_dim)
-        k = self.k(x).view(B, T, self.n_kv_head, self.head_dim)
-        v = self.v(x).view(B, T, self.n_kv_head, self.head_dim)
-        # QK-norm: normalising queries and keys bounds their dot products, so attention logits cannot grow
-        # without limit and saturate the softmax (a common cause of training instability).
-        q, k = apply_rotary(rms_norm(q), cos, sin), apply_rotary(rms_norm(k), cos, sin)
+        q, k, v = self.queries_keys_values(x, cos, sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, head_dim)
         if kv_cache is not None:
             k, v = kv_cache.store(self.layer_idx, k, v)
@@ -309,7 +344,7 @@ class GPT(nn.Module):
         self.smear_gate = nn.Parameter(torch.zeros(SMEAR_GATE_CHANNELS))
         self.smear_scale = nn.Parameter(torch.zeros(1))
         self.copy_scale = nn.Parameter(torch.zeros(1))  # see "The copy path" above
-        self._head_weight_cache = (None, None)  # see head_weight
+        self._kept = (None, None)  # the head's weights while sampling (see head_weight)
         if config.pointer_dim:  # see "The pointer" above
             self.pointer_q = nn.Linear(config.n_embd, config.pointer_dim, bias=False)
             self.pointer_k = nn.Linear(config.n_embd, config.pointer_dim, bias=False)
@@ -373,16 +408,9 @@ class GPT(nn.Module):
     def head_weight(self):
         """The head's own weights plus the copy path's share of the normalised embedding table. Sampling
         asks for it at every token, and normalising the whole table took longer than the rest of a tiny
-        model's decoding step, so without autograd the table is kept until a weight changes (an optimizer
-        step or a load writes the weights in place, which bumps their version counters)."""
-        def combined():
-            return self.lm_head.weight + self.copy_scale * rms_norm(self.wte.weight)
-        if torch.is_grad_enabled() or torch.compiler.is_compiling():
-            return combined()
-        key = tuple((p.data_ptr(), p._version) for p in (self.lm_head.weight, self.wte.weight, self.copy_scale))
-        if self._head_weight_cache[0] != key:
-            self._head_weight_cache = (key, combined())
-        return self._head_weight_cache[1]
+        model's decoding step, so without autograd the table is kept (kept_without_autograd)."""
+        return kept_without_autograd(self, (self.lm_head.weight, self.wte.weight, self.copy_scale),
+                                     lambda: self.lm_head.weight + self.copy_scale * rms_norm(self.wte.weight))
 
     def head_loss(self, x, targets):
         """Cross-entropy = -log(probability given to the true next token), for each of the N rows of x (N,
@@ -480,7 +508,7 @@ class GPT(nn.Module):
         embedding for the next step; a left-padded row's first real token (position 0) ignores the filler."""
         carried = kv_cache.last_embedding if kv_cache is not None else None
         before = carried if carried is not None else torch.zeros_like(x[:, :1])
-        previous = torch.cat([before, x[:, :-1]], dim=1)
+        previous = before if x.size(1) == 1 else torch.cat([before, x[:, :-1]], dim=1)  # decoding: no cat
         if positions is not None:
             previous = previous * (positions > 0)[..., None]
         if kv_cache is not None:
