@@ -90,9 +90,10 @@ def rotary_tables(seq_len, head_dim, base):
 
 def apply_rotary(x, cos, sin):
     """Rotate x (B, T, heads, head_dim): each pair (x1, x2) -> (x1 cos + x2 sin, x2 cos - x1 sin). cos, sin:
-    rotary_tables' rows for these positions, (T, 1, head_dim), or one set per row (B, T, 1, head_dim). (The
-    same numbers as rotating each half on its own and joining them, in half the operations: a decoding step
-    of the tiny model runs hundreds of tiny operations, and their count is its cost.)"""
+    rotary_tables' rows for these positions, (T, 1, head_dim), or one set per row (B, T, 1, head_dim). With
+    the halves swapped, [x2, x1], both formulas are one product each: x * [cos, cos] + [x2, x1] * [sin, -sin].
+    (Whole-vector products instead of four half-vector ones and a join: the same numbers in half the
+    operations, and a decoding step of the tiny model is hundreds of tiny operations whose count is its cost.)"""
     x1, x2 = x.chunk(2, dim=-1)
     return (x * cos + torch.cat([x2, x1], dim=-1) * sin).type_as(x)
 
@@ -508,7 +509,8 @@ class GPT(nn.Module):
         embedding for the next step; a left-padded row's first real token (position 0) ignores the filler."""
         carried = kv_cache.last_embedding if kv_cache is not None else None
         before = carried if carried is not None else torch.zeros_like(x[:, :1])
-        previous = before if x.size(1) == 1 else torch.cat([before, x[:, :-1]], dim=1)  # decoding: no cat
+        # one new token (decoding): its predecessor is `before` itself, and a cat with nothing would only copy it
+        previous = before if x.size(1) == 1 else torch.cat([before, x[:, :-1]], dim=1)
         if positions is not None:
             previous = previous * (positions > 0)[..., None]
         if kv_cache is not None:
