@@ -2955,6 +2955,29 @@ def test_chunked_head_loss_equals_the_whole_batch_loss(monkeypatch):
     assert abs(per_token.sum().item() / (y >= 0).sum().item() - old_loss) < 1e-5
 
 
+def test_the_in_cache_softcap_loss_equals_the_plain_one_in_value_and_gradient(monkeypatch):
+    """SoftcapCrossEntropy (the CPU's loss, a few rows at a time, in place) against softcap + cross-entropy
+    written plainly: the same losses and the same gradients, for -1 targets, a short last piece, and a
+    caller's gradient that differs from row to row (as the pointer's mixture gives it)."""
+    monkeypatch.setattr(train_gpt, "CACHE_ROWS_BYTES", 7 * 4 * 50)  # 7 rows a piece: 23 rows = 3 pieces + 2
+    torch.manual_seed(0)
+    scaled = torch.randn(23, 50) * 2
+    targets = torch.randint(0, 50, (23,))
+    targets[[0, 9]] = -1
+    upstream = torch.rand(23)
+    c = train_gpt.GPTConfig().softcap
+    plain_input = scaled.clone().requires_grad_()
+    plain = torch.nn.functional.cross_entropy(c * torch.tanh(plain_input), targets, ignore_index=-1, reduction="none")
+    (plain * upstream).sum().backward()
+    fused_input = scaled.clone().requires_grad_()
+    losses, _ = train_gpt.SoftcapCrossEntropy.apply(fused_input * 1.0, targets.clamp(min=0), c)
+    fused = torch.where(targets >= 0, losses, 0.0)
+    (fused * upstream).sum().backward()
+    assert torch.allclose(fused, plain, atol=1e-5) and (fused[[0, 9]] == 0).all()
+    assert torch.allclose(fused_input.grad, plain_input.grad, atol=1e-6)
+    assert (fused_input.grad[[0, 9]] == 0).all()
+
+
 def test_peak_flops_are_looked_up_by_exact_device_name(monkeypatch):
     cuda = torch.device("cuda", 0)
     for name, expected in (("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12),

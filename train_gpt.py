@@ -329,6 +329,52 @@ POINTER_GATE_START = -2.0  # sigmoid(-2) = 0.12: the head's distribution dominat
 
 LOSS_CHUNK_TOKENS = 8192  # rows of the output head computed at once in the loss (the tiny preset's micro-batch)
 
+# The loss on a CPU: a micro-batch's logits are a big table (8,192 rows x 4,096 scores = 134 MB for the tiny
+# preset), and the plain softcap + cross-entropy reads and writes it a dozen times (tanh, the scale, the
+# log-softmax, and their gradients, each its own pass). A CPU does each pass at memory speed, so those
+# passes took a third of a tiny training step. SoftcapCrossEntropy does the same sums a few rows at a time,
+# each piece small enough to stay in the core's cache while all its steps run, and reuses the table's own
+# memory for its gradient. (torch.compile fuses these steps itself, on a GPU or a CPU; there the plain code
+# runs, as it does on every GPU.)
+CACHE_ROWS_BYTES = 1 << 19  # ~512 KB of logits per piece: well inside a core's L2 cache
+
+
+class SoftcapCrossEntropy(torch.autograd.Function):
+    """Cross-entropy of softcapped logits, computed in place. Input: `scaled` (N, vocab) = head(x) / softcap
+    before the tanh (it is overwritten), targets (N,) (all >= 0), the softcap c. Output: (N,) losses, and
+    the overwritten table (only so autograd knows it changed; callers ignore it).
+
+    Forward, per row: z = c tanh(scaled), loss = log(sum_v exp(z_v)) - z_target. (The usual log-softmax first
+    subtracts the row's largest score so exp cannot overflow; softcapped scores are below c = 15, and
+    e^15 * vocab is far from float32's limit, so here it can be skipped.)
+    Backward, per row: d loss / d z = softmax(z) - onehot(target), and d z / d scaled = c (1 - tanh^2) =
+    c - z^2 / c, so the gradient is their product, times the caller's gradient of each row's loss."""
+
+    @staticmethod
+    def forward(ctx, scaled, targets, c):
+        rows = max(1, CACHE_ROWS_BYTES // (4 * scaled.size(1)))
+        log_sum_exp = torch.empty(scaled.size(0), device=scaled.device)
+        for start in range(0, scaled.size(0), rows):
+            z = scaled[start:start + rows].tanh_().mul_(c)  # the piece becomes z, in place
+            log_sum_exp[start:start + rows] = z.exp().sum(-1).log_()
+        losses = log_sum_exp - scaled.gather(1, targets[:, None]).squeeze(1)
+        ctx.mark_dirty(scaled)
+        ctx.save_for_backward(scaled, log_sum_exp, targets)
+        ctx.c, ctx.rows = c, rows
+        return losses, scaled
+
+    @staticmethod
+    def backward(ctx, grad_losses, _):
+        z_all, log_sum_exp, targets = ctx.saved_tensors
+        c, rows = ctx.c, ctx.rows
+        for start in range(0, z_all.size(0), rows):
+            z, end = z_all[start:start + rows], start + rows
+            grad_z = torch.exp(z - log_sum_exp[start:end, None])  # softmax(z)
+            grad_z.scatter_add_(1, targets[start:end, None], torch.full((z.size(0), 1), -1.0, device=z.device))
+            grad_z.mul_(grad_losses[start:end, None])
+            z.mul_(z).mul_(-1 / c).add_(c).mul_(grad_z)  # the piece becomes the gradient of `scaled`, in place
+        return z_all, None, None
+
 
 class GPT(nn.Module):
     """The whole expression: token ids (B, T) -> logits (B, T, vocab_size), one score per possible next
@@ -421,7 +467,12 @@ class GPT(nn.Module):
         autograd each chunk is "checkpointed": its logits are thrown away after the loss and recomputed in
         the backward pass, one chunk at a time (costing one more head multiply, ~3-8% of a GPU step)."""
         def chunk_loss(xc, tc, weight):
-            return F.cross_entropy(self.head(xc, weight), tc, ignore_index=-1, reduction="none")
+            if xc.device.type != "cpu" or torch.compiler.is_compiling():
+                return F.cross_entropy(self.head(xc, weight), tc, ignore_index=-1, reduction="none")
+            c = self.config.softcap
+            scaled = F.linear(xc / c, weight.to(xc.dtype)).float()  # head(x) before its tanh, see head()
+            losses, _ = SoftcapCrossEntropy.apply(scaled, tc.clamp(min=0), c)
+            return torch.where(tc >= 0, losses, 0.0)  # a -1 target scores nothing (and passes no gradient)
         weight = self.head_weight()  # once for all chunks: it is a whole vocab x n_embd table
         if x.size(0) <= LOSS_CHUNK_TOKENS:  # one chunk: nothing to save, the plain computation
             return chunk_loss(x, targets, weight)
