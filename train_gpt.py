@@ -361,6 +361,7 @@ class SoftcapCrossEntropy(torch.autograd.Function):
         ctx.mark_dirty(scaled)
         ctx.save_for_backward(scaled, log_sum_exp, targets)
         ctx.c, ctx.rows = c, rows
+        ctx.set_materialize_grads(False)  # no table of zeros for the unused second output's gradient
         return losses, scaled
 
     @staticmethod
