@@ -2978,6 +2978,26 @@ def test_the_in_cache_softcap_loss_equals_the_plain_one_in_value_and_gradient(mo
     assert (fused_input.grad[[0, 9]] == 0).all()
 
 
+def test_the_in_cache_softcap_loss_keeps_the_precision_of_confident_rows():
+    """A row whose target scores far above the rest has a loss near 1e-5. Computed as the difference of two
+    numbers near 15 in float32 it would be off by ~10% (one rounding step at 15 is ~1e-6); the in-cache
+    loss must match float64 as closely as float32 can hold 1 + 1e-5."""
+    torch.manual_seed(0)
+    targets = torch.randint(0, 64, (16,))
+    scaled = torch.full((16, 64), -0.05) + 0.001 * torch.randn(16, 64)
+    scaled[torch.arange(16), targets] = 3.0  # z = 15 tanh(3) = 14.85 against 15 tanh(-0.05) = -0.75 elsewhere
+    c = train_gpt.GPTConfig().softcap
+    exact_input = scaled.double().requires_grad_()
+    exact = torch.nn.functional.cross_entropy(c * torch.tanh(exact_input), targets, reduction="none")
+    exact.sum().backward()
+    fused_input = scaled.clone().requires_grad_()
+    fused, _ = train_gpt.SoftcapCrossEntropy.apply(fused_input * 1.0, targets, c)
+    fused.sum().backward()
+    assert 1e-6 < exact.min() and exact.max() < 1e-4  # confident rows indeed
+    assert torch.allclose(fused.double(), exact, rtol=2e-2, atol=0)
+    assert torch.allclose(fused_input.grad.double(), exact_input.grad, rtol=2e-2, atol=0)
+
+
 def test_peak_flops_are_looked_up_by_exact_device_name(monkeypatch):
     cuda = torch.device("cuda", 0)
     for name, expected in (("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12),

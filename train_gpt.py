@@ -344,33 +344,35 @@ class SoftcapCrossEntropy(torch.autograd.Function):
     before the tanh (it is overwritten), targets (N,) (all >= 0), the softcap c. Output: (N,) losses, and
     the overwritten table (only so autograd knows it changed; callers ignore it).
 
-    Forward, per row: z = c tanh(scaled), loss = log(sum_v exp(z_v)) - z_target. (The usual log-softmax first
-    subtracts the row's largest score so exp cannot overflow; softcapped scores are below c = 15, and
-    e^15 * vocab is far from float32's limit, so here it can be skipped.)
+    Forward, per row: z = c tanh(scaled), m = max_v z_v, loss = (m - z_target) + log(sum_v exp(z_v - m)).
+    (Softcapped scores are below c = 15, so exp could not overflow even without m. m is there for precision:
+    a confident row's loss is a tiny number, and as the difference of log(sum exp z) ~ 15 and z_target ~ 15
+    in float32 it would keep only two digits; as m - z_target = 0 plus the log of a sum near 1 it keeps all.)
     Backward, per row: d loss / d z = softmax(z) - onehot(target), and d z / d scaled = c (1 - tanh^2) =
     c - z^2 / c, so the gradient is their product, times the caller's gradient of each row's loss."""
 
     @staticmethod
     def forward(ctx, scaled, targets, c):
         rows = max(1, CACHE_ROWS_BYTES // (4 * scaled.size(1)))
-        log_sum_exp = torch.empty(scaled.size(0), device=scaled.device)
+        top, log_sum = torch.empty(2, scaled.size(0), device=scaled.device)
         for start in range(0, scaled.size(0), rows):
             z = scaled[start:start + rows].tanh_().mul_(c)  # the piece becomes z, in place
-            log_sum_exp[start:start + rows] = z.exp().sum(-1).log_()
-        losses = log_sum_exp - scaled.gather(1, targets[:, None]).squeeze(1)
+            top[start:start + rows] = z.amax(-1)
+            log_sum[start:start + rows] = (z - top[start:start + rows, None]).exp_().sum(-1).log_()
+        losses = (top - scaled.gather(1, targets[:, None]).squeeze(1)) + log_sum
         ctx.mark_dirty(scaled)
-        ctx.save_for_backward(scaled, log_sum_exp, targets)
+        ctx.save_for_backward(scaled, top, log_sum, targets)
         ctx.c, ctx.rows = c, rows
         ctx.set_materialize_grads(False)  # no table of zeros for the unused second output's gradient
         return losses, scaled
 
     @staticmethod
     def backward(ctx, grad_losses, _):
-        z_all, log_sum_exp, targets = ctx.saved_tensors
+        z_all, top, log_sum, targets = ctx.saved_tensors
         c, rows = ctx.c, ctx.rows
         for start in range(0, z_all.size(0), rows):
             z, end = z_all[start:start + rows], start + rows
-            grad_z = torch.exp(z - log_sum_exp[start:end, None])  # softmax(z)
+            grad_z = (z - top[start:end, None]).sub_(log_sum[start:end, None]).exp_()  # softmax(z)
             grad_z.scatter_add_(1, targets[start:end, None], torch.full((z.size(0), 1), -1.0, device=z.device))
             grad_z.mul_(grad_losses[start:end, None])
             z.mul_(z).mul_(-1 / c).add_(c).mul_(grad_z)  # the piece becomes the gradient of `scaled`, in place
