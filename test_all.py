@@ -1794,7 +1794,10 @@ def test_chat_cli_base_mode_samples_and_traces(chat_checkpoint):
     assert samples.returncode == 0, samples.stderr
     assert "--- sample 2 of 2 ---" in samples.stdout and samples.stdout.count("Once upon") == 2
     trace = run_cli(os.path.join(HERE, "chat.py"), "--checkpoint", path, "--base", "The", "--probs", "--max-tokens", "3")
-    assert trace.returncode == 0 and trace.stdout.count("-> picked") == 3 and "%" in trace.stdout
+    # three steps, or fewer when the model picks <|endoftext|>, which ends a base-model sample
+    picks = trace.stdout.count("-> picked")
+    assert trace.returncode == 0 and "%" in trace.stdout and 1 <= picks <= 3
+    assert picks == 3 or trace.stdout.rstrip().endswith("-> picked '<|endoftext|>' (id 256)")
 
 
 @given(st.integers(0, 2**31 - 1), st.integers(1, 40))
@@ -3067,8 +3070,11 @@ print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)
 
 
 def test_tiny_plan_is_within_2x_of_the_peak_memory_measured_on_cpu():
-    run = run_cli("-c", MEASURE_PEAK)
-    assert run.returncode == 0, run.stderr[-2000:]
+    # Twice: in a fresh clone the first run also tokenizes the corpus, and the memory that frees is reused
+    # by training without raising the peak, so only the second run measures training alone.
+    for _ in range(2):
+        run = run_cli("-c", MEASURE_PEAK)
+        assert run.returncode == 0, run.stderr[-2000:]
     measured = int(run.stdout.split()[-1])
     cfg = train_gpt.TrainConfig()
     estimate = sum(train_gpt.memory_plan(cfg, train_gpt.GPTConfig(vocab_size=4096), 1, "float32").values())
