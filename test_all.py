@@ -3055,12 +3055,12 @@ def test_saved_activation_bytes_per_token_match_what_autograd_keeps():
 MEASURE_PEAK = r"""
 import resource, sys, torch, train_gpt, data
 torch.set_num_threads(1)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # after the imports: data and training count
 cfg = train_gpt.TrainConfig(device="cpu")
 rt = train_gpt.setup_runtime("cpu")
 paths = train_gpt.prepare_data(cfg)
 loader = train_gpt.RandomWindows(paths["train"], cfg.batch_size, cfg.seq_len, 0, 1, 0)
 x, y = loader.next_batch()
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 model = train_gpt.build_model(cfg, 4096)
 optimizers = train_gpt.build_optimizers(model, cfg, "cpu")
 for _ in range(2):
@@ -3070,8 +3070,9 @@ print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)
 
 
 def test_tiny_plan_is_within_2x_of_the_peak_memory_measured_on_cpu():
-    # Twice: in a fresh clone the first run also tokenizes the corpus, and the memory that frees is reused
-    # by training without raising the peak, so only the second run measures training alone.
+    # Measured from just after the imports, so the data's memory counts too: measured from after the data,
+    # the full suite saw 149-174 MB (training reused memory the data had freed), a run alone ~790 MB.
+    # Twice: in a fresh clone the first run also builds the tokenizer and shards.
     for _ in range(2):
         run = run_cli("-c", MEASURE_PEAK)
         assert run.returncode == 0, run.stderr[-2000:]
