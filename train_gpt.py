@@ -451,9 +451,12 @@ class GPT(nn.Module):
         loss and its gradients tame. (The head is linear, so dividing its n_embd-wide input instead of its
         vocab-wide output gives the same numbers with far less memory traffic: ~5% faster steps on a CPU.)
         `weight`: head_weight(), when the caller has worked it out once for many calls."""
-        c = self.config.softcap
+        return self.config.softcap * torch.tanh(self.head_scaled(x, weight))
+
+    def head_scaled(self, x, weight=None):
+        """The head's float32 scores before the soft-cap's tanh: head(x) = softcap * tanh(head_scaled(x))."""
         weight = self.head_weight() if weight is None else weight
-        return c * torch.tanh(F.linear(x / c, weight.to(x.dtype)).float())
+        return F.linear(x / self.config.softcap, weight.to(x.dtype)).float()
 
     def head_weight(self):
         """The head's own weights plus the copy path's share of the normalised embedding table. Sampling
@@ -472,9 +475,8 @@ class GPT(nn.Module):
         def chunk_loss(xc, tc, weight):
             if xc.device.type != "cpu" or torch.compiler.is_compiling():
                 return F.cross_entropy(self.head(xc, weight), tc, ignore_index=-1, reduction="none")
-            c = self.config.softcap
-            scaled = F.linear(xc / c, weight.to(xc.dtype)).float()  # head(x) before its tanh, see head()
-            losses, _ = SoftcapCrossEntropy.apply(scaled, tc.clamp(min=0), c)
+            scaled = self.head_scaled(xc, weight)
+            losses, _ = SoftcapCrossEntropy.apply(scaled, tc.clamp(min=0), self.config.softcap)
             return torch.where(tc >= 0, losses, 0.0)  # a -1 target scores nothing (and passes no gradient)
         weight = self.head_weight()  # once for all chunks: it is a whole vocab x n_embd table
         if x.size(0) <= LOSS_CHUNK_TOKENS:  # one chunk: nothing to save, the plain computation
