@@ -1015,9 +1015,10 @@ def test_logits_shape_and_probabilities_sum_to_one():
     assert logits.abs().max() < model.config.softcap  # soft-capped
 
 
-@pytest.mark.parametrize("n_kv_head,pointer_dim", [(4, 0), (2, 0), (1, 0), (2, 8)])
-def test_kv_cache_decoding_matches_full_forward(n_kv_head, pointer_dim):
-    model = tiny_gpt(n_kv_head=n_kv_head, pointer_dim=pointer_dim).eval()
+@pytest.mark.parametrize("n_kv_head,pointer_dim,value_embeds", [(4, 0, 0), (2, 0, 0), (1, 0, 0), (2, 8, 0), (2, 8, 1),
+                                                                 (1, 0, 3)])
+def test_kv_cache_decoding_matches_full_forward(n_kv_head, pointer_dim, value_embeds):
+    model = tiny_gpt(n_kv_head=n_kv_head, pointer_dim=pointer_dim, value_embeds=value_embeds).eval()
     idx = torch.randint(0, 97, (2, 20))
     full, _ = model(idx)
     cache = train_gpt.KVCache(model.config, 2, "cpu")
@@ -1101,6 +1102,39 @@ def test_one_step_raises_probability_of_the_true_next_token():
     for o in optimizers:
         o.step()
     assert model(x)[0].softmax(-1)[0, -1, y[0, -1]] > p_before
+
+
+def test_every_parameter_has_exactly_one_optimizer_and_value_embeddings_are_adams():
+    """Muon orthogonalises whole matrices: a lookup table's rows (one per token) or a scalar must not go to it,
+    and a parameter in no group would silently never train."""
+    model = tiny_gpt(pointer_dim=8, value_embeds=2)
+    adamw, muon = train_gpt.build_optimizers(model, optim_cfg(), "cpu")
+    owners = [id(p) for o in (adamw, muon) for g in o.param_groups for p in g["params"]]
+    assert sorted(owners) == sorted(id(p) for p in model.parameters())
+    in_muon = {id(p) for g in muon.param_groups for p in g["params"]}
+    assert all(id(t.weight) not in in_muon for t in model.value_embeds)
+    assert all(id(b.attn.value_scale) not in in_muon for b in model.blocks)
+
+
+def test_value_embeddings_add_a_token_lookup_to_every_blocks_values():
+    """Block i adds value_scale x table[i % tables](token) to its values: with the scales at 0 the network is
+    the one without tables (same weights otherwise), and a changed table entry changes only what follows
+    that token."""
+    plain, with_tables = tiny_gpt(seed=3).eval(), tiny_gpt(seed=3, value_embeds=1).eval()
+    with_tables.load_state_dict({**with_tables.state_dict(), **plain.state_dict()})
+    idx = torch.randint(0, 97, (2, 12))
+    with torch.no_grad():
+        for block in with_tables.blocks:
+            block.attn.value_scale.zero_()
+        assert torch.allclose(with_tables(idx)[0], plain(idx)[0], atol=1e-6)
+        for block in with_tables.blocks:
+            block.attn.value_scale.fill_(0.5)
+        before = with_tables(idx)[0]
+        with_tables.value_embeds[0].weight[idx[0, 5]] += 1.0
+        after = with_tables(idx)[0]
+    first = (idx[0] == idx[0, 5]).nonzero()[0].item()  # the changed token's first position in row 0
+    assert torch.equal(after[0, :first], before[0, :first])  # causal: nothing before it moves
+    assert not torch.allclose(after[0, first:], before[0, first:])
 
 
 def test_a_few_steps_overfit_a_tiny_batch():
@@ -1491,11 +1525,11 @@ def test_code_tool_refuses_any_expression_with_a_forbidden_part(safe, forbidden,
     assert isinstance(result, str) and result.startswith("Error:"), (src, result)
 
 
-def tiny_model(vocab_size, seq_len=64, seed=0, smear=True, pointer_dim=0):
+def tiny_model(vocab_size, seq_len=64, seed=0, smear=True, pointer_dim=0, value_embeds=0):
     """A random small GPT whose weights are scaled up so that its greedy choices are well separated."""
     torch.manual_seed(seed)
     config = train_gpt.GPTConfig(vocab_size=vocab_size, seq_len=seq_len, n_layer=2, n_embd=32, n_head=4, n_kv_head=2,
-                                 pointer_dim=pointer_dim)
+                                 pointer_dim=pointer_dim, value_embeds=value_embeds)
     model = train_gpt.GPT(config)
     if pointer_dim:  # the pointer on, half of every prediction (it starts pointing evenly, and mostly shut)
         torch.nn.init.normal_(model.pointer_q.weight, std=1.0)
@@ -1551,10 +1585,10 @@ def byte_tok():
     return Tokenizer([])  # no merges: every byte its own token, the specials after them
 
 
-@pytest.mark.parametrize("pointer_dim", [0, 8])
-def test_engine_kv_cache_equals_recompute_and_batches_equal_single_runs(pointer_dim):
+@pytest.mark.parametrize("pointer_dim,value_embeds", [(0, 0), (8, 0), (8, 1)])
+def test_engine_kv_cache_equals_recompute_and_batches_equal_single_runs(pointer_dim, value_embeds):
     tok = byte_tok()
-    model = tiny_model(tok.vocab_size, pointer_dim=pointer_dim)
+    model = tiny_model(tok.vocab_size, pointer_dim=pointer_dim, value_embeds=value_embeds)
     engine = Engine(model, tok)
     prompts = [list(b"Hello there, model"), list(b"Hi"), list(b"A longer prompt of many bytes")]
 

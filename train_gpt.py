@@ -66,6 +66,7 @@ class GPTConfig:
     softcap: float = 15.0  # logits are squashed smoothly into (-softcap, softcap)
     rope_base: float = 10000.0  # the slowest rotation of the rotary position embedding
     pointer_dim: int = 0  # width of the pointer's queries and keys (see "The pointer"); 0 = no pointer
+    value_embeds: int = 0  # value-embedding tables (see "Value embeddings"); block i uses table i % value_embeds
 
 
 def rms_norm(x):
@@ -216,6 +217,8 @@ class CausalSelfAttention(nn.Module):
         self.v = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
         self.proj = nn.Linear(self.n_head * self.head_dim, config.n_embd, bias=False)
         self._kept = (None, None)  # the joined q/k/v weights while sampling (see queries_keys_values)
+        if config.value_embeds:
+            self.value_scale = nn.Parameter(torch.full((1,), VALUE_EMBED_START))
 
     def queries_keys_values(self, x, cos, sin):
         """x (B, T, n_embd) -> q (B, T, heads, head_dim), k and v (B, T, kv_heads, head_dim), q and k
@@ -239,9 +242,11 @@ class CausalSelfAttention(nn.Module):
         q, k = apply_rotary(rms_norm(qk), cos, sin).split([self.n_head, self.n_kv_head], dim=2)
         return q, k, v
 
-    def forward(self, x, cos, sin, kv_cache):
+    def forward(self, x, cos, sin, kv_cache, value_embed=None):
         B, T, _ = x.shape
         q, k, v = self.queries_keys_values(x, cos, sin)
+        if value_embed is not None:  # see "Value embeddings"
+            v = v + self.value_scale * value_embed.view_as(v)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, head_dim)
         if kv_cache is not None:
             k, v = kv_cache.store(self.layer_idx, k, v)
@@ -287,8 +292,8 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(config, layer_idx)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos, sin, kv_cache):
-        x = x + self.attn(rms_norm(x), cos, sin, kv_cache)
+    def forward(self, x, cos, sin, kv_cache, value_embed=None):
+        x = x + self.attn(rms_norm(x), cos, sin, kv_cache, value_embed)
         return x + self.mlp(rms_norm(x))
 
 
@@ -327,9 +332,19 @@ SMEAR_GATE_CHANNELS = 16
 POINTER_GATE_START = -2.0  # sigmoid(-2) = 0.12: the head's distribution dominates at the start
 
 
-LOSS_CHUNK_TOKENS = 8192  # rows of the output head computed at once in the loss (the tiny preset's micro-batch)
+# Value embeddings: a second lookup table from token id to a vector, added to the values of every block's
+# attention (v = W_v x + value_scale x table[token]), an idea of modded-nanogpt and nanochat. Attention
+# mostly moves information about *which tokens* came before; with the table, what a token passes on when it
+# is attended to can be about the token itself from the first step, whatever the layers below made of it.
+# It costs a lookup and an add per block (the table has as many parameters as the head, but a lookup is
+# not a product), and AdamW trains it like the token embedding. Measured on the 5 MB Gutenberg text
+# (BENCHMARKS.md, "Value embeddings"): one table shared by the four blocks, 1.8978 -> 1.8888 bits per byte
+# for 3% more time; one table per block learned no more (1.8904). The GPU presets leave it off: a
+# 32K-vocabulary table per block is ~40M parameters each, and it has not been measured there.
+VALUE_EMBED_START = 0.5  # value_scale at the start: the table adds half its (unit-spread) entries to each value
+LOSS_CHUNK_TOKENS = 8192  # rows of the output head computed at once in the loss (two tiny micro-batches)
 
-# The loss on a CPU: a micro-batch's logits are a big table (8,192 rows x 4,096 scores = 134 MB for the tiny
+# The loss on a CPU: a micro-batch's logits are a big table (4,096 rows x 4,096 scores = 67 MB for the tiny
 # preset), and the plain softcap + cross-entropy reads and writes it a dozen times (tanh, the scale, the
 # log-softmax, and their gradients, each its own pass). A CPU does each pass at memory speed, so those
 # passes took a third of a tiny training step. SoftcapCrossEntropy does the same sums a few rows at a time,
@@ -389,6 +404,8 @@ class GPT(nn.Module):
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)  # token id -> vector (a lookup table)
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)  # vector -> logits; untied
+        kv_width = config.n_kv_head * (config.n_embd // config.n_head)
+        self.value_embeds = nn.ModuleList(nn.Embedding(config.vocab_size, kv_width) for _ in range(config.value_embeds))
         # smear's weights (see SMEAR_GATE_CHANNELS) are plain zero tensors, not an nn.Linear: building them
         # draws no random numbers, so they leave the random start of every other layer as it was
         self.smear_gate = nn.Parameter(torch.zeros(SMEAR_GATE_CHANNELS))
@@ -412,6 +429,8 @@ class GPT(nn.Module):
         network is shallow; training grows each block's contribution from nothing."""
         n = self.config.n_embd
         nn.init.normal_(self.wte.weight, std=1.0)
+        for table in self.value_embeds:  # the spread of a value computed from a normalised vector
+            nn.init.normal_(table.weight, std=1.0)
         for block in self.blocks:
             for lin in (block.attn.q, block.attn.k, block.attn.v, block.mlp.fc):
                 nn.init.uniform_(lin.weight, -(3 / n) ** 0.5, (3 / n) ** 0.5)  # std 1/sqrt(fan_in)
@@ -553,8 +572,9 @@ class GPT(nn.Module):
             cos, sin = self.cos[start:start + T], self.sin[start:start + T]
         padded = kv_cache is not None and kv_cache.pad is not None
         x = self.smear(rms_norm(self.wte(idx)), kv_cache, positions if padded else None)
-        for block in self.blocks:
-            x = block(x, cos, sin, kv_cache)
+        tables = [table(idx) for table in self.value_embeds]
+        for i, block in enumerate(self.blocks):
+            x = block(x, cos, sin, kv_cache, tables[i % len(tables)] if tables else None)
         if kv_cache is not None:
             kv_cache.pos += T
         return rms_norm(x)
@@ -724,12 +744,13 @@ def build_optimizers(model, cfg, device_type, rank=0, world=1):
     output head, whose rows belong to individual tokens and see very uneven gradients (Muon's whole-matrix
     view suits them badly), and for the few weights of smear, the copy path and the pointer's gate. Each
     group remembers its base learning rate, which the schedule scales every step."""
-    matrices = [p for p in model.blocks.parameters()]
+    matrices = [p for p in model.blocks.parameters() if p.ndim == 2]
     small = [model.smear_gate, model.smear_scale, model.copy_scale]
+    small += [p for p in model.blocks.parameters() if p.ndim < 2]  # the blocks' value_scale, if any
     if model.config.pointer_dim:  # the pointer's query and key are matrices like attention's
         matrices += [model.pointer_q.weight, model.pointer_k.weight]
         small += [model.pointer_gate, model.pointer_gate_bias]
-    adam_groups = [dict(params=[model.wte.weight], lr=cfg.embed_lr),
+    adam_groups = [dict(params=[model.wte.weight, *[t.weight for t in model.value_embeds]], lr=cfg.embed_lr),
                    dict(params=[model.lm_head.weight], lr=cfg.head_lr),
                    dict(params=small, lr=cfg.head_lr)]
     adamw = torch.optim.AdamW(adam_groups, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=1e-10, weight_decay=0.0,
@@ -775,16 +796,16 @@ def require_positive(cfg, names):
 # The process on a CPU: how many threads, and what the memory allocator does with freed tensors.
 # Every stage's CLI goes through run_cli and parse_config, so every stage gets the same policy.
 
-# glibc's malloc gives every block above 32 MiB its own fresh mapping from the kernel and hands it back on
-# free(). A training step allocates and frees the same big tensors every time (at the tiny preset the float32
-# logits of one micro-batch alone are 32 x 256 x 4,096 x 4 bytes = 134 MB, and their gradient as much again), so
-# each step the kernel maps new pages and zero-fills each one at its first touch: ~350,000 page faults a step
-# and kernel ("sys") time of a third of the computing ("user") time. With M_MMAP_MAX = 0 malloc takes every
-# block from its heap, and with a high M_TRIM_THRESHOLD it keeps freed memory there for the next step instead
-# of returning it: the same idea as PyTorch's caching allocator on GPUs. The cost: the process keeps its peak
-# memory until it exits (and a little more, as free gaps in the heap are not always reused). BENCHMARKS.md
-# ("Issue 19") has the figures: losses identical, sys time ~5x and page faults ~8x lower. It is set here, in code,
-# rather than with GLIBC_TUNABLES in the environment, so that a plain `python train_gpt.py` gets it too.
+# glibc's malloc gives every block above 32 MiB its own fresh mapping from the kernel and hands it back on free(). A
+# training step allocates and frees the same big tensors every time (at the tiny preset the float32 logits of one micro-
+# batch alone are 16 x 256 x 4,096 x 4 bytes = 67 MB, and their gradient as much again), so each step the kernel maps
+# new pages and zero-fills each one at its first touch (measured at the earlier 32-window micro-batch: ~350,000 page
+# faults a step, and kernel ("sys") time a third of the "user" time). With M_MMAP_MAX = 0 malloc takes every block from
+# its heap, and with a high M_TRIM_THRESHOLD it keeps freed memory there for the next step instead of returning it: the
+# same idea as PyTorch's caching allocator on GPUs. The cost: the process keeps its peak memory until it exits (and a
+# little more, as free gaps in the heap are not always reused). BENCHMARKS.md ("Issue 19") has the figures: losses
+# identical, sys time ~5x and page faults ~8x lower. It is set here, in code, rather than with GLIBC_TUNABLES in the
+# environment, so that a plain `python train_gpt.py` gets it too.
 M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # mallopt's parameter numbers (glibc's malloc.h)
 KEEP_FREED_MEMORY = True  # bench.py turns it off to measure the difference
 
@@ -1147,6 +1168,8 @@ class TrainConfig:
     n_kv_head: int = opt(4, "key/value heads (fewer than n_head = grouped-query attention)", low=1)
     seq_len: int = opt(256, "context window in tokens", low=1)
     pointer_dim: int = opt(32, "width of the pointer's queries and keys (GPT's \"The pointer\"; 0 = none)", low=0)
+    value_embeds: int = opt(1, "value-embedding tables shared by the blocks (GPT's \"Value embeddings\"; 0 = none)",
+                            low=0)
     # the data
     shards: str = opt("", "train on a shard set made by `python data.py tokenize`: its folder, or NAME under "
                           "out/shards")
@@ -1156,9 +1179,9 @@ class TrainConfig:
     out_dir: str = opt(os.path.join("out", "base"), "where the checkpoint, logs and metrics go", path="out")
     # the batch: batch_size windows of seq_len tokens per process per micro-step; micro-steps are
     # accumulated until total_batch_tokens tokens have been seen, then the optimizer steps once
-    batch_size: int = opt(32, "windows per process per micro-step", low=1)
-    total_batch_tokens: int = opt(8192, "tokens per optimizer step, over all processes and micro-steps", low=1)
-    num_steps: int = opt(220, "optimizer steps", low=1)
+    batch_size: int = opt(16, "windows per process per micro-step", low=1)
+    total_batch_tokens: int = opt(4096, "tokens per optimizer step, over all processes and micro-steps", low=1)
+    num_steps: int = opt(400, "optimizer steps", low=1)
     # the optimizer
     matrix_lr: float = opt(0.04, "Muon learning rate for the matrices inside the blocks", low=0)
     embed_lr: float = opt(0.3, "AdamW learning rate for the token embedding", low=0)
@@ -1167,16 +1190,16 @@ class TrainConfig:
     adam_beta1: float = opt(0.8, "AdamW beta1", low=0, high=1)
     adam_beta2: float = opt(0.95, "AdamW beta2", low=0, high=1)
     warmup_steps: int = opt(10, "linear learning-rate warmup", low=0)
-    warmdown_frac: float = opt(0.4, "fraction of steps at the end with a linearly decaying learning rate",
+    warmdown_frac: float = opt(0.5, "fraction of steps at the end with a linearly decaying learning rate",
                                low=0, high=1)
     final_lr_frac: float = opt(0.0, "learning rate at the last step, as a fraction of the peak", low=0, high=1)
     grad_clip: float = opt(0.0, "clip the gradient norm to this (0 = no clipping)", low=0)
     # watching it learn
-    eval_every: int = opt(100, "steps between validation evaluations (0 = only at the end)", low=0)
+    eval_every: int = opt(200, "steps between validation evaluations (0 = only at the end)", low=0)
     eval_tokens: int = opt(32768, "validation tokens per intermediate evaluation (the final one reads all)", low=1)
-    sample_every: int = opt(50, "steps between generated samples (0 = never)", low=0)
+    sample_every: int = opt(100, "steps between generated samples (0 = never)", low=0)
     sample_tokens: int = opt(64, "tokens per generated sample", low=1)
-    save_every: int = opt(50, "steps between checkpoints, so a killed run can --resume (0 = only at the end)", low=0)
+    save_every: int = opt(100, "steps between checkpoints, so a killed run can --resume (0 = only at the end)", low=0)
     # where and how
     device: str = opt("auto", "cuda, mps, cpu, or auto")
     dtype: str = opt("auto", "autocast dtype: auto (bfloat16 on CUDA), float32, bfloat16",
@@ -1208,7 +1231,7 @@ def _gpu_preset(name, depth, batch_size, tokens_per_param=20):
     num_steps = round(tokens_per_param * params / 524288 / 100) * 100
     root = os.path.join("out", name)
     return dict(depth=depth, n_embd=64 * depth, n_head=depth // 2, n_kv_head=depth // 2, seq_len=2048, pointer_dim=0,
-                batch_size=batch_size, total_batch_tokens=524288, num_steps=num_steps, matrix_lr=0.02,
+                value_embeds=0, batch_size=batch_size, total_batch_tokens=524288, num_steps=num_steps, matrix_lr=0.02,
                 embed_lr=0.2 * (64 * depth / 768) ** -0.5, head_lr=0.004 * (64 * depth / 768) ** -0.5,
                 warmup_steps=0, warmdown_frac=0.2, eval_every=250, eval_tokens=10 * 524288, sample_every=1000,
                 save_every=500, shards=os.path.join(root, "shards", "fineweb"),
@@ -1609,7 +1632,8 @@ def build_model(cfg, vocab_size):
         raise UserError(f"n_embd {cfg.n_embd} must split into n_head {cfg.n_head} heads of even size, and n_head "
                         f"into n_kv_head {cfg.n_kv_head} groups")
     return GPT(GPTConfig(vocab_size=vocab_size, seq_len=cfg.seq_len, n_layer=cfg.depth, n_embd=cfg.n_embd,
-                         n_head=cfg.n_head, n_kv_head=cfg.n_kv_head, pointer_dim=cfg.pointer_dim))
+                         n_head=cfg.n_head, n_kv_head=cfg.n_kv_head, pointer_dim=cfg.pointer_dim,
+                         value_embeds=cfg.value_embeds))
 
 
 def wrap_for_training(model, cfg, rt):
@@ -1925,7 +1949,8 @@ def dry_run(cfg):
     vocab = Tokenizer.load(cfg.tokenizer).vocab_size if cfg.tokenizer and os.path.exists(cfg.tokenizer) \
         else cfg.plan_vocab
     config = GPTConfig(vocab_size=vocab, seq_len=cfg.seq_len, n_layer=cfg.depth, n_embd=cfg.n_embd,
-                       n_head=cfg.n_head, n_kv_head=cfg.n_kv_head, pointer_dim=cfg.pointer_dim)
+                       n_head=cfg.n_head, n_kv_head=cfg.n_kv_head, pointer_dim=cfg.pointer_dim,
+                       value_embeds=cfg.value_embeds)
     with torch.device("meta"):
         model = GPT(config)
     world, n = cfg.plan_gpus, model.num_params()
