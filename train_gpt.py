@@ -405,7 +405,8 @@ class GPT(nn.Module):
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)  # vector -> logits; untied
         kv_width = config.n_kv_head * (config.n_embd // config.n_head)
-        self.value_embeds = nn.ModuleList(nn.Embedding(config.vocab_size, kv_width) for _ in range(config.value_embeds))
+        self.value_embeds = nn.ModuleList(nn.Embedding(config.vocab_size, kv_width)  # see "Value embeddings"
+                                          for _ in range(config.value_embeds))
         # smear's weights (see SMEAR_GATE_CHANNELS) are plain zero tensors, not an nn.Linear: building them
         # draws no random numbers, so they leave the random start of every other layer as it was
         self.smear_gate = nn.Parameter(torch.zeros(SMEAR_GATE_CHANNELS))
@@ -741,9 +742,10 @@ class Muon(torch.optim.Optimizer):
 
 def build_optimizers(model, cfg, device_type, rank=0, world=1):
     """Muon for the matrices inside the blocks (and the pointer's); AdamW for the embedding table and the
-    output head, whose rows belong to individual tokens and see very uneven gradients (Muon's whole-matrix
-    view suits them badly), and for the few weights of smear, the copy path and the pointer's gate. Each
-    group remembers its base learning rate, which the schedule scales every step."""
+    output head (and the value-embedding tables), whose rows belong to individual tokens and see very uneven
+    gradients (Muon's whole-matrix view suits them badly), and for the few weights of smear, the copy path,
+    the pointer's gate and the value embeddings' scales. Each group remembers its base learning rate, which the
+    schedule scales every step."""
     matrices = [p for p in model.blocks.parameters() if p.ndim == 2]
     small = [model.smear_gate, model.smear_scale, model.copy_scale]
     small += [p for p in model.blocks.parameters() if p.ndim < 2]  # the blocks' value_scale, if any
@@ -796,16 +798,17 @@ def require_positive(cfg, names):
 # The process on a CPU: how many threads, and what the memory allocator does with freed tensors.
 # Every stage's CLI goes through run_cli and parse_config, so every stage gets the same policy.
 
-# glibc's malloc gives every block above 32 MiB its own fresh mapping from the kernel and hands it back on free(). A
-# training step allocates and frees the same big tensors every time (at the tiny preset the float32 logits of one micro-
-# batch alone are 16 x 256 x 4,096 x 4 bytes = 67 MB, and their gradient as much again), so each step the kernel maps
-# new pages and zero-fills each one at its first touch (measured at the earlier 32-window micro-batch: ~350,000 page
-# faults a step, and kernel ("sys") time a third of the "user" time). With M_MMAP_MAX = 0 malloc takes every block from
-# its heap, and with a high M_TRIM_THRESHOLD it keeps freed memory there for the next step instead of returning it: the
-# same idea as PyTorch's caching allocator on GPUs. The cost: the process keeps its peak memory until it exits (and a
-# little more, as free gaps in the heap are not always reused). BENCHMARKS.md ("Issue 19") has the figures: losses
-# identical, sys time ~5x and page faults ~8x lower. It is set here, in code, rather than with GLIBC_TUNABLES in the
-# environment, so that a plain `python train_gpt.py` gets it too.
+# glibc's malloc gives every block above 32 MiB its own fresh mapping from the kernel and hands it back on
+# free(). A training step allocates and frees the same big tensors every time (at the tiny preset the float32
+# logits of one micro- batch alone are 16 x 256 x 4,096 x 4 bytes = 67 MB, and their gradient as much again), so
+# each step the kernel maps new pages and zero-fills each one at its first touch (measured at the earlier
+# 32-window micro-batch: ~350,000 page faults a step, and kernel ("sys") time a third of the "user" time). With
+# M_MMAP_MAX = 0 malloc takes every block from its heap, and with a high M_TRIM_THRESHOLD it keeps freed memory
+# there for the next step instead of returning it: the same idea as PyTorch's caching allocator on GPUs. The
+# cost: the process keeps its peak memory until it exits (and a little more, as free gaps in the heap are not
+# always reused). BENCHMARKS.md ("Issue 19") has the figures: losses identical, sys time ~5x and page faults ~8x
+# lower. It is set here, in code, rather than with GLIBC_TUNABLES in the environment, so that a plain `python
+# train_gpt.py` gets it too.
 M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # mallopt's parameter numbers (glibc's malloc.h)
 KEEP_FREED_MEMORY = True  # bench.py turns it off to measure the difference
 
