@@ -339,12 +339,15 @@ POINTER_GATE_START = -2.0  # sigmoid(-2) = 0.12: the head's distribution dominat
 # It costs a lookup and an add per block (the table has as many parameters as the head, but a lookup is
 # not a product), and AdamW trains it like the token embedding. Measured on the 5 MB Gutenberg text
 # (BENCHMARKS.md, "Value embeddings"): one table shared by the four blocks, 1.8978 -> 1.8888 bits per byte
-# for 3% more time; one table per block learned no more (1.8904). The GPU presets leave it off: a
-# 32K-vocabulary table per block is ~40M parameters each, and it has not been measured there.
+# for 3% more time; one table per block learned no more (1.8904). Yet it is off by default (--value-embeds
+# 1 turns it on): SFT from such a base (4,096-token batches, 400 steps) answered the Emily-with-code
+# prompts right 0.50 and 0.45 of the time (two seeds) against 0.80 from the same run without the table, and
+# word problems 0.075-0.10 against 0.15; freezing the table in SFT made it worse (0.275). The GPU presets leave it off too: a 32K-vocabulary table is ~40M parameters, and
+# it has not been measured there.
 VALUE_EMBED_START = 0.5  # value_scale at the start: the table adds half its (unit-spread) entries to each value
-LOSS_CHUNK_TOKENS = 8192  # rows of the output head computed at once in the loss (two tiny micro-batches)
+LOSS_CHUNK_TOKENS = 8192  # rows of the output head computed at once in the loss (the tiny preset's micro-batch)
 
-# The loss on a CPU: a micro-batch's logits are a big table (4,096 rows x 4,096 scores = 67 MB for the tiny
+# The loss on a CPU: a micro-batch's logits are a big table (8,192 rows x 4,096 scores = 134 MB for the tiny
 # preset), and the plain softcap + cross-entropy reads and writes it a dozen times (tanh, the scale, the
 # log-softmax, and their gradients, each its own pass). A CPU does each pass at memory speed, so those
 # passes took a third of a tiny training step. SoftcapCrossEntropy does the same sums a few rows at a time,
@@ -800,15 +803,14 @@ def require_positive(cfg, names):
 
 # glibc's malloc gives every block above 32 MiB its own fresh mapping from the kernel and hands it back on
 # free(). A training step allocates and frees the same big tensors every time (at the tiny preset the float32
-# logits of one micro- batch alone are 16 x 256 x 4,096 x 4 bytes = 67 MB, and their gradient as much again), so
-# each step the kernel maps new pages and zero-fills each one at its first touch (measured at the earlier
-# 32-window micro-batch: ~350,000 page faults a step, and kernel ("sys") time a third of the "user" time). With
-# M_MMAP_MAX = 0 malloc takes every block from its heap, and with a high M_TRIM_THRESHOLD it keeps freed memory
-# there for the next step instead of returning it: the same idea as PyTorch's caching allocator on GPUs. The
-# cost: the process keeps its peak memory until it exits (and a little more, as free gaps in the heap are not
-# always reused). BENCHMARKS.md ("Issue 19") has the figures: losses identical, sys time ~5x and page faults ~8x
-# lower. It is set here, in code, rather than with GLIBC_TUNABLES in the environment, so that a plain `python
-# train_gpt.py` gets it too.
+# logits of one micro-batch alone are 32 x 256 x 4,096 x 4 bytes = 134 MB, and their gradient as much again), so
+# each step the kernel maps new pages and zero-fills each one at its first touch: ~350,000 page faults a step
+# and kernel ("sys") time of a third of the computing ("user") time. With M_MMAP_MAX = 0 malloc takes every
+# block from its heap, and with a high M_TRIM_THRESHOLD it keeps freed memory there for the next step instead
+# of returning it: the same idea as PyTorch's caching allocator on GPUs. The cost: the process keeps its peak
+# memory until it exits (and a little more, as free gaps in the heap are not always reused). BENCHMARKS.md
+# ("Issue 19") has the figures: losses identical, sys time ~5x and page faults ~8x lower. It is set here, in code,
+# rather than with GLIBC_TUNABLES in the environment, so that a plain `python train_gpt.py` gets it too.
 M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # mallopt's parameter numbers (glibc's malloc.h)
 KEEP_FREED_MEMORY = True  # bench.py turns it off to measure the difference
 
@@ -1171,7 +1173,7 @@ class TrainConfig:
     n_kv_head: int = opt(4, "key/value heads (fewer than n_head = grouped-query attention)", low=1)
     seq_len: int = opt(256, "context window in tokens", low=1)
     pointer_dim: int = opt(32, "width of the pointer's queries and keys (GPT's \"The pointer\"; 0 = none)", low=0)
-    value_embeds: int = opt(1, "value-embedding tables shared by the blocks (GPT's \"Value embeddings\"; 0 = none)",
+    value_embeds: int = opt(0, "value-embedding tables shared by the blocks (GPT's \"Value embeddings\"; 0 = none)",
                             low=0)
     # the data
     shards: str = opt("", "train on a shard set made by `python data.py tokenize`: its folder, or NAME under "
@@ -1182,9 +1184,9 @@ class TrainConfig:
     out_dir: str = opt(os.path.join("out", "base"), "where the checkpoint, logs and metrics go", path="out")
     # the batch: batch_size windows of seq_len tokens per process per micro-step; micro-steps are
     # accumulated until total_batch_tokens tokens have been seen, then the optimizer steps once
-    batch_size: int = opt(16, "windows per process per micro-step", low=1)
-    total_batch_tokens: int = opt(4096, "tokens per optimizer step, over all processes and micro-steps", low=1)
-    num_steps: int = opt(400, "optimizer steps", low=1)
+    batch_size: int = opt(32, "windows per process per micro-step", low=1)
+    total_batch_tokens: int = opt(8192, "tokens per optimizer step, over all processes and micro-steps", low=1)
+    num_steps: int = opt(220, "optimizer steps", low=1)
     # the optimizer
     matrix_lr: float = opt(0.04, "Muon learning rate for the matrices inside the blocks", low=0)
     embed_lr: float = opt(0.3, "AdamW learning rate for the token embedding", low=0)
@@ -1193,16 +1195,16 @@ class TrainConfig:
     adam_beta1: float = opt(0.8, "AdamW beta1", low=0, high=1)
     adam_beta2: float = opt(0.95, "AdamW beta2", low=0, high=1)
     warmup_steps: int = opt(10, "linear learning-rate warmup", low=0)
-    warmdown_frac: float = opt(0.5, "fraction of steps at the end with a linearly decaying learning rate",
+    warmdown_frac: float = opt(0.4, "fraction of steps at the end with a linearly decaying learning rate",
                                low=0, high=1)
     final_lr_frac: float = opt(0.0, "learning rate at the last step, as a fraction of the peak", low=0, high=1)
     grad_clip: float = opt(0.0, "clip the gradient norm to this (0 = no clipping)", low=0)
     # watching it learn
-    eval_every: int = opt(200, "steps between validation evaluations (0 = only at the end)", low=0)
+    eval_every: int = opt(100, "steps between validation evaluations (0 = only at the end)", low=0)
     eval_tokens: int = opt(32768, "validation tokens per intermediate evaluation (the final one reads all)", low=1)
-    sample_every: int = opt(100, "steps between generated samples (0 = never)", low=0)
+    sample_every: int = opt(50, "steps between generated samples (0 = never)", low=0)
     sample_tokens: int = opt(64, "tokens per generated sample", low=1)
-    save_every: int = opt(100, "steps between checkpoints, so a killed run can --resume (0 = only at the end)", low=0)
+    save_every: int = opt(50, "steps between checkpoints, so a killed run can --resume (0 = only at the end)", low=0)
     # where and how
     device: str = opt("auto", "cuda, mps, cpu, or auto")
     dtype: str = opt("auto", "autocast dtype: auto (bfloat16 on CUDA), float32, bfloat16",
