@@ -732,13 +732,11 @@ def decode_by_recompute(model, batch, prompt_len, steps):
 
 
 def bench_infer(args):
-    from train_gpt import GPT, GPTConfig, TrainConfig
+    from train_gpt import GPT, TrainConfig, gpt_config
     torch.manual_seed(0)
-    # the tiny preset's shape (its pointer and value embeddings included), with a context long enough for the
-    # prompt and all generated tokens
-    preset = TrainConfig()
-    config = GPTConfig(seq_len=args.prompt + max(args.tokens, args.batch_tokens), pointer_dim=preset.pointer_dim,
-                       value_embeds=preset.value_embeds)
+    # the tiny preset's shape (its pointer included), with a context long enough for the prompt and all
+    # generated tokens
+    config = gpt_config(TrainConfig(seq_len=args.prompt + max(args.tokens, args.batch_tokens)), 4096)
     model = GPT(config).eval()
     print(f"model: {config} ({model.num_params():,} parameters); machine: {machine()}")
     header = ["batch", "generated", "prefill tok/s", "decode tok/s, KV cache", "decode tok/s, recompute", "speed-up"]

@@ -333,17 +333,18 @@ POINTER_GATE_START = -2.0  # sigmoid(-2) = 0.12: the head's distribution dominat
 
 
 # Value embeddings: a second lookup table from token id to a vector, added to the values of every block's
-# attention (v = W_v x + value_scale x table[token]), an idea of modded-nanogpt and nanochat. Attention
-# mostly moves information about *which tokens* came before; with the table, what a token passes on when it
-# is attended to can be about the token itself from the first step, whatever the layers below made of it.
-# It costs a lookup and an add per block (the table has as many parameters as the head, but a lookup is
-# not a product), and AdamW trains it like the token embedding. Measured on the 5 MB Gutenberg text
-# (BENCHMARKS.md, "Value embeddings"): one table shared by the four blocks, 1.8978 -> 1.8888 bits per byte
-# for 3% more time; one table per block learned no more (1.8904). Yet it is off by default (--value-embeds
-# 1 turns it on): SFT from such a base (4,096-token batches, 400 steps) answered the Emily-with-code
-# prompts right 0.50 and 0.45 of the time (two seeds) against 0.80 from the same run without the table, and
-# word problems 0.075-0.10 against 0.15; freezing the table in SFT made it worse (0.275). The GPU presets leave it off too: a 32K-vocabulary table is ~40M parameters, and
-# it has not been measured there.
+# attention (v = W_v x + value_scale x table[token]), an idea of modded-nanogpt and nanochat. Attention mostly
+# moves information about *which tokens* came before; with the table, what a token passes on when it is
+# attended to can be about the token itself from the first step, whatever the layers below made of it. It costs
+# a lookup and an add per block (the table has as many parameters as the head when keys and values are full
+# width, but a lookup is not a product), and AdamW trains it like the token embedding. Measured on the 5 MB
+# Gutenberg text (BENCHMARKS.md, "Value embeddings"): one table shared by the four blocks, 1.8978 -> 1.8888
+# bits per byte for 3% more time; one table per block learned no more (1.8904). Yet it is off by default
+# (--value-embeds 1 turns it on): SFT from such a base (4,096-token batches, 400 steps) answered the
+# Emily-with-code prompts right 0.50 and 0.45 of the time (two seeds) against 0.80 from the same run without
+# the table, and word problems 0.075-0.10 against 0.15; freezing the table in SFT made it worse (0.275), and a
+# 3x faster table did not help (0.35, 0.55). The GPU presets leave it off too: a 32K-vocabulary table is ~40M
+# parameters, and it has not been measured there.
 VALUE_EMBED_START = 0.5  # value_scale at the start: the table adds half its (unit-spread) entries to each value
 LOSS_CHUNK_TOKENS = 8192  # rows of the output head computed at once in the loss (the tiny preset's micro-batch)
 
@@ -1636,9 +1637,14 @@ def build_model(cfg, vocab_size):
     if cfg.n_embd % cfg.n_head or cfg.n_head % cfg.n_kv_head or (cfg.n_embd // cfg.n_head) % 2:
         raise UserError(f"n_embd {cfg.n_embd} must split into n_head {cfg.n_head} heads of even size, and n_head "
                         f"into n_kv_head {cfg.n_kv_head} groups")
-    return GPT(GPTConfig(vocab_size=vocab_size, seq_len=cfg.seq_len, n_layer=cfg.depth, n_embd=cfg.n_embd,
-                         n_head=cfg.n_head, n_kv_head=cfg.n_kv_head, pointer_dim=cfg.pointer_dim,
-                         value_embeds=cfg.value_embeds))
+    return GPT(gpt_config(cfg, vocab_size))
+
+
+def gpt_config(cfg, vocab_size):
+    """The network's shape (GPTConfig) that a run's knobs (TrainConfig) ask for, at this vocabulary."""
+    return GPTConfig(vocab_size=vocab_size, seq_len=cfg.seq_len, n_layer=cfg.depth, n_embd=cfg.n_embd,
+                     n_head=cfg.n_head, n_kv_head=cfg.n_kv_head, pointer_dim=cfg.pointer_dim,
+                     value_embeds=cfg.value_embeds)
 
 
 def wrap_for_training(model, cfg, rt):
@@ -1953,9 +1959,7 @@ def dry_run(cfg):
     """Print the plan of cfg's run on cfg.plan_gpus GPUs, touching no data and no GPU."""
     vocab = Tokenizer.load(cfg.tokenizer).vocab_size if cfg.tokenizer and os.path.exists(cfg.tokenizer) \
         else cfg.plan_vocab
-    config = GPTConfig(vocab_size=vocab, seq_len=cfg.seq_len, n_layer=cfg.depth, n_embd=cfg.n_embd,
-                       n_head=cfg.n_head, n_kv_head=cfg.n_kv_head, pointer_dim=cfg.pointer_dim,
-                       value_embeds=cfg.value_embeds)
+    config = gpt_config(cfg, vocab)
     with torch.device("meta"):
         model = GPT(config)
     world, n = cfg.plan_gpus, model.num_params()
