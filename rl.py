@@ -321,7 +321,10 @@ class RLConfig:
     # to 7, more digits to copy) it starts at ~0.25. Measured from one SFT model, 30 steps, 1 thread, 200
     # held-out problems each: difficulty 1 took its own held-out 0.625 -> 0.720 (difficulty 2's: 0.255 ->
     # 0.400); difficulty 2 took its own 0.255 -> 0.550 (difficulty 1's: 0.625 -> 0.645); difficulty 3 0.060 -> 0.375.
-    difficulty: int = opt(2, "word-problem difficulty (bigger numbers as it grows; SFT's examples are 1)")
+    # An SFT model from a base of 400 steps x 4,096 tokens (session 14) starts surer, so practice moved up: at
+    # difficulty 2 it went 0.445 -> 0.540 and 0.450 -> 0.540 (seeds 1337, 1338), at 3 0.270 -> 0.435 and
+    # 0.255 -> 0.435 (BENCHMARKS.md, "Quality per second", session 14).
+    difficulty: int = opt(3, "word-problem difficulty (bigger numbers as it grows; SFT's examples are 1)")
     # With the tool the model's misses are slips in copying numbers (into a call, out of its output): one
     # skill shared by every problem, which practice improves on held-out problems too. Without it most misses
     # are wrong sums done in the head, a separate fact each. Measured on 1 core from two SFT models of a
