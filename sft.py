@@ -78,7 +78,7 @@ class SFTConfig:
     batch_size: int = opt(16, "conversations per optimizer step", low=1)
     bucket_rows: int = opt(8, "conversations per forward pass (of similar length; their gradients add up)", low=1)
     num_steps: int = opt(380, "optimizer steps", low=1)
-    matrix_lr: float = opt(0.02, "Muon learning rate (pretraining: 0.04)")
+    matrix_lr: float = opt(0.02, "Muon learning rate (pretraining: 0.03)")
     embed_lr: float = opt(0.15, "AdamW learning rate for the embedding (pretraining: 0.3)")
     head_lr: float = opt(0.004, "AdamW learning rate for the output head (pretraining: 0.008)")
     muon_momentum: float = opt(0.95, "Muon momentum")
