@@ -1926,27 +1926,38 @@ def play_pairs():
 
 
 def demo_few_shot(cfg, name):
-    """B5: in-context learning: ten "Q: Which play is X in? / A: title." pairs, then a new character. The
-    pattern is in the context window, not in the weights: with the examples the answer should be a title
-    (and the text go on with a new "Q:"), without them the model just continues a play."""
+    """B5: in-context learning: "Q: Which play is X in? / A: title." pairs, then a new character. The
+    pattern is in the context window, not in the weights: the more examples precede the question, the more
+    often the model answers with a play and then goes on with a new "Q:"; without them it continues a play.
+    As many examples as the context holds (at most 10: a tiny model's window is 256 tokens, and a prompt
+    that fills it leaves no room for the answer). Sampled, several times per character: greedy decoding of a
+    tiny model loops ("The Life, The Life, ...") and would hide the trend. The tiny model picks up the
+    format from the examples (README, "The lecture, demo by demo"), not the plays themselves."""
+    from sft import title_keys  # the stage files import chat.py, so sft is imported only when this demo runs
     model, tok = demo_model(cfg, "base")
     pairs = play_pairs()
-    shots, tests = pairs[:10], pairs[10:10 + cfg.n]
-    prefix = "".join(f"Q: Which play is {who} in?\nA: {title}.\n\n" for who, title in shots)
-    engine = Engine(model, tok)
+    tests, reply_tokens, samples = pairs[10:10 + cfg.n], 24, 4
     questions = [f"Q: Which play is {who} in?\nA:" for who, _ in tests]
-    few = complete_text(engine, [prefix + q for q in questions], cfg, max_tokens=24)
-    zero = complete_text(engine, questions, cfg, max_tokens=24)
-    print(prefix + questions[0] + few[0])
-    titles = {title for _, title in pairs}
 
-    def answer(reply):
-        return reply.split("\n")[0].strip().rstrip(".")
+    def prefix(shots):
+        return "".join(f"Q: Which play is {who} in?\nA: {title}.\n\n" for who, title in pairs[:shots])
 
-    print(f"-- {len(tests)} new characters, 10-shot vs 0-shot: the answer is a play's title "
-          f"{rate(answer(r) in titles for r in few)} vs {rate(answer(r) in titles for r in zero)}; the right play "
-          f"{rate(answer(r) == t for r, (_, t) in zip(few, tests))} vs {rate(answer(r) == t for r, (_, t) in zip(zero, tests))}; "
-          f"the text goes on with a new 'Q:' {rate(chr(10) + 'Q:' in r for r in few)} vs {rate(chr(10) + 'Q:' in r for r in zero)}")
+    def fits(shots):
+        return max(len(tok.encode_ordinary(prefix(shots) + q)) for q in questions) + reply_tokens <= model.config.seq_len
+
+    most = max(k for k in range(11) if k == 0 or fits(k))
+    engine, titles = Engine(model, tok), {title for _, title in pairs}
+    print(prefix(most) + questions[0])
+    print(f"-- {len(tests)} new characters, {samples} samples each at temperature 0.8, by examples in the context:")
+    for shots in sorted({0, most // 2, most}):
+        replies = complete_text(engine, [prefix(shots) + q for q in questions], cfg, n=samples, temperature=0.8,
+                                max_tokens=reply_tokens)
+        truths = [title for _, title in tests for _ in range(samples)]
+        answers = [r.split("\n")[0].strip().rstrip(".") for r in replies]
+        words = [set(re.findall(r"[a-z]+", a.lower())) for a in answers]
+        print(f"  {shots:2d}-shot: the answer is a play's title {rate(a in titles for a in answers)}; the right "
+              f"play {rate(bool(w & title_keys(t)) for w, t in zip(words, truths))}; the text goes on with a "
+              f"new 'Q:' {rate(chr(10) + 'Q:' in r for r in replies)}; e.g. {replies[0][:48]!r}")
 
 
 ASSISTANT_PAGE = ("A conversation between a helpful AI assistant and a human. The assistant answers every question "
@@ -2219,7 +2230,7 @@ LECTURE_DEMOS = [
     LectureDemo("B3", "regurgitation", "'N of M tokens match the training text' on a passage seen 10 times vs unseen",
                 demo_regurgitation),
     LectureDemo("B4", "cutoff", "an event after the data ends: a different invented answer per sample", demo_cutoff),
-    LectureDemo("B5", "few-shot", "10 'character: play' lines, then a new character: 10-shot vs 0-shot rates",
+    LectureDemo("B5", "few-shot", "'character: play' examples, then a new character: rates by examples in the context",
                 demo_few_shot),
     LectureDemo("B6", "assistant-page", "a Human/Assistant page makes an assistant; a stop string ends its turn",
                 demo_assistant_by_prompt),

@@ -3179,7 +3179,7 @@ DEMO_FIGURES = {
     "subwords": "Token count", "token-stream": "first 48 token ids", "nudge": "<- the true next token",
     "scale": "32B tokens", "stochastic": "--- sample 3 ---", "next-token": "tokens share",
     "not-an-assistant": "distinct samples", "priming": "real characters of the plays",
-    "regurgitation": "tokens match the training text =", "cutoff": "different first words", "few-shot": "10-shot vs 0-shot",
+    "regurgitation": "tokens match the training text =", "cutoff": "different first words", "few-shot": "0-shot: the answer is a play's title",
     "assistant-page": "with --stop", "protocol": "Token count", "before-after": "sft:", "hallucination": "refusals",
     "working-memory": "with the passage in the context window", "tokens-to-think": "answer first",
     "tools": "with the code tool", "jagged": "samples name", "rl-curves": "mean response length",
