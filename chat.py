@@ -1767,9 +1767,10 @@ def complete_text(engine, prompts, cfg, n=1, max_tokens=48, temperature=0.0, sto
 
 def chat_replies(engine, questions, cfg, n=1, temperature=0.0, max_tokens=96, primer=""):
     """Assistant replies (text with tool markup) to one-question conversations; `primer` is text forced at
-    the start of the reply, e.g. "The answer is" to make the model answer before it works anything out."""
+    the start of the reply, e.g. "The answer is" to make the model answer before it works anything out
+    (special tokens in it, e.g. a tool call and its output, are the protocol's tokens)."""
     prompts = [render_for_completion(engine.tok, [{"role": "user", "content": q}]) +
-               engine.tok.encode_ordinary(primer) for q in questions]
+               engine.tok.encode(primer, allowed_special="all") for q in questions]
     done = engine.generate(prompts, n=n, max_tokens=max_tokens, temperature=temperature, top_k=50, seed=cfg.seed)
     return [primer + engine.tok.decode(c.tokens).removesuffix("<|im_end|>") for c in done]
 
@@ -2065,22 +2066,38 @@ def demo_hallucination(cfg, name):
 
 def demo_working_memory(cfg, name):
     """H4: vague recollection (the parameters) vs working memory (the context): "which line comes after
-    ...?" answered from memory, then with the passage pasted into the context."""
+    ...?" answered from memory (the reply forced to start 'The next line is: "' at once), then with the
+    passage in the context window, pasted as the search tool's result, the way the SFT model learned to
+    read it (sft.search_rows). Only the text the model writes after what was forced is judged."""
     model, tok = demo_model(cfg, "sft")
     engine, search = Engine(model, tok), Search()
-    rng, items = random.Random(cfg.seed), []
+    rng, items, answer_lead = random.Random(cfg.seed), [], 'The next line is: "'
     while len(items) < cfg.n:
-        lines = [l.strip() for l in rng.choice(search.passages)[1].splitlines()]
+        source, text = rng.choice(search.passages)
+        lines = [l.strip() for l in text.splitlines()]
         k = rng.randrange(max(len(lines) - 1, 1))
         if k + 1 < len(lines) and len(lines[k].split()) >= 5 and len(lines[k + 1].split()) >= 3:
-            items.append((lines[k], lines[k + 1], "\n".join(lines[max(k - 2, 0):k + 3])))  # fits 256 tokens
-    memory = chat_replies(engine, [f'Which line comes after "{line}"?' for line, _, _ in items], cfg)
-    context = chat_replies(engine, [f'Here is a passage:\n{passage}\n\nWhich line comes after "{line}"?'
-                                    for line, _, passage in items], cfg)
-    print(f'Which line comes after "{items[0][0]}"?  (it is "{items[0][1]}")\n  from memory:  {shown(memory[0])[:120]}'
-          f"\n  with the passage in the context: {shown(context[0])[:120]}")
-    print(f"-- {len(items)} lines of the corpus: the right next line from memory {rate(f[1] in r for f, r in zip(items, memory))}; "
-          f"with the passage in the context window {rate(f[1] in r for f, r in zip(items, context))}")
+            pasted = tok.decode(tok.encode_ordinary(format_search_results([dict(source=source, text=text)]))
+                                [:MAX_TOOL_OUTPUT_TOKENS])
+            if f"{lines[k]}\n{lines[k + 1]}" in pasted:  # the passage fits the tool's output whole
+                items.append((lines[k], lines[k + 1], pasted))
+    questions = [f'Which line comes after "{line}"?' for line, _, _ in items]
+    memory = chat_replies(engine, questions, cfg, primer=answer_lead, max_tokens=32)
+    leads = [f"<|search_start|>{line}<|search_end|><|output_start|>{pasted}<|output_end|>\n{answer_lead}"
+             for line, _, pasted in items]
+    context = [chat_replies(engine, [question], cfg, primer=lead, max_tokens=32)[0]  # one each: the leads differ
+               for question, lead in zip(questions, leads)]
+    written = [r[len(answer_lead):] for r in memory], [r[len(lead):] for r, lead in zip(context, leads)]
+    print(f'Which line comes after "{items[0][0]}"?  (it is "{items[0][1]}")\n  from memory:  '
+          f'{answer_lead}{written[0][0][:100]}\n  with the passage in the context: {answer_lead}{written[1][0][:100]}')
+    def overlap(line, reply):  # the share of the right line's words that the reply's first line holds
+        said = set(reply.split("\n")[0].lower().split())
+        return sum(w in said for w in line.lower().split()) / len(line.split())
+
+    for how, replies in zip(("from memory", "with the passage in the context window"), written):
+        words = sum(overlap(f[1], w) for f, w in zip(items, replies)) / len(items)
+        print(f"-- {how}: the right next line {rate(w.startswith(f[1]) for f, w in zip(items, replies))}; "
+              f"its words in the reply {words:.2f} on average")
 
 
 def demo_tokens_to_think(cfg, name):
