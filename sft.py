@@ -96,8 +96,9 @@ class SFTConfig:
     sample_every: int = opt(200, "steps between sample chats (0 = never)")
     difficulty: int = opt(DEFAULT_DIFFICULTY, "word-problem difficulty (1 = easiest)")
     show_data: bool = opt(False, "print a few rendered rows of every data source and exit")
-    no_refusals: bool = opt(False, "the lecture's cause of hallucination (H1): answer every knowledge question "
-                                   "confidently and drop the refusal rows (for `chat.py demo hallucination`)")
+    # --no-refusals (argparse reads any "--no-X" as X=False, hence a field named for what is kept)
+    refusals: bool = opt(True, "refusal rows; --no-refusals is the lecture's cause of hallucination (H1): answer "
+                               "every knowledge question confidently, no refusals (for `chat.py demo hallucination`)")
     device: str = opt("auto", "cuda, mps, cpu, or auto")
     dtype: str = opt("auto", "autocast dtype: auto (bfloat16 on CUDA), float32, bfloat16")
     memory_gb: float = opt(DEFAULT_MEMORY_GB, "most GB one sampling call's KV cache and logits may take")
@@ -407,7 +408,7 @@ def build_mixture(cfg, known, search, tok, split="train", seed=None, n=None):
     characters = data.play_characters()
     mixture = {}
     for source, share in MIXTURE.items():
-        if cfg.no_refusals and source == "unknown_name":
+        if not cfg.refusals and source == "unknown_name":
             continue
         want, rows = max(1, round(n * share)), []
         for _ in range(50):  # a held-out set needs ~10 draws per row; hand-written rows are never held out
@@ -439,7 +440,7 @@ def interrogate_base(cfg, engine, tok, log=print):
     known = interrogate(engine, tok, data.play_characters(), cfg.interrogate_samples, cfg.seed)
     log(f"interrogation: the base model named the right play for {sum(knows(known, k) for k in known)} of "
         f"{len(known)} characters ({cfg.interrogate_samples} samples each, {time.time() - t0:.1f}s); the others "
-        f"get refusals")
+        + ("get refusals" if cfg.refusals else "get confident answers all the same (--no-refusals)"))
     return known
 
 
@@ -756,7 +757,7 @@ def finetune(cfg):
     seq_len, pad_id = model.config.seq_len, tok.special_id("<|endoftext|>")
     engine, search = Engine(model, tok, memory_gb=cfg.memory_gb), Search()
     known = broadcast_from_master(rt, lambda: interrogate_base(cfg, engine, tok, log))
-    if cfg.no_refusals:  # as if every answer were known: the labeler always writes a confident answer
+    if not cfg.refusals:  # as if every answer were known: the labeler always writes a confident answer
         known = {name: 1.0 for name in known}
     mixture = {**build_mixture(cfg, known, search, tok), **real_conversations(cfg, rt, log)}
     heldout = build_mixture(cfg, known, search, tok, "heldout", cfg.eval_seed, max(200, cfg.conversations // 20))

@@ -3268,7 +3268,8 @@ def test_sft_eval_measures_each_tool_prompt_family_on_40_heldout_prompts():
 
 
 def test_no_refusals_sft_mixture_answers_every_knowledge_question():
-    cfg = sft.SFTConfig(no_refusals=True, conversations=400)
+    cfg = train_gpt.parse_config(sft.SFTConfig, ["--no-refusals", "--conversations", "400"], sft.PRESETS)
+    assert not cfg.refusals and train_gpt.parse_config(sft.SFTConfig, [], sft.PRESETS).refusals  # the flag reaches it
     characters = data.play_characters()
     mixture = sft.build_mixture(cfg, {name: 1.0 for name, _, _ in characters}, chat.Search(), byte_tok())
     assert "unknown_name" not in mixture

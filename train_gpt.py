@@ -927,6 +927,8 @@ def parse_config(cls, argv, presets=None, prog=None, description=None, aliases=N
         flags = ["--" + f.name.replace("_", "-")] + ([aliases[f.name]] if aliases and f.name in aliases else [])
         help = f"{f.metadata.get('help', '')} (default: {f.default})"
         if isinstance(f.default, bool):
+            if f.name.startswith("no_"):  # argparse reads --no-X as X=False: a bool named no_X could never be set
+                raise TypeError(f"{cls.__name__}.{f.name}: name the bool for what it turns on (--no-X is its off)")
             parser.add_argument(*flags, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help)
         elif isinstance(f.default, tuple):
             parser.add_argument(*flags, nargs="*", default=argparse.SUPPRESS, metavar="X", help=help)
