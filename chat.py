@@ -2144,11 +2144,15 @@ def demo_rl_thinking(cfg, name):
 
 
 def demo_sft_vs_rl(cfg, name):
-    """R9: SFT-style vs RL-style answers: the same held-out problems to both policies."""
+    """R9: SFT-style vs RL-style answers: the same held-out problems to both policies, asked as RL practised
+    them (its checkpoint's difficulty, with " Use code." where it used the tool)."""
     sft, tok = demo_model(cfg, "sft")
-    rl, _ = demo_model(cfg, "rl")
-    problems = data.practice_problems(cfg.n, cfg.seed, split="heldout")
-    questions = [p["question"] for p in problems]
+    rl, _, meta = demo_checkpoint(cfg, "rl")
+    practice = meta.get("config", {})
+    difficulty, use_tool = practice.get("difficulty", data.DEFAULT_DIFFICULTY), practice.get("use_tool", False)
+    problems = data.practice_problems(cfg.n, cfg.seed, difficulty, split="heldout")
+    questions = [p["question"] + (data.USE_CODE if use_tool else "") for p in problems]
+    print(f"{len(problems)} held-out problems at difficulty {difficulty}" + (", with the code tool" if use_tool else ""))
     for label, model in (("SFT", sft), ("RL", rl)):
         replies = chat_replies(Engine(model, tok), questions, cfg, max_tokens=96)
         lengths = [len(tok.encode_ordinary(r)) for r in replies]
