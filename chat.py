@@ -2102,18 +2102,21 @@ def demo_working_memory(cfg, name):
 
 def demo_tokens_to_think(cfg, name):
     """K3: each token gets a fixed amount of compute. Forced to answer first ("The answer is" right away)
-    the model fails as the numbers grow; written out step by step it holds up longer."""
+    the model fails as the numbers grow; written out step by step it holds up longer, and longer still when
+    each step's arithmetic goes to the code tool (the tiny model's own sums are its weak spot)."""
     model, tok = demo_model(cfg, "sft")
     engine = Engine(model, tok)
-    print("difficulty (numbers up to) | step by step | answer first")
+    print("difficulty (numbers up to) | answer first | step by step | step by step with the code tool")
     for difficulty in (1, 2, 3):
         problems = data.practice_problems(cfg.n, cfg.seed, difficulty, split="heldout")
         questions = [p["question"] for p in problems]
-        stepwise = chat_replies(engine, questions, cfg, max_tokens=96)
         first = chat_replies(engine, questions, cfg, max_tokens=8, primer="The answer is")
+        stepwise = chat_replies(engine, questions, cfg, max_tokens=96)
+        with_code = chat_replies(engine, [q + data.USE_CODE for q in questions], cfg, max_tokens=128)
         right = lambda replies: rate(data.extract_answer(r) == p["answer"] for r, p in zip(replies, problems))
-        print(f"{difficulty} ({data.number_range(difficulty)[1]:>2}) | {right(stepwise)} | {right(first)}")
-    print(f"e.g. {questions[0]}\n  step by step: {shown(stepwise[0])}\n  answer first: {shown(first[0])}")
+        print(f"{difficulty} ({data.number_range(difficulty)[1]:>2}) | {right(first)} | {right(stepwise)} | {right(with_code)}")
+    print(f"e.g. {questions[0]}\n  answer first: {shown(first[0])}\n  step by step: {shown(stepwise[0])}\n"
+          f"  with the code tool: {shown(with_code[0])}")
 
 
 def demo_jagged(cfg, name):
