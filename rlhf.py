@@ -53,10 +53,11 @@ from rl import (ProblemStream, RLConfig, group_advantages, learn, make_learner, 
                 sample_in_chunks)
 from sft import SFTConfig
 from train_gpt import PRESETS as TRAIN_PRESETS
-from train_gpt import (GIB, GPT, LOSS_CHUNK_TOKENS, SAVED_BYTES_PER_TOKEN_LAYER, GPTConfig, TrainConfig, UserError,
+from train_gpt import (GIB, GPT, LOSS_CHUNK_TOKENS, SAVED_BYTES_PER_TOKEN_LAYER, TrainConfig, UserError,
                        StageLog, all_reduce_grads, checkpoint_file, distributed_stage, dry_run, fmt_time, gather_lists,
                        load_checkpoint, only_master_prints, opt, parse_config, require_positive, resume_if_asked,
-                       run_cli, sampling_bytes, save_checkpoint, save_curves, save_training_state, write_metrics)
+                       gpt_config, run_cli, sampling_bytes, save_checkpoint, save_curves, save_training_state,
+                       write_metrics)
 
 # ====================================================================================================
 # 1. The simulated human
@@ -712,8 +713,7 @@ def plan_main(argv):
     is read or allocated. (It lives here because only this file sees every stage's presets.)"""
     cfg = parse_config(TrainConfig, argv, TRAIN_PRESETS, prog="rlhf.py plan", description=plan_main.__doc__)
     plan = dry_run(cfg)
-    config = GPTConfig(vocab_size=plan["vocab_size"], seq_len=cfg.seq_len, n_layer=cfg.depth, n_embd=cfg.n_embd,
-                       n_head=cfg.n_head, n_kv_head=cfg.n_kv_head)
+    config = gpt_config(cfg, plan["vocab_size"])
     preset = argv[argv.index("--preset") + 1] if "--preset" in argv[:-1] else "tiny"
     sft_preset = preset if preset in sft.PRESETS and preset != "tiny" else "d12"  # run.sh's choice for the rest
     print(f"post-training at this size (per process, bf16; SFT preset {sft_preset}, RL gsm8k, RLHF defaults):")
