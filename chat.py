@@ -496,6 +496,12 @@ def format_search_results(results, max_chars=600):
 MAX_TOOL_OUTPUT_TOKENS = 128  # a tool's answer is cut to this many tokens before it enters the context
 
 
+def tool_output_tokens(tok, result):
+    """What the engine pastes between <|output_start|> and <|output_end|> for a tool's `result` (text): its
+    tokens, cut to MAX_TOOL_OUTPUT_TOKENS. SFT's search rows and the working-memory demo paste the same."""
+    return tok.encode_ordinary(result)[:MAX_TOOL_OUTPUT_TOKENS]
+
+
 # Copying. The lecture's tool prompts ("How many dots are here? .......", "How many r's in strawberry?")
 # only work if the model copies the user's text into the code call exactly; one dot too many and the tool
 # counts the wrong thing. Copying a run of 37 identical dot tokens, knowing where to stop, is what a tiny
@@ -706,7 +712,7 @@ class Engine:
         if row.tool is not None and token == row.tool:  # a call closed: pause, run it, force the answer
             query = self.tok.decode(row.tool_tokens)
             result = self.run_tool(token, query)
-            answer = self.tok.encode_ordinary(result)[:MAX_TOOL_OUTPUT_TOKENS]
+            answer = tool_output_tokens(self.tok, result)
             row.forced.extend([self.output_ids[0], *answer, self.output_ids[1]])
             row.last_output, row.line = self.tok.decode_bytes(answer), b""
             row.events.append({"type": "tool_call", "tool": self.tool_names[token], "query": query})
@@ -1934,7 +1940,6 @@ def demo_few_shot(cfg, name):
     that fills it leaves no room for the answer). Sampled, several times per character: greedy decoding of a
     tiny model loops ("The Life, The Life, ...") and would hide the trend. The tiny model picks up the
     format from the examples (README, "The lecture, demo by demo"), not the plays themselves."""
-    from sft import title_keys  # the stage files import chat.py, so sft is imported only when this demo runs
     model, tok = demo_model(cfg, "base")
     pairs = play_pairs()
     tests, reply_tokens, samples = pairs[10:10 + cfg.n], 24, 4
@@ -1943,8 +1948,9 @@ def demo_few_shot(cfg, name):
     def prefix(shots):
         return "".join(f"Q: Which play is {who} in?\nA: {title}.\n\n" for who, title in pairs[:shots])
 
-    def fits(shots):
-        return max(len(tok.encode_ordinary(prefix(shots) + q)) for q in questions) + reply_tokens <= model.config.seq_len
+    def fits(shots):  # the longest prompt with these examples still leaves room for the answer
+        longest = max(len(tok.encode_ordinary(prefix(shots) + q)) for q in questions)
+        return longest + reply_tokens <= model.config.seq_len
 
     most = max(k for k in range(11) if k == 0 or fits(k))
     engine, titles = Engine(model, tok), {title for _, title in pairs}
@@ -1957,7 +1963,7 @@ def demo_few_shot(cfg, name):
         answers = [r.split("\n")[0].strip().rstrip(".") for r in replies]
         words = [set(re.findall(r"[a-z]+", a.lower())) for a in answers]
         print(f"  {shots:2d}-shot: the answer is a play's title {rate(a in titles for a in answers)}; the right "
-              f"play {rate(bool(w & title_keys(t)) for w, t in zip(words, truths))}; the text goes on with a "
+              f"play {rate(bool(w & data.title_keys(t)) for w, t in zip(words, truths))}; the text goes on with a "
               f"new 'Q:' {rate(chr(10) + 'Q:' in r for r in replies)}; e.g. {replies[0][:48]!r}")
 
 
@@ -2077,8 +2083,7 @@ def demo_working_memory(cfg, name):
         lines = [l.strip() for l in text.splitlines()]
         k = rng.randrange(max(len(lines) - 1, 1))
         if k + 1 < len(lines) and len(lines[k].split()) >= 5 and len(lines[k + 1].split()) >= 3:
-            pasted = tok.decode(tok.encode_ordinary(format_search_results([dict(source=source, text=text)]))
-                                [:MAX_TOOL_OUTPUT_TOKENS])
+            pasted = tok.decode(tool_output_tokens(tok, format_search_results([dict(source=source, text=text)])))
             if f"{lines[k]}\n{lines[k + 1]}" in pasted:  # the passage fits the tool's output whole
                 items.append((lines[k], lines[k + 1], pasted))
     questions = [f'Which line comes after "{line}"?' for line, _, _ in items]
@@ -2087,14 +2092,17 @@ def demo_working_memory(cfg, name):
              for line, _, pasted in items]
     context = [chat_replies(engine, [question], cfg, primer=lead, max_tokens=32)[0]  # one each: the leads differ
                for question, lead in zip(questions, leads)]
-    written = [r[len(answer_lead):] for r in memory], [r[len(lead):] for r, lead in zip(context, leads)]
+    # what the model wrote itself, after the forced start
+    from_memory = [r[len(answer_lead):] for r in memory]
+    in_context = [r[len(lead):] for r, lead in zip(context, leads)]
     print(f'Which line comes after "{items[0][0]}"?  (it is "{items[0][1]}")\n  from memory:  '
-          f'{answer_lead}{written[0][0][:100]}\n  with the passage in the context: {answer_lead}{written[1][0][:100]}')
+          f'{answer_lead}{from_memory[0][:100]}\n  with the passage in the context: {answer_lead}{in_context[0][:100]}')
+
     def overlap(line, reply):  # the share of the right line's words that the reply's first line holds
         said = set(reply.split("\n")[0].lower().split())
         return sum(w in said for w in line.lower().split()) / len(line.split())
 
-    for how, replies in zip(("from memory", "with the passage in the context window"), written):
+    for how, replies in (("from memory", from_memory), ("with the passage in the context window", in_context)):
         words = sum(overlap(f[1], w) for f, w in zip(items, replies)) / len(items)
         print(f"-- {how}: the right next line {rate(w.startswith(f[1]) for f, w in zip(items, replies))}; "
               f"its words in the reply {words:.2f} on average")
@@ -2114,7 +2122,8 @@ def demo_tokens_to_think(cfg, name):
         stepwise = chat_replies(engine, questions, cfg, max_tokens=96)
         with_code = chat_replies(engine, [q + data.USE_CODE for q in questions], cfg, max_tokens=128)
         right = lambda replies: rate(data.extract_answer(r) == p["answer"] for r, p in zip(replies, problems))
-        print(f"{difficulty} ({data.number_range(difficulty)[1]:>2}) | {right(first)} | {right(stepwise)} | {right(with_code)}")
+        print(f"{difficulty} ({data.number_range(difficulty)[1]:>2}) | {right(first)} | {right(stepwise)} | "
+              f"{right(with_code)}")
     print(f"e.g. {questions[0]}\n  answer first: {shown(first[0])}\n  step by step: {shown(stepwise[0])}\n"
           f"  with the code tool: {shown(with_code[0])}")
 
@@ -2155,7 +2164,8 @@ def demo_sft_vs_rl(cfg, name):
     difficulty, use_tool = practice.get("difficulty", data.DEFAULT_DIFFICULTY), practice.get("use_tool", False)
     problems = data.practice_problems(cfg.n, cfg.seed, difficulty, split="heldout")
     questions = [p["question"] + (data.USE_CODE if use_tool else "") for p in problems]
-    print(f"{len(problems)} held-out problems at difficulty {difficulty}" + (", with the code tool" if use_tool else ""))
+    print(f"{len(problems)} held-out problems at difficulty {difficulty}" +
+          (", with the code tool" if use_tool else ""))
     for label, model in (("SFT", sft), ("RL", rl)):
         replies = chat_replies(Engine(model, tok), questions, cfg, max_tokens=96)
         lengths = [len(tok.encode_ordinary(r)) for r in replies]

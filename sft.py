@@ -48,8 +48,8 @@ import torch.distributed as dist
 
 import data
 from data import DEFAULT_DIFFICULTY
-from chat import (DEFAULT_MEMORY_GB, MAX_TOOL_OUTPUT_TOKENS, SYSTEM_MESSAGE, Engine, Search, format_search_results,
-                  run_code)
+from chat import (DEFAULT_MEMORY_GB, SYSTEM_MESSAGE, Engine, Search, format_search_results, run_code,
+                  tool_output_tokens)
 from tokenizer import (SPECIAL_TOKENS, Tokenizer, available_cpus, check_messages, render_conversation,
                        render_for_completion, render_tokens, use_colour)
 from train_gpt import PRESETS as PRETRAINING_PRESETS
@@ -158,15 +158,6 @@ MIXTURE = {
 INTERROGATION_PROMPT = ("Q: Which play is Romeo in?\nA: Romeo And Juliet.\n\n"
                         "Q: Which play is Prospero in?\nA: The Tempest.\n\n"
                         "Q: Which play is {name} in?\nA:")
-COMMON_TITLE_WORDS = {"the", "of", "and", "a", "or", "king", "part", "first", "second", "third", "life",
-                      "death", "history", "tragedy", "prince", "what", "you", "will", "that", "henry"}
-
-
-def title_keys(title):
-    """The distinctive words of a play's title: an answer that names the play contains one of them."""
-    return {w for w in re.findall(r"[a-z]+", title.lower()) if w not in COMMON_TITLE_WORDS} or {title.lower()}
-
-
 def interrogate(engine, tok, characters, samples, seed):
     """Ask the base model about every character `samples` times, in a document-like Q/A format it can
     continue, and judge each answer against the reference (does it name the right play?). -> {name: share
@@ -178,7 +169,7 @@ def interrogate(engine, tok, characters, samples, seed):
     for c in completions:
         name, _, title = characters[c.prompt_index]
         answer = tok.decode(c.tokens).split("\n")[0].lower()
-        verdicts.setdefault(name, []).append(any(k in answer for k in title_keys(title)))
+        verdicts.setdefault(name, []).append(any(k in answer for k in data.title_keys(title)))
     return {name: sum(v) / len(v) for name, v in verdicts.items()}
 
 
@@ -215,7 +206,7 @@ def search_rows(rng, n, search, tok):
         line, following = lines[k].strip(), lines[k + 1].strip() if k + 1 < len(lines) else ""
         if len(line.split()) < 5 or len(following.split()) < 3:
             continue
-        pasted = tok.decode(tok.encode_ordinary(format_search_results(search.query(line, k=1)))[:MAX_TOOL_OUTPUT_TOKENS])
+        pasted = tok.decode(tool_output_tokens(tok, format_search_results(search.query(line, k=1))))
         if f"{line}\n{following}" not in pasted:
             continue  # the search did not bring the passage back whole: no honest answer to teach
         question = f'Search the documents: which line comes after "{line}"?'
@@ -438,9 +429,10 @@ def interrogate_base(cfg, engine, tok, log=print):
     """Interrogate the base model about every character of the plays -> {name: share judged correct}."""
     t0 = time.time()
     known = interrogate(engine, tok, data.play_characters(), cfg.interrogate_samples, cfg.seed)
+    others = "get refusals" if cfg.refusals else "get confident answers all the same (--no-refusals)"
     log(f"interrogation: the base model named the right play for {sum(knows(known, k) for k in known)} of "
-        f"{len(known)} characters ({cfg.interrogate_samples} samples each, {time.time() - t0:.1f}s); the others "
-        + ("get refusals" if cfg.refusals else "get confident answers all the same (--no-refusals)"))
+        f"{len(known)} characters ({cfg.interrogate_samples} samples each, {time.time() - t0:.1f}s); the "
+        f"others {others}")
     return known
 
 
